@@ -1,0 +1,1 @@
+"""rayps.server."""
