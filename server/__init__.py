@@ -1,1 +1,21 @@
-"""rayps.server."""
+"""rayps.server: the parameter store — layout, shard logic, shard actors, and the ParameterServer handle."""
+
+from .layout import ParameterLayout, Piece
+from .shard_state import ShardState
+from .validation import CONSISTENCY_MODES, NAN_POLICIES
+
+
+def __getattr__(name):  # Ray is imported only when the handle or the actor is asked for
+    if name == "ParameterServer":
+        from .client import ParameterServer
+
+        return ParameterServer
+    if name == "ShardActor":
+        from .shard_actor import ShardActor
+
+        return ShardActor
+    raise AttributeError(name)
+
+
+__all__ = ["CONSISTENCY_MODES", "NAN_POLICIES", "ParameterLayout", "ParameterServer", "Piece", "ShardActor",
+           "ShardState"]

@@ -1,1 +1,22 @@
-"""rayps.worker."""
+"""rayps.worker: data partitions, models and gradient functions, the worker loop and worker actors."""
+
+from .data import Dataset, iterate_minibatches, load_dataset, partition_indices
+from .loop import EpochReport, WorkerLoop, epoch_batches
+from .models import MLP, SoftmaxRegression, build_model, grad_fn_for
+
+
+def __getattr__(name):  # Ray is imported only when a run is started
+    if name in ("train", "RESULT_KEYS"):
+        from . import train as train_module
+
+        return getattr(train_module, name)
+    if name == "WorkerActor":
+        from .actor import WorkerActor
+
+        return WorkerActor
+    raise AttributeError(name)
+
+
+__all__ = ["MLP", "RESULT_KEYS", "Dataset", "EpochReport", "SoftmaxRegression", "WorkerActor", "WorkerLoop",
+           "build_model", "epoch_batches", "grad_fn_for", "iterate_minibatches", "load_dataset",
+           "partition_indices", "train"]

@@ -1,0 +1,196 @@
+"""``rayps train``: the main job — an MLP (or softmax regression) on real data, sharded on Ray.
+
+With no flags: MLP (hidden 128) on scikit-learn's bundled digits, Adam, 4 workers, 2 shards, async, on an
+embedded local Ray. ``--address``/``RAY_ADDRESS`` runs it on an existing cluster instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+from .cli import UsageError
+
+UPDATER_FLAGS = ("sgd", "nesterovs", "adagrad", "rmsprop", "adadelta", "adam", "adamax", "nadam", "amsgrad",
+                 "adabelief", "noop")
+DEFAULT_LEARNING_RATES = {"sgd": 0.1, "nesterovs": 0.05, "adagrad": 0.05, "rmsprop": 0.001, "adam": 0.005,
+                          "adamax": 0.005, "nadam": 0.005, "amsgrad": 0.005, "adabelief": 0.005}
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("train", help="train a model with sharded parameter servers on Ray",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="digits", choices=("digits",), help="bundled data set (default digits)")
+    parser.add_argument("--data", default=None, help="your own .npz with x_train, y_train, x_test, y_test")
+    parser.add_argument("--model", default="mlp", choices=("softmax", "mlp"))
+    parser.add_argument("--hidden", default="128", help="hidden sizes, e.g. 128 or 2048,2048")
+    parser.add_argument("--updater", default="adam", choices=UPDATER_FLAGS)
+    parser.add_argument("--learning-rate", type=_non_negative_float, default=None,
+                        help="default: a per-updater value tuned for digits")
+    parser.add_argument("--batch-size", type=_positive_int, default=32)
+    parser.add_argument("--workers", type=_positive_int, default=4)
+    parser.add_argument("--shards", type=_positive_int, default=2)
+    parser.add_argument("--consistency", default="async", choices=("async", "ssp", "sync"))
+    parser.add_argument("--staleness", type=_non_negative_int, default=0)
+    parser.add_argument("--epochs", type=_positive_int, default=20)
+    parser.add_argument("--seed", type=_non_negative_int, default=0)
+    parser.add_argument("--n-fetch", type=_positive_int, default=1, help="pull every N steps (DistBelief n_fetch)")
+    parser.add_argument("--n-push", type=_positive_int, default=1, help="push every N steps (DistBelief n_push)")
+    parser.add_argument("--cpus-per-shard", type=_non_negative_float, default=None,
+                        help="Ray CPUs reserved per shard (default: the cluster's CPUs shared out)")
+    parser.add_argument("--cpus-per-worker", type=_non_negative_float, default=None,
+                        help="Ray CPUs reserved per worker (default: the cluster's CPUs shared out)")
+    parser.add_argument("--address", default=None, help="an existing Ray cluster (default: RAY_ADDRESS, else an "
+                                                        "embedded local Ray)")
+    parser.add_argument("--json-out", default=None, help="write the result summary as JSON to this file")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(run=run)
+
+
+def build_updater(name: str, learning_rate: float | None):
+    from ..updaters import UPDATERS_BY_FLAG  # noqa: PLC0415
+
+    cls = UPDATERS_BY_FLAG[name]
+    if name in ("adadelta", "noop"):
+        if learning_rate is not None:
+            raise UsageError(f"--learning-rate: {cls.__name__} has no learning rate")
+        return cls()
+    return cls(learning_rate=DEFAULT_LEARNING_RATES[name] if learning_rate is None else learning_rate)
+
+
+class ProgressBar:
+    """One line per epoch on a pipe, a redrawn bar on a terminal: epoch, loss, accuracy, samples/s."""
+
+    def __init__(self, stream=sys.stderr, width: int = 24):
+        self.stream = stream
+        self.width = width
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+
+    def __call__(self, row: dict) -> None:
+        done = int(self.width * row["epoch"] / row["epochs"])
+        bar = "#" * done + "." * (self.width - done)
+        line = (f"[{bar}] epoch {row['epoch']:>3}/{row['epochs']}  loss {row['train_loss']:.4f}  "
+                f"test acc {row['test_accuracy']:.4f}  {row['samples_per_second']:,.0f} samples/s")
+        if self.tty:
+            end = "\n" if row["epoch"] == row["epochs"] else ""
+            self.stream.write("\r" + line + end)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def summary_table(result: dict) -> str:
+    rows = [("test accuracy", f"{result['test_accuracy']:.4f}"), ("final train loss", f"{result['final_loss']:.4f}"),
+            ("samples/s", f"{result['samples_per_second']:,.0f}"), ("wall seconds", f"{result['wall_seconds']:.1f}"),
+            ("updates applied", str(result["updates_applied"])), ("workers x shards",
+                                                                  f"{result['workers']} x {result['shards']}"),
+            ("consistency", str(result["consistency"])), ("max staleness", str(result["max_staleness"])),
+            ("bytes pushed", f"{result['bytes_pushed']:,}"), ("bytes pulled", f"{result['bytes_pulled']:,}")]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def _resources(args, ray) -> tuple[float, float]:
+    """CPUs per shard and per worker: the user's, or the cluster's CPUs shared out (at most 1 each)."""
+    total = float(ray.cluster_resources().get("CPU", 0.0))
+    share = min(1.0, total / (args.shards + args.workers)) if total else 0.0
+    per_shard = share if args.cpus_per_shard is None else args.cpus_per_shard
+    per_worker = share if args.cpus_per_worker is None else args.cpus_per_worker
+    needed = per_shard * args.shards + per_worker * args.workers
+    if needed > total + 1e-9:
+        raise UsageError(f"the Ray cluster has {total:g} CPUs but {args.shards} shards x {per_shard:g} + "
+                         f"{args.workers} workers x {per_worker:g} need {needed:g}; lower --cpus-per-shard/"
+                         f"--cpus-per-worker or add nodes")
+    return per_shard, per_worker
+
+
+def run(args) -> int:
+    import numpy as np  # noqa: PLC0415
+
+    from ..worker.data import load_dataset  # noqa: PLC0415
+    from ..worker.models import build_model  # noqa: PLC0415
+
+    updater = build_updater(args.updater, args.learning_rate)
+    try:
+        data = load_dataset(args.dataset, path=args.data, seed=args.seed)
+        model = build_model(args.model, data.num_features, data.num_classes, hidden=args.hidden)
+    except (ValueError, FileNotFoundError) as error:
+        raise UsageError(str(error)) from None
+    if args.workers > data.num_train:
+        raise UsageError(f"--workers {args.workers} exceeds the {data.num_train} training samples")
+    if args.consistency != "ssp" and args.staleness:
+        raise UsageError("--staleness applies to --consistency ssp only")
+
+    import ray  # noqa: PLC0415
+
+    from ..server.client import ParameterServer, ensure_ray  # noqa: PLC0415
+    from ..worker.train import train  # noqa: PLC0415
+
+    ensure_ray(args.address)
+    per_shard, per_worker = _resources(args, ray)
+    params = model.init_params(seed=args.seed, dtype=np.float32)
+    ps = ParameterServer(params, updater=updater, num_shards=args.shards, consistency=args.consistency,
+                         staleness=args.staleness, num_workers=args.workers, cpus_per_shard=per_shard)
+    started = time.perf_counter()
+    try:
+        print(f"rayps train: {args.model} {model!r} on {data.name} ({data.num_train} train / {data.num_test} test), "
+              f"{type(updater).__name__}, {args.workers} workers x {args.shards} shards, {args.consistency}",
+              file=sys.stderr)
+        result = train(ps, model, data, num_workers=args.workers, epochs=args.epochs, batch_size=args.batch_size,
+                       seed=args.seed, n_fetch=args.n_fetch, n_push=args.n_push, cpus_per_worker=per_worker,
+                       progress=None if args.quiet else ProgressBar())
+    finally:
+        ps.shutdown()
+    result["updater"] = type(updater).__name__
+    result["total_seconds"] = time.perf_counter() - started
+    print(summary_table(result))
+    if args.json_out:
+        directory = os.path.dirname(os.path.abspath(args.json_out))
+        os.makedirs(directory, exist_ok=True)
+        with open(args.json_out, "w", encoding="utf-8") as handle:
+            json.dump({k: v for k, v in result.items()}, handle, indent=2)
+    return 0

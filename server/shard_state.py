@@ -1,0 +1,328 @@
+"""``ShardState``: one shard's parameters, updater state, counters and clocks — plain logic, no Ray.
+
+Memory: ONE contiguous parameter buffer per dtype, and ONE updater-state array per (dtype, param group)
+range, shaped ``(slots, range_size)`` (DL4J's ``[m | v]`` view over the block). A full push therefore applies
+one fused kernel per (dtype, group); only partial pushes, or ranges whose pieces diverged (different iteration
+counts or normalization factors), fall back to one kernel call per run of equal pieces.
+
+Protocol (every message carries these; the actor just forwards them):
+
+* ``client_id, seq``: exactly-once. A client's pushes are applied in ``seq`` order; an early one waits in
+  ``pending``; one at or below ``applied_seq[client]`` is a duplicate and is dropped (counted).
+* ``worker_id``: the worker's clock ticks once per push (SSP/sync bookkeeping and staleness).
+* consistency ``async``: apply on arrival. ``ssp``: same, and ``pull_ready`` holds a worker more than
+  ``staleness`` clocks ahead of the slowest. ``sync``: pushes of clock c are summed; when ``num_workers`` pushes
+  arrived the mean is applied as one step, and a worker may pull once every step before its clock is applied.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from ..updaters.groups import ParamGroup
+from .layout import Piece
+from .validation import CONSISTENCY_MODES, NAN_POLICIES
+
+DEFAULT_FACTORS = (1.0, math.inf)
+
+
+@dataclass
+class Range:
+    """The pieces of one param group inside one dtype buffer: ``buffer[start:stop]`` (contiguous by layout)."""
+
+    dtype: str
+    group: int
+    start: int
+    stop: int
+    piece_indices: np.ndarray  # indices into the shard's piece list
+
+
+@dataclass
+class SyncStep:
+    """Sum of the pushes of one clock in sync mode, until every worker contributed."""
+
+    sums: dict
+    present: np.ndarray  # bool per piece
+    workers: set = field(default_factory=set)
+    epoch: int = 0
+
+
+class ShardState:
+    """See the module docstring. ``buffers``: dtype -> flat initial parameters (copied)."""
+
+    def __init__(self, shard_index: int, pieces: Sequence[Piece], groups: Sequence[ParamGroup],
+                 buffers: Mapping[str, np.ndarray], consistency: str = "async", staleness: int = 0,
+                 num_workers: int = 1, nan_policy: str = "reject"):
+        if consistency not in CONSISTENCY_MODES:
+            raise ValueError(f"consistency must be one of {CONSISTENCY_MODES}, got {consistency!r}")
+        if nan_policy not in NAN_POLICIES:
+            raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+        self.shard_index = shard_index
+        self.pieces = tuple(pieces)
+        self.groups = tuple(groups)
+        self.consistency = consistency
+        self.staleness = int(staleness)
+        self.num_workers = int(num_workers)
+        self.nan_policy = nan_policy
+        self.params = {dtype: np.array(buf, copy=True, order="C").reshape(-1) for dtype, buf in buffers.items()}
+        self.ranges = self._ranges()
+        self.state = {key: self.groups[r.group].updater.init(self.params[r.dtype][r.start:r.stop])
+                      for key, r in self.ranges.items()}
+        self.iterations = np.zeros(len(self.pieces), dtype=np.int64)
+        self.piece_slices = {}
+        for piece in self.pieces:
+            self.piece_slices.setdefault(piece.name, []).append(piece.index)
+        # clocks and exactly-once bookkeeping
+        self.clocks: dict[int, int] = {}
+        self.applied_seq: dict[str, int] = {}
+        self.pending: dict[str, dict[int, tuple]] = {}
+        self.sync_steps: dict[int, SyncStep] = {}
+        self.sync_clock = 0  # steps applied in sync mode
+        self.version = 0  # updates applied to this shard
+        self.pulled_version: dict[int, int] = {}
+        self.counters = {"pushes": 0, "updates_applied": 0, "bytes_pushed": 0, "bytes_pulled": 0,
+                         "duplicates_dropped": 0, "nonfinite_skipped": 0, "nonfinite_rejected": 0,
+                         "max_staleness": 0, "max_clock_gap": 0, "apply_seconds": 0.0}
+
+    def _ranges(self) -> dict[tuple[str, int], Range]:
+        members: dict[tuple[str, int], list[Piece]] = {}
+        for piece in self.pieces:
+            members.setdefault((piece.dtype, piece.group), []).append(piece)
+        ranges = {}
+        for key, pieces in members.items():
+            start, stop = pieces[0].offset, pieces[-1].offset + pieces[-1].size
+            if stop - start != sum(p.size for p in pieces):
+                raise ValueError(f"shard {self.shard_index}: group {key[1]} is not contiguous in the {key[0]} buffer")
+            ranges[key] = Range(key[0], key[1], start, stop, np.array([p.index for p in pieces], dtype=np.int64))
+        return ranges
+
+    # -- messages ------------------------------------------------------------------------------------------
+    def push(self, client_id: str, seq: int, worker_id: int, payload: Mapping[str, np.ndarray],
+             present: Sequence[int] | None = None, factors: Mapping[str, tuple] | None = None,
+             epoch: int = 0) -> list[str]:
+        """Receive one push. Returns the errors of the pushes applied now (normally none)."""
+        applied = self.applied_seq.get(client_id, 0)
+        if seq <= applied or seq in self.pending.get(client_id, {}):
+            self.counters["duplicates_dropped"] += 1
+            return []
+        self.pending.setdefault(client_id, {})[seq] = (worker_id, payload, present, factors, epoch)
+        errors = []
+        queue = self.pending[client_id]
+        while applied + 1 in queue:
+            applied += 1
+            message = queue.pop(applied)
+            self.applied_seq[client_id] = applied
+            error = self._receive(*message)
+            if error:
+                errors.append(error)
+        return errors
+
+    def _receive(self, worker_id, payload, present, factors, epoch) -> str | None:
+        self.counters["pushes"] += 1
+        if payload is None:  # the client dropped a non-finite push (nan_policy="skip"): only the clock moves
+            self.counters["nonfinite_skipped"] += 1
+            self.clocks[worker_id] = self.clocks.get(worker_id, 0) + 1
+            if self.consistency == "sync":
+                self._accumulate(self.clocks[worker_id] - 1, worker_id, None, np.arange(0), epoch)
+            return None
+        self.counters["bytes_pushed"] += int(sum(a.nbytes for a in payload.values()))
+        clock = self.clocks.get(worker_id, 0)
+        self.clocks[worker_id] = clock + 1
+        staleness = self.version - self.pulled_version.get(worker_id, 0)
+        self.counters["max_staleness"] = max(self.counters["max_staleness"], staleness)
+        self.counters["max_clock_gap"] = max(self.counters["max_clock_gap"], self.clock_gap())
+        present_idx = np.arange(len(self.pieces)) if present is None else np.asarray(present, dtype=np.int64)
+        problem = self._check_payload(payload, present_idx)
+        if problem:
+            if self.nan_policy == "skip" and problem.startswith("non-finite"):
+                self.counters["nonfinite_skipped"] += 1
+                problem = None
+            elif problem.startswith("non-finite"):
+                self.counters["nonfinite_rejected"] += 1
+            payload = None  # rejected or skipped: nothing is applied, but the clock and seq move on
+        if self.consistency == "sync":
+            self._accumulate(clock, worker_id, payload, present_idx, epoch)
+        elif payload is not None:
+            self._apply(payload, present_idx, factors, epoch)
+        return problem
+
+    def _check_payload(self, payload, present_idx) -> str | None:
+        expected: dict[str, int] = {}
+        for i in present_idx:
+            piece = self.pieces[int(i)]
+            expected[piece.dtype] = expected.get(piece.dtype, 0) + piece.size
+        got = {dtype: int(a.size) for dtype, a in payload.items()}
+        if got != expected:
+            return f"shard {self.shard_index}: payload sizes {got} do not match the layout {expected}"
+        for dtype, array in payload.items():
+            if not np.isfinite(array).all():
+                bad = self._first_nonfinite_name(dtype, array, present_idx)
+                return f"non-finite value (NaN or Inf) in the gradient of {bad!r}"
+        return None
+
+    def _first_nonfinite_name(self, dtype, array, present_idx) -> str:
+        cursor = 0
+        for i in present_idx:
+            piece = self.pieces[int(i)]
+            if piece.dtype != dtype:
+                continue
+            if not np.isfinite(array[cursor:cursor + piece.size]).all():
+                return piece.name
+            cursor += piece.size
+        return "?"
+
+    # -- sync mode -----------------------------------------------------------------------------------------
+    def _accumulate(self, clock, worker_id, payload, present_idx, epoch) -> None:
+        step = self.sync_steps.get(clock)
+        if step is None:
+            step = SyncStep({d: np.zeros_like(b) for d, b in self.params.items()},
+                            np.zeros(len(self.pieces), dtype=bool))
+            self.sync_steps[clock] = step
+        step.workers.add(worker_id)
+        step.epoch = max(step.epoch, epoch)
+        if payload is not None:
+            self._scatter_add(step, payload, present_idx)
+        self._apply_complete_sync_steps()
+
+    def _scatter_add(self, step: SyncStep, payload, present_idx) -> None:
+        if len(present_idx) == len(self.pieces):
+            for dtype, array in payload.items():
+                step.sums[dtype] += array
+        else:
+            cursor: dict[str, int] = {}
+            for i in present_idx:
+                piece = self.pieces[int(i)]
+                start = cursor.get(piece.dtype, 0)
+                step.sums[piece.dtype][piece.offset:piece.offset + piece.size] += payload[piece.dtype][start:start + piece.size]
+                cursor[piece.dtype] = start + piece.size
+        step.present[present_idx] = True
+
+    def _apply_complete_sync_steps(self) -> None:
+        while self.sync_clock in self.sync_steps and len(self.sync_steps[self.sync_clock].workers) >= self.num_workers:
+            step = self.sync_steps.pop(self.sync_clock)
+            present_idx = np.flatnonzero(step.present)
+            if len(present_idx):
+                for array in step.sums.values():
+                    array /= self.num_workers
+                if len(present_idx) == len(self.pieces):
+                    self._apply(step.sums, present_idx, None, step.epoch)
+                else:
+                    self._apply(self._gather(step.sums, present_idx), present_idx, None, step.epoch)
+            self.sync_clock += 1
+
+    def _gather(self, buffers, present_idx) -> dict:
+        parts: dict[str, list] = {}
+        for i in present_idx:
+            piece = self.pieces[int(i)]
+            parts.setdefault(piece.dtype, []).append(buffers[piece.dtype][piece.offset:piece.offset + piece.size])
+        return {dtype: np.concatenate(chunks) for dtype, chunks in parts.items()}
+
+    # -- the update ----------------------------------------------------------------------------------------
+    def _apply(self, payload, present_idx, factors, epoch) -> None:
+        started = time.perf_counter()
+        full = len(present_idx) == len(self.pieces)
+        if full and not factors:
+            for r in self.ranges.values():
+                its = self.iterations[r.piece_indices]
+                if its.min() == its.max():
+                    self._kernel(r.dtype, r.group, r.start, r.stop, payload[r.dtype][r.start:r.stop],
+                                 int(its[0]), epoch, DEFAULT_FACTORS)
+                    self.iterations[r.piece_indices] += 1
+                else:
+                    self._apply_runs(payload, r.piece_indices.tolist(), None, epoch, offsets_match=True)
+        else:
+            self._apply_runs(payload, [int(i) for i in present_idx], factors, epoch, offsets_match=full)
+        self.version += 1
+        self.counters["updates_applied"] += 1
+        self.counters["apply_seconds"] += time.perf_counter() - started
+
+    def _apply_runs(self, payload, piece_indices, factors, epoch, offsets_match: bool) -> None:
+        """Apply pieces in runs that are adjacent in the buffer and share (group, iteration, factors)."""
+        cursor: dict[str, int] = {}
+        run = None  # [dtype, group, start, stop, payload_start, iteration, factors, pieces]
+        for index in piece_indices:
+            piece = self.pieces[index]
+            source = piece.offset if offsets_match else cursor.get(piece.dtype, 0)
+            cursor[piece.dtype] = source + piece.size
+            key_factors = (factors or {}).get(piece.name, DEFAULT_FACTORS)
+            iteration = int(self.iterations[index])
+            if (run is not None and run[0] == piece.dtype and run[1] == piece.group and run[3] == piece.offset
+                    and run[5] == iteration and run[6] == key_factors and run[4] + (run[3] - run[2]) == source):
+                run[3] += piece.size
+                run[7].append(index)
+            else:
+                self._flush_run(payload, run, epoch)
+                run = [piece.dtype, piece.group, piece.offset, piece.offset + piece.size, source, iteration,
+                       key_factors, [index]]
+        self._flush_run(payload, run, epoch)
+
+    def _flush_run(self, payload, run, epoch) -> None:
+        if run is None:
+            return
+        dtype, group, start, stop, source, iteration, key_factors, indices = run
+        self._kernel(dtype, group, start, stop, payload[dtype][source:source + (stop - start)], iteration, epoch,
+                     key_factors)
+        self.iterations[indices] += 1
+
+    def _kernel(self, dtype, group_index, start, stop, grads, iteration, epoch, key_factors) -> None:
+        group = self.groups[group_index]
+        r = self.ranges[(dtype, group_index)]
+        state = self.state[(dtype, group_index)][:, start - r.start:stop - r.start]
+        if not state.flags.c_contiguous and state.shape[0] > 1:
+            view = np.ascontiguousarray(state)
+            self._run(group, self.params[dtype][start:stop], grads, view, iteration, epoch, key_factors)
+            state[...] = view
+        else:
+            self._run(group, self.params[dtype][start:stop], grads, state, iteration, epoch, key_factors)
+
+    @staticmethod
+    def _run(group, params, grads, state, iteration, epoch, key_factors) -> None:
+        adjustments = group.adjustments(iteration, epoch, *key_factors)
+        group.updater.apply(params, grads, state, iteration, epoch, adjustments=adjustments)
+
+    # -- reads ---------------------------------------------------------------------------------------------
+    def clock_gap(self) -> int:
+        if not self.clocks:
+            return 0
+        known = [self.clocks.get(w, 0) for w in range(self.num_workers)] or [0]
+        return max(self.clocks.values()) - min(known)
+
+    def pull_ready(self, client_id: str | None, after_seq: int, worker_id: int | None) -> bool:
+        """May this pull be answered now? (read-your-writes, then SSP/sync gating)."""
+        if client_id is not None and self.applied_seq.get(client_id, 0) < after_seq:
+            return False
+        if worker_id is None or self.consistency == "async":
+            return True
+        clock = self.clocks.get(worker_id, 0)
+        if self.consistency == "sync":
+            return self.sync_clock >= clock
+        slowest = min(self.clocks.get(w, 0) for w in range(self.num_workers))
+        return clock - slowest <= self.staleness
+
+    def read(self, piece_indices: Sequence[int] | None = None, worker_id: int | None = None) -> dict:
+        """A copy of the parameters (whole buffers, or the given pieces packed in order)."""
+        if worker_id is not None:
+            self.pulled_version[worker_id] = self.version
+        if piece_indices is None:
+            out = {dtype: buf.copy() for dtype, buf in self.params.items()}
+        else:
+            parts: dict[str, list] = {}
+            for i in piece_indices:
+                piece = self.pieces[int(i)]
+                parts.setdefault(piece.dtype, []).append(self.params[piece.dtype][piece.offset:piece.offset + piece.size])
+            out = {dtype: np.concatenate(chunks) for dtype, chunks in parts.items()}
+        self.counters["bytes_pulled"] += int(sum(a.nbytes for a in out.values()))
+        return out
+
+    def stats(self) -> dict:
+        stats = dict(self.counters)
+        stats.update(shard=self.shard_index, clocks=dict(self.clocks), version=self.version,
+                     sync_clock=self.sync_clock, pending=sum(len(q) for q in self.pending.values()),
+                     iterations_min=int(self.iterations.min()) if len(self.iterations) else 0,
+                     iterations_max=int(self.iterations.max()) if len(self.iterations) else 0)
+        return stats

@@ -1,0 +1,101 @@
+"""``train``: the Python entry point of a training run (the ``rayps train`` CLI is built on it).
+
+    result = train(ps, model, data, num_workers=4, epochs=20, batch_size=32)
+
+``model`` is a rayps model (``build_model``), a ``TorchModule``, or a plain ``grad_fn(params, batch) ->
+(loss, grads)``; with a bare ``grad_fn``, pass ``evaluate(params) -> (accuracy, loss)`` to get test figures.
+Returns the same dict as ``rayps train --json-out``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import numpy as np
+import ray
+
+from ..server.remote_errors import unwrap
+from .actor import WorkerActor
+from .data import Dataset
+from .models import grad_fn_for
+
+RESULT_KEYS = ("test_accuracy", "final_loss", "samples_per_second", "wall_seconds", "updates_applied", "workers",
+               "shards", "consistency", "max_staleness", "bytes_pushed", "bytes_pulled")
+
+
+def _model_parts(model) -> tuple[Callable, Callable | None]:
+    if hasattr(model, "loss_and_grads"):
+        def evaluate(params, x, y):
+            loss, _ = model.loss_and_grads(params, x, y)
+            return model.accuracy(params, x, y), loss
+        return grad_fn_for(model), evaluate
+    if callable(model):
+        return model, None
+    raise TypeError(f"model must be a rayps model, a TorchModule or a grad_fn(params, batch), "
+                    f"got {type(model).__name__}")
+
+
+def train(ps, model, data: Dataset, num_workers: int = 4, epochs: int = 20, batch_size: int = 32, seed: int = 0,
+          n_fetch: int = 1, n_push: int = 1, cpus_per_worker: float = 0.0, evaluate=None,
+          progress: Callable[[dict], None] | None = None) -> dict:
+    """Run ``epochs`` epochs of ``num_workers`` worker actors against ``ps``; evaluate after each epoch."""
+    for field, value, minimum in (("num_workers", num_workers, 1), ("epochs", epochs, 1),
+                                  ("batch_size", batch_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{field} must be an integer >= {minimum}, got {value!r}")
+    if num_workers > data.num_train:
+        raise ValueError(f"num_workers ({num_workers}) exceeds the training samples ({data.num_train})")
+    grad_fn, model_evaluate = _model_parts(model)
+    evaluate = evaluate or (lambda params: model_evaluate(params, data.x_test, data.y_test) if model_evaluate
+                            else (math.nan, math.nan))
+    x_ref, y_ref = ray.put(data.x_train), ray.put(data.y_train)
+    workers = [WorkerActor.options(num_cpus=cpus_per_worker).remote(
+        ps, grad_fn, x_ref, y_ref, w, num_workers, batch_size, seed, n_fetch, n_push) for w in range(num_workers)]
+    started = time.perf_counter()
+    samples, history = 0, []
+    try:
+        for epoch in range(epochs):
+            reports = _run_epoch(workers, epoch)
+            samples += sum(r.samples for r in reports)
+            params = ps.pull()
+            accuracy, test_loss = evaluate(params)
+            wall = time.perf_counter() - started
+            row = {"epoch": epoch + 1, "epochs": epochs,
+                   "train_loss": float(np.average([r.mean_loss for r in reports], weights=[r.samples for r in reports])),
+                   "test_loss": float(test_loss), "test_accuracy": float(accuracy),
+                   "samples_per_second": samples / wall if wall > 0 else 0.0, "wall_seconds": wall}
+            history.append(row)
+            if progress is not None:
+                progress(row)
+    finally:
+        for worker in workers:
+            ray.kill(worker)
+    stats = ps.stats()
+    last = history[-1]
+    return {
+        "test_accuracy": last["test_accuracy"], "final_loss": last["train_loss"],
+        "test_loss": last["test_loss"],
+        "samples_per_second": last["samples_per_second"], "wall_seconds": last["wall_seconds"],
+        "updates_applied": stats["updates_applied"], "workers": num_workers, "shards": stats["num_shards"],
+        "consistency": stats["consistency"], "max_staleness": stats["max_staleness"],
+        "bytes_pushed": stats["bytes_pushed"], "bytes_pulled": stats["bytes_pulled"], "epochs": epochs,
+        "history": history,
+    }
+
+
+def _run_epoch(workers, epoch: int) -> list:
+    """Run one epoch on every worker; the first worker error stops the others and is raised as itself."""
+    pending = {worker.run_epoch.remote(epoch): i for i, worker in enumerate(workers)}
+    reports = [None] * len(workers)
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        index = pending.pop(done[0])
+        try:
+            reports[index] = ray.get(done[0])
+        except Exception as error:  # noqa: BLE001 - the worker's own exception is re-raised
+            for worker in workers:
+                ray.kill(worker)
+            raise unwrap(error) from None
+    return reports
