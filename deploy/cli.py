@@ -44,5 +44,7 @@ def main(argv=None) -> int:
         return 130
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # run as the installed module, so UsageError is the class the subcommands raise
+    from rayps.deploy.cli import main as installed_main
+
+    sys.exit(installed_main())

@@ -94,11 +94,11 @@ class AdaGrad(Updater):
         h      += g * g
         update  = lr * g / (sqrt(h) + eps)
 
-    State ``GRAD`` (h) starts at **epsilon**, not 0. Defaults: lr 0.1, eps 1e-6. The seed page squares the
+    State ``grad`` (h) starts at **epsilon**, not 0. Defaults: lr 0.1, eps 1e-6. The seed page squares the
     gradient in the numerator (a typo).
     """
 
-    state_keys = ("GRAD",)
+    state_keys = ("grad",)
     defaults = {"learning_rate": 0.1, "epsilon": 1e-6}
     schedulable = ("learning_rate",)
 
