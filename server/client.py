@@ -4,16 +4,22 @@
     ps.push(grads, worker_id=0)      # returns at once; one message per shard, straight to the shards
     ps.flush()                       # every push this handle issued is applied (errors raised here)
     ps.pull(names=None)              # caller-owned arrays; sees this handle's earlier pushes
+    ps.save(path); ParameterServer.restore(path, num_shards=None)
     ps.stats(); ps.shutdown()
 
 The handle is serializable: a worker actor that receives it gets its own client identity (a fresh
 ``client_id`` and sequence counter) and talks to the shard actors directly, never through the driver.
+
+With ``checkpoint_dir``, shards checkpoint every ``checkpoint_every`` updates and Ray restarts a dead shard,
+which restores its checkpoint; the handle keeps each push until a checkpoint holds it and replays what a
+restarted shard lacks, so no update is lost or applied twice.
 """
 
 from __future__ import annotations
 
 import collections
 import os
+import time
 import uuid
 from typing import Mapping, Sequence
 
@@ -21,12 +27,16 @@ import numpy as np
 import ray
 
 from ..updaters.groups import as_groups, assign_groups
+from . import checkpoint as ckpt
+from . import persistence
 from .layout import ParameterLayout
 from .remote_errors import unwrap
+from .replay import ReplayBuffer
 from .shard_actor import ShardActor
 from .validation import check_gradients, check_initial_params, check_server_config
 
 DEFAULT_MAX_IN_FLIGHT = 4  # pushes per shard not yet acknowledged before push() waits
+ACTOR_LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -35,7 +45,7 @@ def ensure_ray(address: str | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
-        ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+        ray.init(address=address, logging_level="WARNING")
     else:
         ray.init(logging_level="WARNING", include_dashboard=False)
 
@@ -50,10 +60,16 @@ class ParameterServer:
     def __init__(self, params: Mapping[str, np.ndarray], updater=None, num_shards: int = 1,
                  consistency: str = "async", staleness: int = 0, num_workers: int = 1, *,
                  nan_policy: str = "reject", address: str | None = None, cpus_per_shard: float = 0.0,
-                 max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, pull_timeout: float | None = 300.0):
+                 checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 100,
+                 sync_timeout: float | None = None, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+                 pull_timeout: float | None = 300.0, recovery_timeout: float = 120.0,
+                 placement=None, _named_state=None):
         from ..updaters import Adam  # noqa: PLC0415
 
         check_server_config(num_shards, consistency, staleness, num_workers, nan_policy)
+        if checkpoint_dir is not None and (isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int)
+                                           or checkpoint_every < 1):
+            raise ValueError(f"checkpoint_every must be an integer >= 1 (updates per shard), got {checkpoint_every!r}")
         params = check_initial_params(params)
         self.groups = as_groups(Adam() if updater is None else updater)
         group_of = assign_groups(self.groups, list(params))
@@ -62,30 +78,47 @@ class ParameterServer:
         self.layout = ParameterLayout.build(shapes, dtypes, num_shards, group_of)
         self.config = {"num_shards": num_shards, "consistency": consistency, "staleness": staleness,
                        "num_workers": num_workers, "nan_policy": nan_policy}
+        self.checkpoint_dir = None if checkpoint_dir is None else os.path.abspath(checkpoint_dir)
         self.max_in_flight = int(max_in_flight)
         self.pull_timeout = pull_timeout
+        self.recovery_timeout = recovery_timeout
         ensure_ray(address)
-        self._shard_actors = [
-            ShardActor.options(num_cpus=cpus_per_shard, max_concurrency=1000).remote(
+        if self.checkpoint_dir:
+            ckpt.write_manifest(self.checkpoint_dir, persistence.manifest_for(self))
+        options = {"num_cpus": cpus_per_shard, "max_concurrency": 1000,
+                   "max_restarts": -1 if self.checkpoint_dir else 0}
+        self._shard_actors = []
+        for shard in range(num_shards):
+            shard_options = dict(options, **(placement.options_for(shard) if placement is not None else {}))
+            states = None if _named_state is None else persistence.piece_states(self.layout, shard, _named_state)
+            self._shard_actors.append(ShardActor.options(**shard_options).remote(
                 shard, self.layout.shard_pieces[shard], self.groups, self.layout.pack(shard, params)[0],
-                consistency, staleness, num_workers, nan_policy)
-            for shard in range(num_shards)]
+                consistency, staleness, num_workers, nan_policy, self.checkpoint_dir, checkpoint_every, states,
+                sync_timeout))
         self._owner = True
         self._new_identity()
-        ray.get([actor.ping.remote() for actor in self._shard_actors])  # constructor errors surface here
+        try:
+            ray.get([actor.ping.remote() for actor in self._shard_actors])  # constructor errors surface here
+        except Exception as error:  # noqa: BLE001
+            self.shutdown()
+            raise unwrap(error) from None
 
     # -- identity and pickling ---------------------------------------------------------------------------
     def _new_identity(self) -> None:
         self.client_id = uuid.uuid4().hex
         self.seq = 0
         self._in_flight = [collections.deque() for _ in self._shard_actors]
+        self._replay = [ReplayBuffer() for _ in self._shard_actors] if self.checkpoint_dir else None
         self.bytes_pushed = 0
         self.bytes_pulled = 0
+        self.replayed = 0
+        self.recoveries = 0
         self._normalizes = any(g.gradient_normalization != "None" for g in self.groups)
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        for key in ("client_id", "seq", "_in_flight", "bytes_pushed", "bytes_pulled"):
+        for key in ("client_id", "seq", "_in_flight", "_replay", "bytes_pushed", "bytes_pulled", "replayed",
+                    "recoveries"):
             state.pop(key, None)
         state["_owner"] = False
         return state
@@ -144,67 +177,115 @@ class ParameterServer:
         self.seq += 1
         for shard, payload, present, factors in messages:
             self._wait_for_room(shard)
-            ref = self._shard_actors[shard].push.remote(self.client_id, self.seq, worker_id, payload, present,
-                                                         factors, epoch)
-            self._in_flight[shard].append(ref)
+            message = (worker_id, payload, present, factors, epoch)
+            if self._replay is not None:
+                self._replay[shard].add(self.seq, message)
+            ref = self._shard_actors[shard].push.remote(self.client_id, self.seq, *message)
+            self._in_flight[shard].append((self.seq, ref))
             self.bytes_pushed += _nbytes(payload)
 
     def _wait_for_room(self, shard: int) -> None:
         queue = self._in_flight[shard]
-        while len(queue) >= self.max_in_flight:
-            self._settle([queue.popleft()])
+        if len(queue) >= self.max_in_flight:
+            oldest = [queue.popleft() for _ in range(len(queue) - self.max_in_flight + 1)]
+            self._settle(shard, oldest)
 
-    @staticmethod
-    def _settle(refs) -> None:
-        """Wait for acknowledgements; raise the first remote error as its original exception type."""
-        first_error = None
-        for ref in refs:
+    def _settle(self, shard: int, entries, depth: int = 0) -> None:
+        """Wait for the acknowledgements of ``entries`` (seq, ref) sent to ``shard``; recover a restarted
+        shard; raise the first push error as its original exception type."""
+        first_error, lost = None, False
+        for seq, ref in entries:
             try:
-                ray.get(ref)
+                ack = ray.get(ref)
+            except ACTOR_LOST:
+                lost = True
+                continue
             except Exception as error:  # noqa: BLE001 - unwrapped and re-raised below
                 first_error = first_error or unwrap(error)
+                continue
+            if self._replay is not None and ack:
+                self._replay[shard].trim(ack["covered"])
+                if ack["applied"] < seq:  # the shard lost pushes (restarted): a gap it cannot fill alone
+                    lost = True
+        if lost:
+            self._recover(shard, depth)
         if first_error is not None:
             raise first_error
 
+    def _recover(self, shard: int, depth: int = 0) -> None:
+        """Wait for a restarted shard, then resend every push its checkpoint lacks."""
+        if self._replay is None:
+            raise RuntimeError(f"shard {shard} was lost and the server has no checkpoint_dir, so its state is "
+                               f"gone; start ParameterServer with checkpoint_dir=... to survive shard failures")
+        if depth > 3:
+            raise RuntimeError(f"shard {shard} keeps failing during recovery")
+        actor = self._shard_actors[shard]
+        deadline = time.monotonic() + self.recovery_timeout
+        while True:
+            try:
+                applied = ray.get(actor.applied_seq.remote(self.client_id), timeout=10)
+                break
+            except (*ACTOR_LOST, ray.exceptions.GetTimeoutError) as error:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"shard {shard} did not come back within {self.recovery_timeout}s") from error
+                time.sleep(0.2)
+        self.recoveries += 1
+        resent = []
+        for seq, message in self._replay[shard].after(applied):
+            resent.append((seq, actor.push.remote(self.client_id, seq, *message, True)))
+            self.replayed += 1
+        self._in_flight[shard] = collections.deque(e for e in self._in_flight[shard] if e[0] <= applied)
+        self._settle(shard, resent, depth + 1)
+
     def flush(self) -> None:
         """Block until every push issued by this handle is applied; raise the first error among them."""
-        refs = [ref for queue in self._in_flight for ref in queue]
-        for queue in self._in_flight:
+        first_error = None
+        for shard, queue in enumerate(self._in_flight):
+            entries = list(queue)
             queue.clear()
-        self._settle(refs)
+            try:
+                self._settle(shard, entries)
+            except (ValueError, TypeError) as error:
+                first_error = first_error or error
+        if first_error is not None:
+            raise first_error
 
     # -- pull --------------------------------------------------------------------------------------------
     def pull(self, names: Sequence[str] | None = None, worker_id: int | None = None) -> dict[str, np.ndarray]:
         """Fresh arrays in the original shapes and dtypes. Sees every earlier push of this handle; with
         ``worker_id`` in ssp/sync mode it waits as the consistency model requires."""
-        if names is None:
-            wanted = list(self.layout.names)
-        else:
-            if isinstance(names, str):
-                names = [names]
-            wanted = list(names)
-            unknown = [n for n in wanted if n not in self.layout.shapes]
-            if unknown:
-                raise ValueError(f"pull: unknown parameter name(s) {unknown}")
-        shards = range(self.layout.num_shards) if names is None or worker_id is not None else \
-            self.layout.shards_of(wanted)
+        wanted = list(self.layout.names) if names is None else [names] if isinstance(names, str) else list(names)
+        unknown = [n for n in wanted if n not in self.layout.shapes]
+        if unknown:
+            raise ValueError(f"pull: unknown parameter name(s) {unknown}")
+        self.flush()  # surfaces push errors and replays to restarted shards before reading
+        whole = names is None
+        shards = range(self.layout.num_shards) if whole or worker_id is not None else self.layout.shards_of(wanted)
         wanted_set = set(wanted)
-        refs = {}
-        for shard in shards:
-            pieces = None if names is None else \
-                [p.index for p in self.layout.shard_pieces[shard] if p.name in wanted_set]
-            refs[shard] = (self._shard_actors[shard].pull.remote(self.client_id, self.seq, worker_id, pieces,
-                                                                  self.pull_timeout), pieces)
         out = {n: np.empty(self.layout.shapes[n], dtype=self.layout.dtypes[n]) for n in wanted}
-        for shard, (ref, pieces) in refs.items():
+        requests = {}
+        for shard in shards:
+            pieces = None if whole else [p.index for p in self.layout.shard_pieces[shard] if p.name in wanted_set]
+            requests[shard] = (self._pull_ref(shard, worker_id, pieces), pieces)
+        for shard, (ref, pieces) in requests.items():
+            buffers = self._get_pulled(shard, ref, worker_id, pieces)
+            self.bytes_pulled += _nbytes(buffers)
+            self.layout.unpack_into(shard, buffers, out, pieces)
+        return out
+
+    def _pull_ref(self, shard, worker_id, pieces):
+        return self._shard_actors[shard].pull.remote(self.client_id, self.seq, worker_id, pieces, self.pull_timeout)
+
+    def _get_pulled(self, shard, ref, worker_id, pieces, attempts: int = 3):
+        for _ in range(attempts):
             try:
-                buffers = ray.get(ref)
+                return ray.get(ref)
+            except ACTOR_LOST:
+                self._recover(shard)
+                ref = self._pull_ref(shard, worker_id, pieces)
             except Exception as error:  # noqa: BLE001
                 raise unwrap(error) from None
-            self.bytes_pulled += int(sum(a.nbytes for a in buffers.values()))
-            self.layout.unpack_into(shard, buffers, out, pieces)
-        self.flush()  # every earlier push is acknowledged by now: surface its error, if any
-        return out
+        raise RuntimeError(f"shard {shard} failed {attempts} times while pulling")
 
     def push_pull(self, grads: Mapping[str, np.ndarray], worker_id: int = 0, epoch: int = 0) -> dict:
         """A push and the pull after it, fused into one call per shard (the worker loop's step)."""
@@ -213,41 +294,77 @@ class ParameterServer:
         self.seq += 1
         refs = []
         for shard, payload, present, factors in messages:
-            refs.append(self._shard_actors[shard].push_pull.remote(
-                self.client_id, self.seq, worker_id, payload, present, factors, epoch, self.pull_timeout))
+            message = (worker_id, payload, present, factors, epoch)
+            if self._replay is not None:
+                self._replay[shard].add(self.seq, message)
+            refs.append(self._shard_actors[shard].push_pull.remote(self.client_id, self.seq, *message,
+                                                                   self.pull_timeout))
             self.bytes_pushed += _nbytes(payload)
         out = {n: np.empty(self.layout.shapes[n], dtype=self.layout.dtypes[n]) for n in self.layout.names}
         errors = []
         for shard, ref in enumerate(refs):
             try:
-                buffers, error = ray.get(ref)
+                buffers, error, ack = ray.get(ref)
+            except ACTOR_LOST:
+                self._recover(shard)
+                buffers, error, ack = self._get_pulled(shard, self._pull_ref(shard, worker_id, None), worker_id,
+                                                       None), None, None
             except Exception as exc:  # noqa: BLE001
                 raise unwrap(exc) from None
             if error:
                 errors.append(error)
-            self.bytes_pulled += int(sum(a.nbytes for a in buffers.values()))
+            if ack and self._replay is not None:
+                self._replay[shard].trim(ack["covered"])
+            self.bytes_pulled += _nbytes(buffers)
             self.layout.unpack_into(shard, buffers, out)
         if errors:
             raise ValueError("; ".join(errors))
         return out
 
+    def worker_clock(self, worker_id: int) -> int:
+        """How many pushes ``worker_id`` has made (as shard 0 counts them): where a restarted worker resumes."""
+        return ray.get(self._shard_actors[0].worker_clock.remote(worker_id))
+
+    # -- checkpoints -------------------------------------------------------------------------------------
+    def save(self, path) -> None:
+        """Write a checkpoint directory: every shard's params, updater state, counters and clocks, plus a
+        manifest with names, shapes, dtypes, the updater/group config and a sha256 per blob."""
+        persistence.save(self, path)
+
+    @classmethod
+    def restore(cls, path, num_shards: int | None = None, **overrides) -> "ParameterServer":
+        """A new server from a checkpoint directory (``save``'s, or a ``checkpoint_dir``), into any shard
+        count; ``overrides`` replace constructor arguments (e.g. ``consistency``, ``num_workers``)."""
+        loaded = persistence.load(path)
+        config = dict(loaded["config"])
+        allowed = {"consistency", "staleness", "num_workers", "nan_policy"}
+        config = {k: v for k, v in config.items() if k in allowed}
+        config.update(overrides)
+        return cls(loaded["params"], updater=list(loaded["groups"]),
+                   num_shards=num_shards or loaded["num_shards"], _named_state=loaded["named_state"], **config)
+
     # -- housekeeping ------------------------------------------------------------------------------------
     def stats(self) -> dict:
-        """Per-shard counters plus totals: updates applied, bytes, the largest staleness seen."""
+        """Per-shard counters plus totals: updates applied, bytes, staleness, restarts, replays."""
         shards = ray.get([actor.stats.remote() for actor in self._shard_actors])
+        total = {key: sum(s[key] for s in shards) for key in ("bytes_pushed", "bytes_pulled", "duplicates_dropped",
+                                                               "restarts", "checkpoints_written",
+                                                               "late_pushes_dropped", "replays_received")}
         return {
             "shards": shards,
             "num_shards": len(shards),
             "updates_applied": min(s["updates_applied"] for s in shards),
             "pushes": max(s["pushes"] for s in shards),
-            "bytes_pushed": sum(s["bytes_pushed"] for s in shards),
-            "bytes_pulled": sum(s["bytes_pulled"] for s in shards),
             "max_staleness": max(s["max_staleness"] for s in shards),
             "max_clock_gap": max(s["max_clock_gap"] for s in shards),
-            "duplicates_dropped": sum(s["duplicates_dropped"] for s in shards),
             "nonfinite_skipped": max(s["nonfinite_skipped"] for s in shards),
             "nonfinite_rejected": max(s["nonfinite_rejected"] for s in shards),
+            "sync_steps_forced": max(s["sync_steps_forced"] for s in shards),
+            "replayed": total["replays_received"],
+            "recoveries": self.recoveries,
+            "replay_buffered": sum(len(r) for r in self._replay) if self._replay else 0,
             "layout": self.layout.describe(),
+            **total,
             **self.config,
         }
 
@@ -256,6 +373,6 @@ class ParameterServer:
         if not self._owner:
             return
         for actor in self._shard_actors:
-            ray.kill(actor)
+            ray.kill(actor, no_restart=True)
         self._shard_actors = []
         self._owner = False

@@ -87,7 +87,8 @@ class ShardState:
         self.pulled_version: dict[int, int] = {}
         self.counters = {"pushes": 0, "updates_applied": 0, "bytes_pushed": 0, "bytes_pulled": 0,
                          "duplicates_dropped": 0, "nonfinite_skipped": 0, "nonfinite_rejected": 0,
-                         "max_staleness": 0, "max_clock_gap": 0, "apply_seconds": 0.0}
+                         "max_staleness": 0, "max_clock_gap": 0, "apply_seconds": 0.0,
+                         "sync_steps_forced": 0, "late_pushes_dropped": 0, "replays_received": 0}
 
     def _ranges(self) -> dict[tuple[str, int], Range]:
         members: dict[tuple[str, int], list[Piece]] = {}
@@ -178,6 +179,9 @@ class ShardState:
 
     # -- sync mode -----------------------------------------------------------------------------------------
     def _accumulate(self, clock, worker_id, payload, present_idx, epoch) -> None:
+        if clock < self.sync_clock:  # its step was completed without it (dead-worker policy): too late
+            self.counters["late_pushes_dropped"] += 1
+            return
         step = self.sync_steps.get(clock)
         if step is None:
             step = SyncStep({d: np.zeros_like(b) for d, b in self.params.items()},
@@ -204,16 +208,31 @@ class ShardState:
 
     def _apply_complete_sync_steps(self) -> None:
         while self.sync_clock in self.sync_steps and len(self.sync_steps[self.sync_clock].workers) >= self.num_workers:
-            step = self.sync_steps.pop(self.sync_clock)
-            present_idx = np.flatnonzero(step.present)
-            if len(present_idx):
-                for array in step.sums.values():
-                    array /= self.num_workers
-                if len(present_idx) == len(self.pieces):
-                    self._apply(step.sums, present_idx, None, step.epoch)
-                else:
-                    self._apply(self._gather(step.sums, present_idx), present_idx, None, step.epoch)
-            self.sync_clock += 1
+            self._apply_sync_step(self.sync_steps.pop(self.sync_clock), self.num_workers)
+
+    def _apply_sync_step(self, step: SyncStep, divisor: int) -> None:
+        present_idx = np.flatnonzero(step.present)
+        if len(present_idx):
+            for array in step.sums.values():
+                array /= divisor
+            if len(present_idx) == len(self.pieces):
+                self._apply(step.sums, present_idx, None, step.epoch)
+            else:
+                self._apply(self._gather(step.sums, present_idx), present_idx, None, step.epoch)
+        self.sync_clock += 1
+
+    def force_sync_step(self) -> bool:
+        """Dead-worker policy of sync mode, called after the pull timeout: apply the waiting step with the mean
+        of the workers that did push; a missing worker's push for that step, should it come, is dropped."""
+        step = self.sync_steps.pop(self.sync_clock, None)
+        if step is None or not step.workers:
+            if step is not None:
+                self.sync_steps[self.sync_clock] = step
+            return False
+        self.counters["sync_steps_forced"] += 1
+        self._apply_sync_step(step, len(step.workers))
+        self._apply_complete_sync_steps()
+        return True
 
     def _gather(self, buffers, present_idx) -> dict:
         parts: dict[str, list] = {}

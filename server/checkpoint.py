@@ -1,0 +1,194 @@
+"""Checkpoint files: msgpack only (never pickle), versioned, checksummed, written atomically.
+
+A checkpoint is a directory::
+
+    manifest.msgpack          {"format": "rayps-checkpoint", "version", "names", "shapes", "dtypes",
+                               "groups" (updater/group configs), "config", "num_shards"}
+    shard-<i>.msgpack         per-shard pointer {"format": "rayps-shard-pointer", "version", "shard",
+                               "file": "shard-<i>-g<gen>.blob", "sha256", "bytes", "generation"}
+    shard-<i>-g<gen>.blob     the shard's snapshot, msgpack (see ``ShardState.snapshot``)
+
+Every file is written to a temporary name, fsynced, then renamed over the old one; a blob is written before
+the pointer that names it and older blobs are deleted only afterwards, so a crash at any point leaves the
+previous checkpoint whole. Loading treats every byte as hostile: size caps before reading, sha256 before
+unpacking, msgpack limits while unpacking, file names confined to the directory, dtypes from an allow-list and
+element counts checked against shapes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import uuid
+from pathlib import Path
+
+import msgpack
+import numpy as np
+
+FORMAT = "rayps-checkpoint"
+POINTER_FORMAT = "rayps-shard-pointer"
+BLOB_FORMAT = "rayps-shard"
+VERSION = 1
+MANIFEST_NAME = "manifest.msgpack"
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_BLOB_BYTES = 64 << 30
+SAFE_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
+ALLOWED_DTYPES = {"float16", "float32", "float64"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be trusted or read; the message names the file and the problem."""
+
+
+# -- writing ----------------------------------------------------------------------------------------------
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file, fsync, rename, and fsync the directory."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def pack(obj) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def write_manifest(directory: Path, manifest: dict) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_atomic(directory / MANIFEST_NAME, pack({"format": FORMAT, "version": VERSION, **manifest}))
+
+
+def write_shard(directory: Path, shard: int, generation: int, blob: bytes) -> dict:
+    """Write one shard's snapshot and then its pointer; delete that shard's older blobs. Returns the pointer."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"shard-{shard}-g{generation}.blob"
+    write_atomic(directory / name, blob)
+    pointer = {"format": POINTER_FORMAT, "version": VERSION, "shard": shard, "file": name,
+               "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob), "generation": generation}
+    write_atomic(directory / f"shard-{shard}.msgpack", pack(pointer))
+    for old in directory.glob(f"shard-{shard}-g*.blob"):
+        if old.name != name:
+            try:
+                old.unlink()
+            except OSError:
+                pass
+    return pointer
+
+
+# -- reading ----------------------------------------------------------------------------------------------
+def _unpack(data: bytes, what: str, max_bytes: int):
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False, max_bin_len=max_bytes, max_str_len=1 << 20,
+                               max_array_len=1 << 24, max_map_len=1 << 24, max_ext_len=0)
+    except (msgpack.exceptions.ExtraData, msgpack.exceptions.FormatError, msgpack.exceptions.StackError,
+            ValueError, TypeError) as error:
+        raise CheckpointError(f"{what}: not a valid rayps msgpack file ({type(error).__name__}: {error})") from None
+
+
+def _read_capped(path: Path, max_bytes: int, what: str) -> bytes:
+    if not path.exists():
+        raise FileNotFoundError(f"{what}: {path} does not exist")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise CheckpointError(f"{what}: {path} is {size} bytes, more than the {max_bytes} allowed")
+    with open(path, "rb") as handle:
+        return handle.read(max_bytes + 1)
+
+
+def _expect_dict(obj, what: str, fmt: str) -> dict:
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{what}: expected a msgpack map, got {type(obj).__name__}")
+    if obj.get("format") != fmt:
+        raise CheckpointError(f"{what}: format {obj.get('format')!r} is not {fmt!r}")
+    if obj.get("version") != VERSION:
+        raise CheckpointError(f"{what}: format version {obj.get('version')!r} is not supported (expected {VERSION})")
+    return obj
+
+
+def confined(directory: Path, name) -> Path:
+    """``directory / name`` for a plain file name; anything else (``../x``, ``/etc/x``, ``a/b``) is refused."""
+    if not isinstance(name, str) or not SAFE_FILE_NAME.match(name) or ".." in name:
+        raise CheckpointError(f"checkpoint names file {name!r}, which is not a plain file name inside {directory}")
+    path = (Path(directory) / name).resolve()
+    if path.parent != Path(directory).resolve():
+        raise CheckpointError(f"checkpoint names file {name!r}, which resolves outside {directory}")
+    return path
+
+
+def read_manifest(directory: Path) -> dict:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+    path = directory / MANIFEST_NAME
+    return _expect_dict(_unpack(_read_capped(path, MAX_MANIFEST_BYTES, "manifest"), str(path), MAX_MANIFEST_BYTES),
+                        str(path), FORMAT)
+
+
+def read_pointer(directory: Path, shard: int) -> dict | None:
+    path = Path(directory) / f"shard-{shard}.msgpack"
+    if not path.exists():
+        return None
+    pointer = _expect_dict(_unpack(_read_capped(path, 1 << 16, "shard pointer"), str(path), 1 << 16), str(path),
+                           POINTER_FORMAT)
+    if pointer.get("shard") != shard:
+        raise CheckpointError(f"{path}: names shard {pointer.get('shard')!r}, expected {shard}")
+    return pointer
+
+
+def read_shard(directory: Path, pointer: dict) -> dict:
+    """The shard snapshot a pointer names, after its size and sha256 are checked."""
+    path = confined(directory, pointer.get("file"))
+    declared = pointer.get("bytes")
+    if not isinstance(declared, int) or not 0 <= declared <= MAX_BLOB_BYTES:
+        raise CheckpointError(f"{path}: declared size {declared!r} is not a valid byte count")
+    data = _read_capped(path, declared, "shard blob")
+    if len(data) != declared:
+        raise CheckpointError(f"{path}: {len(data)} bytes on disk, the pointer declares {declared} (truncated?)")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != pointer.get("sha256"):
+        raise CheckpointError(f"{path}: sha256 {digest} does not match the recorded {pointer.get('sha256')!r} "
+                              f"(corrupted or tampered)")
+    return _expect_dict(_unpack(data, str(path), declared), str(path), BLOB_FORMAT)
+
+
+# -- arrays -----------------------------------------------------------------------------------------------
+def encode_array(array: np.ndarray) -> dict:
+    array = np.ascontiguousarray(array)
+    return {"dtype": str(array.dtype), "shape": list(array.shape), "data": array.tobytes()}
+
+
+def decode_array(record, what: str) -> np.ndarray:
+    """A writable array from ``encode_array``'s record, every field checked."""
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{what}: expected an array record, got {type(record).__name__}")
+    dtype, shape, data = record.get("dtype"), record.get("shape"), record.get("data")
+    if dtype not in ALLOWED_DTYPES:
+        raise CheckpointError(f"{what}: dtype {dtype!r} is not one of {sorted(ALLOWED_DTYPES)}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and 0 <= d < 1 << 40 for d in shape):
+        raise CheckpointError(f"{what}: shape {shape!r} is not a list of non-negative integers")
+    if not isinstance(data, bytes):
+        raise CheckpointError(f"{what}: data is {type(data).__name__}, expected bytes")
+    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if count * np.dtype(dtype).itemsize != len(data):
+        raise CheckpointError(f"{what}: {len(data)} bytes do not hold shape {shape} of {dtype}")
+    return np.frombuffer(data, dtype=dtype).reshape(shape).copy()

@@ -1,0 +1,154 @@
+"""``ParameterServer.save`` / ``ParameterServer.restore``: whole-server checkpoints by parameter name.
+
+Restoring reassembles each parameter, its updater state and its iteration counter from the shards' pieces,
+so it works into any shard count (resharding), and checks everything it reads (see checkpoint.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..updaters.groups import ParamGroup, assign_groups
+from . import checkpoint as ckpt
+from .checkpoint import CheckpointError, decode_array
+
+
+def manifest_for(ps) -> dict:
+    return {"names": list(ps.layout.names), "shapes": {n: list(s) for n, s in ps.layout.shapes.items()},
+            "dtypes": dict(ps.layout.dtypes), "groups": [g.to_config() for g in ps.groups],
+            "config": dict(ps.config), "num_shards": ps.layout.num_shards}
+
+
+def save(ps, path) -> Path:
+    """Write every shard's snapshot, then the manifest (names, shapes, dtypes, groups, sha256 per blob)."""
+    import ray  # noqa: PLC0415
+
+    path = Path(path)
+    ps.flush()
+    blobs = ray.get([actor.snapshot_blob.remote() for actor in ps.shard_actors])
+    generation = max(_existing_generation(path) + 1, 1)
+    pointers = [ckpt.write_shard(path, shard, generation, blob) for shard, blob in enumerate(blobs)]
+    manifest = manifest_for(ps)
+    manifest["blobs"] = [{"shard": p["shard"], "file": p["file"], "sha256": p["sha256"]} for p in pointers]
+    ckpt.write_manifest(path, manifest)
+    return path
+
+
+def _existing_generation(path: Path) -> int:
+    generation = 0
+    for pointer_file in path.glob("shard-*.msgpack") if path.is_dir() else []:
+        try:
+            pointer = ckpt.read_pointer(path, int(pointer_file.stem.split("-")[1]))
+        except (ValueError, IndexError, CheckpointError):
+            continue
+        if pointer and isinstance(pointer.get("generation"), int):
+            generation = max(generation, pointer["generation"])
+    return generation
+
+
+def _field(manifest: dict, key: str, kind, what: str):
+    value = manifest.get(key)
+    if not isinstance(value, kind):
+        raise CheckpointError(f"{what}: field {key!r} is missing or not a {getattr(kind, '__name__', kind)}")
+    return value
+
+
+def load(path) -> dict:
+    """Everything needed to rebuild the server: params, groups, config, and per-name (state, iteration)."""
+    path = Path(path)
+    manifest = ckpt.read_manifest(path)
+    what = str(path / ckpt.MANIFEST_NAME)
+    names = _field(manifest, "names", list, what)
+    shapes = _field(manifest, "shapes", dict, what)
+    dtypes = _field(manifest, "dtypes", dict, what)
+    num_shards = _field(manifest, "num_shards", int, what)
+    config = _field(manifest, "config", dict, what)
+    if not names or not all(isinstance(n, str) for n in names) or set(names) != set(shapes) or set(names) != set(dtypes):
+        raise CheckpointError(f"{what}: names, shapes and dtypes do not list the same parameters")
+    for name in names:
+        shape = shapes[name]
+        if not isinstance(shape, list) or not all(isinstance(d, int) and 0 < d < 1 << 40 for d in shape):
+            raise CheckpointError(f"{what}: shape of {name!r} is {shape!r}, expected positive integers")
+        if dtypes[name] not in ckpt.ALLOWED_DTYPES:
+            raise CheckpointError(f"{what}: dtype of {name!r} is {dtypes[name]!r}")
+    try:
+        groups = tuple(ParamGroup.from_config(g) for g in _field(manifest, "groups", list, what))
+        group_of = assign_groups(groups, names)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{what}: updater/group config is invalid: {error}") from None
+    if not 1 <= num_shards <= 1 << 16:
+        raise CheckpointError(f"{what}: num_shards {num_shards} is out of range")
+    listed = {b.get("shard"): b for b in manifest.get("blobs") or [] if isinstance(b, dict)}
+
+    params = {n: np.full(shapes[n], np.nan, dtype=dtypes[n]) for n in names}
+    slots = {n: len(groups[group_of[n]].updater.state_keys) for n in names}
+    state = {n: None for n in names}
+    iterations: dict[str, int] = {}
+    covered = {n: np.zeros(shapes[n][0] if shapes[n] else 1, dtype=np.int64) for n in names}
+    for shard in range(num_shards):
+        pointer = ckpt.read_pointer(path, shard)
+        if pointer is None:
+            raise CheckpointError(f"{path}: shard-{shard}.msgpack is missing")
+        entry = listed.get(shard)
+        if entry is not None and (entry.get("file") != pointer.get("file") or entry.get("sha256") != pointer.get("sha256")):
+            raise CheckpointError(f"{path}: shard {shard}'s pointer does not match the manifest's blob list")
+        blob = ckpt.read_shard(path, pointer)
+        records = blob.get("pieces")
+        if not isinstance(records, list):
+            raise CheckpointError(f"{pointer['file']}: pieces must be a list")
+        for record in records:
+            _place(record, params, state, iterations, covered, shapes, slots, f"{pointer['file']}")
+    for name in names:
+        if not (covered[name] == 1).all():
+            raise CheckpointError(f"{path}: the shards do not hold every row of {name!r} exactly once")
+    named_state = {n: (state[n], iterations[n]) for n in names}
+    return {"params": params, "groups": groups, "config": config, "num_shards": num_shards,
+            "named_state": named_state, "manifest": manifest}
+
+
+def _place(record, params, state, iterations, covered, shapes, slots, what) -> None:
+    if not isinstance(record, dict) or record.get("name") not in params:
+        raise CheckpointError(f"{what}: a piece names an unknown parameter {record.get('name') if isinstance(record, dict) else record!r}")
+    name = record["name"]
+    shape = tuple(shapes[name])
+    start, stop = record.get("row_start"), record.get("row_stop")
+    rows = shape[0] if shape else 1
+    if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop <= rows):
+        raise CheckpointError(f"{what}: piece of {name!r} has rows [{start!r}, {stop!r}) outside [0, {rows})")
+    piece_shape = ((stop - start),) + shape[1:] if shape else ()
+    values = decode_array(record.get("params"), f"{what} {name!r} params")
+    slot_values = decode_array(record.get("state"), f"{what} {name!r} state")
+    if values.shape != piece_shape or str(values.dtype) != str(params[name].dtype):
+        raise CheckpointError(f"{what}: piece of {name!r} is {values.dtype}{list(values.shape)}, expected "
+                              f"{params[name].dtype}{list(piece_shape)}")
+    if slot_values.shape != (slots[name],) + piece_shape:
+        raise CheckpointError(f"{what}: updater state of {name!r} has shape {list(slot_values.shape)}, expected "
+                              f"{[slots[name], *piece_shape]}")
+    if not (np.isfinite(values).all() and np.isfinite(slot_values).all()):
+        raise CheckpointError(f"{what}: piece of {name!r} contains NaN or Inf")
+    iteration = record.get("iteration")
+    if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
+        raise CheckpointError(f"{what}: iteration of {name!r} is {iteration!r}")
+    if state[name] is None:
+        state[name] = np.zeros((slots[name],) + shape, dtype=slot_values.dtype)
+    if shape:
+        params[name][start:stop] = values
+        state[name][:, start:stop] = slot_values
+    else:
+        params[name][...] = values
+        state[name][...] = slot_values
+    covered[name][start:stop] += 1
+    if iterations.setdefault(name, iteration) != iteration:
+        raise CheckpointError(f"{what}: pieces of {name!r} disagree on the iteration count")
+
+
+def piece_states(layout, shard: int, named_state) -> list:
+    """Per piece of ``shard``: (updater state slice, iteration) from whole-parameter state."""
+    out = []
+    for piece in layout.shard_pieces[shard]:
+        slots, iteration = named_state[piece.name]
+        part = slots[:, piece.row_start:piece.row_stop] if slots.ndim > 1 else slots
+        out.append((np.ascontiguousarray(part), iteration))
+    return out
