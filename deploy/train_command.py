@@ -87,6 +87,15 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--address", default=None, help="an existing Ray cluster (default: RAY_ADDRESS, else an "
                                                         "embedded local Ray)")
     parser.add_argument("--json-out", default=None, help="write the result summary as JSON to this file")
+    parser.add_argument("--checkpoint-dir", default=None,
+                        help="checkpoint here: shards every --checkpoint-every updates (restarted shards restore "
+                             "and lose nothing), the whole server after every epoch (for --resume). On a cluster "
+                             "this must be storage that every node reaches")
+    parser.add_argument("--checkpoint-every", type=_positive_int, default=200, help="updates per shard between "
+                                                                                      "shard checkpoints")
+    parser.add_argument("--resume", action="store_true", help="continue the run saved in --checkpoint-dir")
+    parser.add_argument("--sync-timeout", type=_positive_float, default=60.0,
+                        help="sync mode: seconds a step waits for a dead worker before going on without it")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
 
@@ -164,17 +173,39 @@ def run(args) -> int:
         raise UsageError(f"--workers {args.workers} exceeds the {data.num_train} training samples")
     if args.consistency != "ssp" and args.staleness:
         raise UsageError("--staleness applies to --consistency ssp only")
+    if args.resume and not args.checkpoint_dir:
+        raise UsageError("--resume needs --checkpoint-dir (the directory of the run to continue)")
 
     import ray  # noqa: PLC0415
 
-    from ..server.client import ParameterServer, ensure_ray  # noqa: PLC0415
-    from ..worker.train import train  # noqa: PLC0415
+    from ..server.client import ParameterServer  # noqa: PLC0415
+    from .cluster import connect  # noqa: PLC0415
+    from .training_checkpoints import load_progress, resume_dir, save_progress  # noqa: PLC0415
+    from ..worker.training import train  # noqa: PLC0415
 
-    ensure_ray(args.address)
+    connect(args.address)
     per_shard, per_worker = _resources(args, ray)
-    params = model.init_params(seed=args.seed, dtype=np.float32)
-    ps = ParameterServer(params, updater=updater, num_shards=args.shards, consistency=args.consistency,
-                         staleness=args.staleness, num_workers=args.workers, cpus_per_shard=per_shard)
+    server_options = dict(num_shards=args.shards, consistency=args.consistency, staleness=args.staleness,
+                          num_workers=args.workers, cpus_per_shard=per_shard, sync_timeout=args.sync_timeout)
+    first_epoch, on_epoch_end = 0, None
+    if args.checkpoint_dir:
+        run_dir = resume_dir(args.checkpoint_dir)
+        server_options.update(checkpoint_dir=os.path.join(args.checkpoint_dir, "shards"),
+                              checkpoint_every=args.checkpoint_every)
+        on_epoch_end = lambda epoch, server: save_progress(args.checkpoint_dir, epoch, server)  # noqa: E731
+    if args.resume:
+        try:
+            first_epoch = load_progress(args.checkpoint_dir) + 1
+        except (FileNotFoundError, ValueError) as error:
+            raise UsageError(str(error)) from None
+        if first_epoch >= args.epochs:
+            raise UsageError(f"--resume: the run in {args.checkpoint_dir} already finished {first_epoch} epochs "
+                             f"(--epochs {args.epochs})")
+        ps = ParameterServer.restore(run_dir, **server_options)
+        print(f"rayps train: resuming from {run_dir} at epoch {first_epoch + 1}", file=sys.stderr)
+    else:
+        params = model.init_params(seed=args.seed, dtype=np.float32)
+        ps = ParameterServer(params, updater=updater, **server_options)
     started = time.perf_counter()
     try:
         print(f"rayps train: {args.model} {model!r} on {data.name} ({data.num_train} train / {data.num_test} test), "
@@ -182,7 +213,8 @@ def run(args) -> int:
               file=sys.stderr)
         result = train(ps, model, data, num_workers=args.workers, epochs=args.epochs, batch_size=args.batch_size,
                        seed=args.seed, n_fetch=args.n_fetch, n_push=args.n_push, cpus_per_worker=per_worker,
-                       progress=None if args.quiet else ProgressBar())
+                       progress=None if args.quiet else ProgressBar(), first_epoch=first_epoch,
+                       on_epoch_end=on_epoch_end)
     finally:
         ps.shutdown()
     result["updater"] = type(updater).__name__

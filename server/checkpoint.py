@@ -135,6 +135,12 @@ def confined(directory: Path, name) -> Path:
     return path
 
 
+def read_record(path: Path, fmt: str, max_bytes: int = 1 << 16) -> dict:
+    """A small msgpack map of format ``fmt`` and this version, read with the same caps as everything else."""
+    path = Path(path)
+    return _expect_dict(_unpack(_read_capped(path, max_bytes, fmt), str(path), max_bytes), str(path), fmt)
+
+
 def read_manifest(directory: Path) -> dict:
     directory = Path(directory)
     if not directory.is_dir():

@@ -89,20 +89,27 @@ class ShardActor:
             reconstructed = ray.get_runtime_context().was_current_actor_reconstructed
         if reconstructed:
             self._restore_after_restart()
+        elif self.checkpoint_dir:  # a first checkpoint, so a restart never falls back to the initial values
+            ckpt.write_shard(self.checkpoint_dir, shard_index, 0, ckpt.pack(shard_snapshot.snapshot(self.state)))
         self.metrics.restarts.set(self.restarts, tags=self.metrics.tags)
         self.changed = None  # asyncio.Condition, created on the actor's event loop
 
     def _restore_after_restart(self) -> None:
-        pointer = ckpt.read_pointer(self.checkpoint_dir, self.state.shard_index) if self.checkpoint_dir else None
+        if not self.checkpoint_dir:
+            raise RuntimeError(f"shard {self.state.shard_index} restarted without a checkpoint_dir: its state is lost")
+        pointer = ckpt.read_pointer(self.checkpoint_dir, self.state.shard_index)
         recorded = 0
-        if pointer is not None:
+        if pointer is None:
+            raise RuntimeError(f"shard {self.state.shard_index} restarted but {self.checkpoint_dir} holds no "
+                               f"checkpoint of it: its state is lost")
+        else:
             blob = ckpt.read_shard(self.checkpoint_dir, pointer)
             recorded = shard_snapshot.restore(self.state, blob, f"shard {self.state.shard_index} checkpoint")
             self.covered_seq = dict(self.state.applied_seq)
         self.restarts = recorded + 1
         self.updates_at_checkpoint = self.state.counters["updates_applied"]
         log.warning("rayps shard %d restarted (%d restarts); restored %s", self.state.shard_index, self.restarts,
-                    pointer["file"] if pointer else "the initial parameters (no checkpoint yet)")
+                    pointer["file"])
 
     def _condition(self) -> asyncio.Condition:
         if self.changed is None:

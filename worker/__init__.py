@@ -7,7 +7,7 @@ from .models import MLP, SoftmaxRegression, build_model, grad_fn_for
 
 def __getattr__(name):  # Ray is imported only when a run is started
     if name in ("train", "RESULT_KEYS"):
-        from . import train as train_module
+        from . import training as train_module
 
         return getattr(train_module, name)
     if name == "WorkerActor":

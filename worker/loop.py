@@ -49,7 +49,8 @@ class WorkerLoop:
     """Runs epochs for one worker. ``grad_fn(params, (x, y)) -> (loss, grads)``."""
 
     def __init__(self, client, grad_fn: Callable, x: np.ndarray, y: np.ndarray, worker_id: int,
-                 num_workers: int, batch_size: int, seed: int = 0, n_fetch: int = 1, n_push: int = 1):
+                 num_workers: int, batch_size: int, seed: int = 0, n_fetch: int = 1, n_push: int = 1,
+                 first_epoch: int = 0):
         for field, value in (("batch_size", batch_size), ("n_fetch", n_fetch), ("n_push", n_push)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{field} must be an integer >= 1, got {value!r}")
@@ -64,18 +65,35 @@ class WorkerLoop:
         self.seed = seed
         self.n_fetch = n_fetch
         self.n_push = n_push
+        self.first_epoch = first_epoch  # the epoch this run started at (clocks count from there)
         self.clock = 0  # pushes sent
         self.steps_done = 0  # steps over all epochs (for the fetch/push intervals)
         self.params: dict | None = None
+
+    def resume(self) -> None:
+        """After a restart: take this worker's clock from the server, where its pushes are counted, so
+        ``run_epoch`` skips the batches whose gradients were already pushed."""
+        self.clock = int(self.client.worker_clock(self.worker_id))
+
+    def pushes_per_epoch(self, num_batches: int) -> int:
+        fused = self.n_fetch == 1 and self.n_push == 1
+        return num_batches if fused else math.ceil(num_batches / self.n_push)
 
     def run_epoch(self, epoch: int, should_stop: Callable[[], bool] | None = None) -> EpochReport:
         started = time.perf_counter()
         batches = epoch_batches(len(self.x), self.num_workers, self.worker_id, epoch, self.seed, self.batch_size)
         fused = self.n_fetch == 1 and self.n_push == 1
+        epoch_start_clock = (epoch - self.first_epoch) * self.pushes_per_epoch(len(batches))
+        already_pushed = min(max(0, self.clock - epoch_start_clock), self.pushes_per_epoch(len(batches)))
+        skip = already_pushed * (1 if fused else self.n_push)  # resumed after a restart: those are done
+        self.clock = max(self.clock, epoch_start_clock)
+        self.steps_done = max(self.steps_done, epoch_start_clock * (1 if fused else self.n_push) + skip)
         losses, samples = [], 0
         accumulated: dict | None = None
         accumulated_count = 0
         for i, batch in enumerate(batches):
+            if i < skip:
+                continue
             if should_stop is not None and should_stop():
                 break
             if self.params is None or (not fused and self.steps_done % self.n_fetch == 0):

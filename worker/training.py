@@ -39,8 +39,13 @@ def _model_parts(model) -> tuple[Callable, Callable | None]:
 
 def train(ps, model, data: Dataset, num_workers: int = 4, epochs: int = 20, batch_size: int = 32, seed: int = 0,
           n_fetch: int = 1, n_push: int = 1, cpus_per_worker: float = 0.0, evaluate=None,
-          progress: Callable[[dict], None] | None = None) -> dict:
-    """Run ``epochs`` epochs of ``num_workers`` worker actors against ``ps``; evaluate after each epoch."""
+          progress: Callable[[dict], None] | None = None, first_epoch: int = 0,
+          on_epoch_end: Callable[[int, object], None] | None = None, max_worker_restarts: int = 3,
+          placement=None) -> dict:
+    """Run epochs ``first_epoch .. epochs-1`` with ``num_workers`` worker actors against ``ps``; evaluate after
+    each epoch (``on_epoch_end(epoch, ps)`` runs then, e.g. to save a checkpoint). A worker that dies is
+    restarted by Ray (up to ``max_worker_restarts`` times) and resumes its partition; an error raised by the
+    gradient function stops the run and is raised here."""
     for field, value, minimum in (("num_workers", num_workers, 1), ("epochs", epochs, 1),
                                   ("batch_size", batch_size, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -51,13 +56,18 @@ def train(ps, model, data: Dataset, num_workers: int = 4, epochs: int = 20, batc
     evaluate = evaluate or (lambda params: model_evaluate(params, data.x_test, data.y_test) if model_evaluate
                             else (math.nan, math.nan))
     x_ref, y_ref = ray.put(data.x_train), ray.put(data.y_train)
-    workers = [WorkerActor.options(num_cpus=cpus_per_worker).remote(
-        ps, grad_fn, x_ref, y_ref, w, num_workers, batch_size, seed, n_fetch, n_push) for w in range(num_workers)]
+    if not 0 <= first_epoch < epochs:
+        raise ValueError(f"first_epoch must be in [0, epochs={epochs}), got {first_epoch}")
+    workers = [WorkerActor.options(num_cpus=cpus_per_worker, max_restarts=max_worker_restarts,
+                                   **(placement.worker_options(w) if placement is not None else {})).remote(
+        ps, grad_fn, x_ref, y_ref, w, num_workers, batch_size, seed, n_fetch, n_push, first_epoch)
+        for w in range(num_workers)]
     started = time.perf_counter()
-    samples, history = 0, []
+    samples, history, worker_restarts = 0, [], 0
     try:
-        for epoch in range(epochs):
-            reports = _run_epoch(workers, epoch)
+        for epoch in range(first_epoch, epochs):
+            reports, restarted = _run_epoch(workers, epoch, max_worker_restarts)
+            worker_restarts += restarted
             samples += sum(r.samples for r in reports)
             params = ps.pull()
             accuracy, test_loss = evaluate(params)
@@ -67,6 +77,8 @@ def train(ps, model, data: Dataset, num_workers: int = 4, epochs: int = 20, batc
                    "test_loss": float(test_loss), "test_accuracy": float(accuracy),
                    "samples_per_second": samples / wall if wall > 0 else 0.0, "wall_seconds": wall}
             history.append(row)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, ps)
             if progress is not None:
                 progress(row)
     finally:
@@ -81,21 +93,32 @@ def train(ps, model, data: Dataset, num_workers: int = 4, epochs: int = 20, batc
         "updates_applied": stats["updates_applied"], "workers": num_workers, "shards": stats["num_shards"],
         "consistency": stats["consistency"], "max_staleness": stats["max_staleness"],
         "bytes_pushed": stats["bytes_pushed"], "bytes_pulled": stats["bytes_pulled"], "epochs": epochs,
+        "first_epoch": first_epoch, "worker_restarts": worker_restarts, "shard_restarts": stats["restarts"],
         "history": history,
     }
 
 
-def _run_epoch(workers, epoch: int) -> list:
-    """Run one epoch on every worker; the first worker error stops the others and is raised as itself."""
+def _run_epoch(workers, epoch: int, max_worker_restarts: int = 3) -> tuple[list, int]:
+    """Run one epoch on every worker; returns the reports and how many worker restarts it took. A worker
+    process that died is asked again (Ray restarts it and it resumes where its pushes stopped); any other
+    error stops the others and is raised as itself."""
     pending = {worker.run_epoch.remote(epoch): i for i, worker in enumerate(workers)}
     reports = [None] * len(workers)
+    retries = [0] * len(workers)
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         index = pending.pop(done[0])
         try:
             reports[index] = ray.get(done[0])
+        except ray.exceptions.RayActorError:
+            if retries[index] >= max_worker_restarts:
+                for worker in workers:
+                    ray.kill(worker)
+                raise RuntimeError(f"worker {index} died {retries[index] + 1} times in epoch {epoch}") from None
+            retries[index] += 1
+            pending[workers[index].run_epoch.remote(epoch)] = index
         except Exception as error:  # noqa: BLE001 - the worker's own exception is re-raised
             for worker in workers:
                 ray.kill(worker)
             raise unwrap(error) from None
-    return reports
+    return reports, sum(retries)

@@ -1,0 +1,50 @@
+"""Connecting to Ray: an embedded local instance by default, or an existing cluster by address.
+
+``connect`` fails fast with one line when nothing listens at the address (instead of Ray's long reconnect
+loop), and ``check_capacity`` names what is missing when the cluster is too small for the requested actors.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from .cli import UsageError
+
+CONNECT_TIMEOUT_SECONDS = 3.0
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """Host and port of ``host:port`` or ``ray://host:port``; None for "auto" and other forms Ray resolves."""
+    target = address.split("://", 1)[1] if "://" in address else address
+    if ":" not in target:
+        return None
+    host, _, port = target.rpartition(":")
+    try:
+        return host.strip("[]"), int(port)
+    except ValueError:
+        raise UsageError(f"--address: {address!r} is not host:port or ray://host:port") from None
+
+
+def connect(address: str | None) -> None:
+    """Start an embedded Ray, or connect to ``address`` / ``RAY_ADDRESS`` after checking something listens."""
+    import ray  # noqa: PLC0415
+
+    from ..server.client import ensure_ray  # noqa: PLC0415
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        target = _host_port(address)
+        if target is not None:
+            try:
+                socket.create_connection(target, timeout=CONNECT_TIMEOUT_SECONDS).close()
+            except OSError as error:
+                raise UsageError(f"--address: no Ray cluster answers at {address} ({error.strerror or error}); "
+                                 f"start one with `ray start --head` or check the address") from None
+    try:
+        ensure_ray(address)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"--address: could not connect to Ray at {address}: {first_line}") from None
