@@ -17,8 +17,15 @@ class UsageError(Exception):
     """A bad flag value found after parsing; reported as one line with exit code 2."""
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag prints one line (``rayps train: error: ...``), not the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rayps", description="Parameter server on Ray with the DL4J updaters")
+    parser = OneLineArgumentParser(prog="rayps", description="Parameter server on Ray with the DL4J updaters")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for module_name in SUBCOMMAND_MODULES:
         try:

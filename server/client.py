@@ -184,6 +184,18 @@ class ParameterServer:
             self._in_flight[shard].append((self.seq, ref))
             self.bytes_pushed += _nbytes(payload)
 
+    def tick(self, worker_id: int = 0, epoch: int = 0) -> None:
+        """Advance ``worker_id``'s clock on every shard without a gradient (a step with nothing to push);
+        keeps SSP and BSP accounting aligned."""
+        self.seq += 1
+        for shard in range(self.layout.num_shards):
+            self._wait_for_room(shard)
+            message = (worker_id, {}, [], None, epoch)
+            if self._replay is not None:
+                self._replay[shard].add(self.seq, message)
+            self._in_flight[shard].append((self.seq, self._shard_actors[shard].push.remote(
+                self.client_id, self.seq, *message)))
+
     def _wait_for_room(self, shard: int) -> None:
         queue = self._in_flight[shard]
         if len(queue) >= self.max_in_flight:

@@ -161,6 +161,10 @@ class ShardState:
         if got != expected:
             return f"shard {self.shard_index}: payload sizes {got} do not match the layout {expected}"
         for dtype, array in payload.items():
+            if not isinstance(array, np.ndarray) or array.dtype != np.dtype(dtype) or array.ndim != 1:
+                return (f"shard {self.shard_index}: payload[{dtype!r}] must be a 1-D {dtype} array, got "
+                        f"{getattr(array, 'dtype', type(array).__name__)} with shape {getattr(array, 'shape', None)}")
+        for dtype, array in payload.items():
             if not np.isfinite(array).all():
                 bad = self._first_nonfinite_name(dtype, array, present_idx)
                 return f"non-finite value (NaN or Inf) in the gradient of {bad!r}"
@@ -243,6 +247,8 @@ class ShardState:
 
     # -- the update ----------------------------------------------------------------------------------------
     def _apply(self, payload, present_idx, factors, epoch) -> None:
+        if len(present_idx) == 0:  # a clock tick, or a push of keys that live on other shards
+            return
         started = time.perf_counter()
         full = len(present_idx) == len(self.pieces)
         if full and not factors:

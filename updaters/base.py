@@ -231,17 +231,23 @@ class Updater:
         Nothing is modified when this raises.
         """
         self.check_step(params, grads, state, iteration, epoch)
-        if kernel not in KERNEL_CHOICES:
-            raise ValueError(f"kernel must be one of {KERNEL_CHOICES}, got {kernel!r}")
+        fused = self.select_kernel(params, grads, state, kernel)
         scalars = self.rule_scalars(int(iteration), int(epoch))
-        fused = None if kernel == "reference" else _fused_kernel_for(self, params, grads, state)
         if fused is None:
-            if kernel == "fused":
-                raise ValueError("kernel='fused' needs C-contiguous NumPy (or CuPy) arrays and numba; "
-                                 "use kernel='auto' to fall back to the reference path")
             reference_step(self, params, grads, state, scalars, adjustments)
         else:
             fused(params, grads, state, scalars, adjustments)
+
+    def select_kernel(self, params, grads, state, kernel: str = "auto"):
+        """The fused kernel for these arrays, or None for the reference path; raises ValueError (before any
+        write) when ``kernel`` is unknown, or is "fused" and the arrays do not allow it."""
+        if kernel not in KERNEL_CHOICES:
+            raise ValueError(f"kernel must be one of {KERNEL_CHOICES}, got {kernel!r}")
+        fused = None if kernel == "reference" else _fused_kernel_for(self, params, grads, state)
+        if fused is None and kernel == "fused":
+            raise ValueError("kernel='fused' needs C-contiguous NumPy (or CuPy) arrays and numba; "
+                             "use kernel='auto' to fall back to the reference path")
+        return fused
 
 
 def reference_step(updater: Updater, params, grads, state, scalars, adjustments: StepAdjustments) -> None:

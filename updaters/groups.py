@@ -152,8 +152,9 @@ class ParameterUpdater:
         if unknown:
             raise ValueError(f"grads: unknown parameter name(s) {unknown}")
         for name in grads:  # check every array before the first write: nothing changes when this raises
-            self.groups[self.group_of[name]].updater.check_step(params[name], grads[name], state[name],
-                                                                 iteration, epoch)
+            updater = self.groups[self.group_of[name]].updater
+            updater.check_step(params[name], grads[name], state[name], iteration, epoch)
+            updater.select_kernel(params[name], grads[name], state[name], kernel)
         for index, group in enumerate(self.groups):
             members = {n: grads[n] for n in grads if self.group_of[n] == index}
             if not members:

@@ -81,7 +81,7 @@ class Nesterovs(Updater):
 
     def reference_update(self, g, state, scalars):
         lr, mu = scalars
-        v = state[0]
+        v = state[0, ...]
         v_prev = v.copy()
         v *= mu
         v -= lr * g
@@ -114,7 +114,7 @@ class AdaGrad(Updater):
     def reference_update(self, g, state, scalars):
         lr, eps = scalars
         xp = _array_module(g)
-        h = state[0]
+        h = state[0, ...]
         h += g * g
         return lr * g / (xp.sqrt(h) + eps)
 
@@ -145,7 +145,7 @@ class RmsProp(Updater):
     def reference_update(self, g, state, scalars):
         lr, decay, eps = scalars
         xp = _array_module(g)
-        G = state[0]
+        G = state[0, ...]
         G *= decay
         G += (1.0 - decay) * (g * g)
         return lr * g / (xp.sqrt(G) + eps)
@@ -173,7 +173,7 @@ class AdaDelta(Updater):
     def reference_update(self, g, state, scalars):
         rho, eps = scalars
         xp = _array_module(g)
-        msg, msdx = state[0], state[1]
+        msg, msdx = state[0, ...], state[1, ...]
         msg *= rho
         msg += (1.0 - rho) * (g * g)
         update = g * xp.sqrt(msdx + eps) / xp.sqrt(msg + eps)
@@ -214,7 +214,7 @@ class Adam(_AdamFamily):
     def reference_update(self, g, state, scalars):
         alpha, b1, b2, eps = scalars
         xp = _array_module(g)
-        m, v = state[0], state[1]
+        m, v = state[0, ...], state[1, ...]
         m *= b1
         m += (1.0 - b1) * g
         v *= b2
@@ -243,7 +243,7 @@ class AdaMax(_AdamFamily):
     def reference_update(self, g, state, scalars):
         alpha, b1, b2, _eps = scalars
         xp = _array_module(g)
-        m, u = state[0], state[1]
+        m, u = state[0, ...], state[1, ...]
         m *= b1
         m += (1.0 - b1) * g
         u *= b2
@@ -271,7 +271,7 @@ class Nadam(_AdamFamily):
     def reference_update(self, g, state, scalars):
         lr, b1, b2, eps, one_minus_b1t = scalars
         xp = _array_module(g)
-        m, v = state[0], state[1]
+        m, v = state[0, ...], state[1, ...]
         m *= b1
         m += (1.0 - b1) * g
         v *= b2
@@ -293,7 +293,7 @@ class AMSGrad(_AdamFamily):
     def reference_update(self, g, state, scalars):
         alpha, b1, b2, eps = scalars
         xp = _array_module(g)
-        m, v, vhat = state[0], state[1], state[2]
+        m, v, vhat = state[0, ...], state[1, ...], state[2, ...]
         m *= b1
         m += (1.0 - b1) * g
         v *= b2
@@ -321,7 +321,7 @@ class AdaBelief(_AdamFamily):
     def reference_update(self, g, state, scalars):
         alpha, b1, b2, eps = scalars
         xp = _array_module(g)
-        m, s = state[0], state[1]
+        m, s = state[0, ...], state[1, ...]
         m *= b1
         m += (1.0 - b1) * g
         d = g - m

@@ -83,14 +83,14 @@ class WorkerLoop:
         started = time.perf_counter()
         batches = epoch_batches(len(self.x), self.num_workers, self.worker_id, epoch, self.seed, self.batch_size)
         fused = self.n_fetch == 1 and self.n_push == 1
-        epoch_start_clock = (epoch - self.first_epoch) * self.pushes_per_epoch(len(batches))
-        already_pushed = min(max(0, self.clock - epoch_start_clock), self.pushes_per_epoch(len(batches)))
+        per_epoch = self.pushes_per_epoch(len(batches))
+        epoch_start_clock = (epoch - self.first_epoch) * per_epoch
+        already_pushed = min(max(0, self.clock - epoch_start_clock), per_epoch)
         skip = already_pushed * (1 if fused else self.n_push)  # resumed after a restart: those are done
         self.clock = max(self.clock, epoch_start_clock)
-        self.steps_done = max(self.steps_done, epoch_start_clock * (1 if fused else self.n_push) + skip)
+        self.steps_done = (epoch - self.first_epoch) * len(batches) + skip
         losses, samples = [], 0
-        accumulated: dict | None = None
-        accumulated_count = 0
+        pending = GradientSum()
         for i, batch in enumerate(batches):
             if i < skip:
                 continue
@@ -98,37 +98,54 @@ class WorkerLoop:
                 break
             if self.params is None or (not fused and self.steps_done % self.n_fetch == 0):
                 self.params = self.client.pull(worker_id=self.worker_id)
-            loss, grads = self.grad_fn(self.params, (self.x[batch], self.y[batch]))
-            losses.append(float(loss))
-            samples += len(batch)
+            grads = None
+            if len(batch):  # a partition one sample short may get one empty batch: its step only ticks the clock
+                loss, grads = self.grad_fn(self.params, (self.x[batch], self.y[batch]))
+                losses.append(float(loss))
+                samples += len(batch)
             self.steps_done += 1
             if fused:
-                self.params = self.client.push_pull(grads, worker_id=self.worker_id, epoch=epoch)
+                if grads is None:
+                    self.client.tick(worker_id=self.worker_id, epoch=epoch)
+                else:
+                    self.params = self.client.push_pull(grads, worker_id=self.worker_id, epoch=epoch)
                 self.clock += 1
                 continue
-            accumulated = _accumulate(accumulated, grads)
-            accumulated_count += 1
-            last = i == len(batches) - 1
-            if self.steps_done % self.n_push == 0 or last:
-                self.client.push(_mean(accumulated, accumulated_count), worker_id=self.worker_id, epoch=epoch)
+            if grads is not None:
+                pending.add(grads)
+            if (i + 1) % self.n_push == 0 or i == len(batches) - 1:
+                mean = pending.take_mean()
+                if mean is None:
+                    self.client.tick(worker_id=self.worker_id, epoch=epoch)
+                else:
+                    self.client.push(mean, worker_id=self.worker_id, epoch=epoch)
                 self.clock += 1
-                accumulated, accumulated_count = None, 0
         if not fused:
             self.client.flush()
         return EpochReport(self.worker_id, epoch, samples, len(losses), float(np.mean(losses)) if losses else math.nan,
                            time.perf_counter() - started, self.clock)
 
 
-def _accumulate(total: dict | None, grads: Mapping[str, np.ndarray]) -> dict:
-    if total is None:
-        return {name: np.array(g, copy=True) for name, g in grads.items()}
-    for name, g in grads.items():
-        total[name] += g
-    return total
+class GradientSum:
+    """The gradients computed since the last push; DistBelief pushes their mean every ``n_push`` steps."""
 
+    def __init__(self):
+        self.total: dict | None = None
+        self.count = 0
 
-def _mean(total: dict, count: int) -> dict:
-    if count > 1:
-        for g in total.values():
-            g /= count
-    return total
+    def add(self, grads: Mapping[str, np.ndarray]) -> None:
+        if self.total is None:
+            self.total = {name: np.array(g, copy=True) for name, g in grads.items()}
+        else:
+            for name, g in grads.items():
+                self.total[name] += g
+        self.count += 1
+
+    def take_mean(self) -> dict | None:
+        """The mean so far (None when nothing was added), and a fresh start."""
+        total, count = self.total, self.count
+        self.total, self.count = None, 0
+        if total is not None and count > 1:
+            for g in total.values():
+                g /= count
+        return total
