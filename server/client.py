@@ -32,7 +32,7 @@ from . import persistence
 from .layout import ParameterLayout
 from .remote_errors import unwrap
 from .replay import ReplayBuffer
-from .shard_actor import ShardActor
+from .shard_actor import ShardActor, ShardRestarted
 from .validation import check_gradients, check_initial_params, check_server_config
 
 DEFAULT_MAX_IN_FLIGHT = 4  # pushes per shard not yet acknowledged before push() waits
@@ -46,8 +46,8 @@ def ensure_ray(address: str | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         ray.init(address=address, logging_level="WARNING")
-    else:
-        ray.init(logging_level="WARNING", include_dashboard=False)
+    else:  # "local": always a new embedded instance, never a cluster that happens to run on this machine
+        ray.init(address="local", logging_level="WARNING", include_dashboard=False)
 
 
 def _nbytes(payload) -> int:
@@ -97,8 +97,8 @@ class ParameterServer:
                 sync_timeout))
         self._owner = True
         self._new_identity()
-        try:
-            ray.get([actor.ping.remote() for actor in self._shard_actors])  # constructor errors surface here
+        try:  # constructor errors surface here
+            self._incarnations = ray.get([actor.ping.remote() for actor in self._shard_actors])
         except Exception as error:  # noqa: BLE001
             self.shutdown()
             raise unwrap(error) from None
@@ -113,12 +113,13 @@ class ParameterServer:
         self.bytes_pulled = 0
         self.replayed = 0
         self.recoveries = 0
+        self._incarnations = [None] * len(self._shard_actors)  # learnt from the first acknowledgement
         self._normalizes = any(g.gradient_normalization != "None" for g in self.groups)
 
     def __getstate__(self):
         state = dict(self.__dict__)
         for key in ("client_id", "seq", "_in_flight", "_replay", "bytes_pushed", "bytes_pulled", "replayed",
-                    "recoveries"):
+                    "recoveries", "_incarnations"):
             state.pop(key, None)
         state["_owner"] = False
         return state
@@ -206,7 +207,7 @@ class ParameterServer:
         """Wait for the acknowledgements of ``entries`` (seq, ref) sent to ``shard``; recover a restarted
         shard; raise the first push error as its original exception type."""
         first_error, lost = None, False
-        for seq, ref in entries:
+        for _seq, ref in entries:
             try:
                 ack = ray.get(ref)
             except ACTOR_LOST:
@@ -215,37 +216,46 @@ class ParameterServer:
             except Exception as error:  # noqa: BLE001 - unwrapped and re-raised below
                 first_error = first_error or unwrap(error)
                 continue
-            if self._replay is not None and ack:
-                self._replay[shard].trim(ack["covered"])
-                if ack["applied"] < seq:  # the shard lost pushes (restarted): a gap it cannot fill alone
-                    lost = True
+            lost = self._note_ack(shard, ack) or lost
         if lost:
             self._recover(shard, depth)
         if first_error is not None:
             raise first_error
+
+    def _note_ack(self, shard: int, ack) -> bool:
+        """Trim the replay buffer; True when the ack comes from a new incarnation of the shard (a restart)."""
+        if not ack:
+            return False
+        known = self._incarnations[shard]
+        if known is None:
+            self._incarnations[shard] = ack["incarnation"]
+        elif known != ack["incarnation"]:
+            return True
+        if self._replay is not None:
+            self._replay[shard].trim(ack["covered"])
+        return False
 
     def _recover(self, shard: int, depth: int = 0) -> None:
         """Wait for a restarted shard, then resend every push its checkpoint lacks."""
         if self._replay is None:
             raise RuntimeError(f"shard {shard} was lost and the server has no checkpoint_dir, so its state is "
                                f"gone; start ParameterServer with checkpoint_dir=... to survive shard failures")
-        if depth > 3:
+        if depth > 8:
             raise RuntimeError(f"shard {shard} keeps failing during recovery")
         actor = self._shard_actors[shard]
         deadline = time.monotonic() + self.recovery_timeout
         while True:
             try:
-                applied = ray.get(actor.applied_seq.remote(self.client_id), timeout=10)
+                applied, incarnation = ray.get(actor.recovery_info.remote(self.client_id), timeout=10)
                 break
             except (*ACTOR_LOST, ray.exceptions.GetTimeoutError) as error:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"shard {shard} did not come back within {self.recovery_timeout}s") from error
                 time.sleep(0.2)
+        self._incarnations[shard] = incarnation
         self.recoveries += 1
-        resent = []
-        for seq, message in self._replay[shard].after(applied):
-            resent.append((seq, actor.push.remote(self.client_id, seq, *message, True)))
-            self.replayed += 1
+        resent = [(seq, actor.push.remote(self.client_id, seq, *message, True))
+                  for seq, message in self._replay[shard].after(applied)]
         self._in_flight[shard] = collections.deque(e for e in self._in_flight[shard] if e[0] <= applied)
         self._settle(shard, resent, depth + 1)
 
@@ -286,17 +296,21 @@ class ParameterServer:
         return out
 
     def _pull_ref(self, shard, worker_id, pieces):
-        return self._shard_actors[shard].pull.remote(self.client_id, self.seq, worker_id, pieces, self.pull_timeout)
+        return self._shard_actors[shard].pull.remote(self.client_id, self.seq, worker_id, pieces, self.pull_timeout,
+                                                     self._incarnations[shard])
 
-    def _get_pulled(self, shard, ref, worker_id, pieces, attempts: int = 3):
+    def _get_pulled(self, shard, ref, worker_id, pieces, attempts: int = 8):
         for _ in range(attempts):
             try:
                 return ray.get(ref)
             except ACTOR_LOST:
-                self._recover(shard)
-                ref = self._pull_ref(shard, worker_id, pieces)
+                pass
             except Exception as error:  # noqa: BLE001
-                raise unwrap(error) from None
+                error = unwrap(error)
+                if not isinstance(error, ShardRestarted):
+                    raise error from None
+            self._recover(shard)
+            ref = self._pull_ref(shard, worker_id, pieces)
         raise RuntimeError(f"shard {shard} failed {attempts} times while pulling")
 
     def push_pull(self, grads: Mapping[str, np.ndarray], worker_id: int = 0, epoch: int = 0) -> dict:
@@ -310,23 +324,26 @@ class ParameterServer:
             if self._replay is not None:
                 self._replay[shard].add(self.seq, message)
             refs.append(self._shard_actors[shard].push_pull.remote(self.client_id, self.seq, *message,
-                                                                   self.pull_timeout))
+                                                                   self.pull_timeout, self._incarnations[shard]))
             self.bytes_pushed += _nbytes(payload)
         out = {n: np.empty(self.layout.shapes[n], dtype=self.layout.dtypes[n]) for n in self.layout.names}
         errors = []
         for shard, ref in enumerate(refs):
             try:
                 buffers, error, ack = ray.get(ref)
+                restarted = self._note_ack(shard, ack)
             except ACTOR_LOST:
-                self._recover(shard)
-                buffers, error, ack = self._get_pulled(shard, self._pull_ref(shard, worker_id, None), worker_id,
-                                                       None), None, None
+                restarted = True
             except Exception as exc:  # noqa: BLE001
-                raise unwrap(exc) from None
+                exc = unwrap(exc)
+                if not isinstance(exc, ShardRestarted):
+                    raise exc from None
+                restarted = True
+            if restarted:  # replay what the restarted shard lacks (this push included), then read
+                self._recover(shard)
+                buffers, error = self._get_pulled(shard, self._pull_ref(shard, worker_id, None), worker_id, None), None
             if error:
                 errors.append(error)
-            if ack and self._replay is not None:
-                self._replay[shard].trim(ack["covered"])
             self.bytes_pulled += _nbytes(buffers)
             self.layout.unpack_into(shard, buffers, out)
         if errors:
@@ -335,7 +352,30 @@ class ParameterServer:
 
     def worker_clock(self, worker_id: int) -> int:
         """How many pushes ``worker_id`` has made (as shard 0 counts them): where a restarted worker resumes."""
-        return ray.get(self._shard_actors[0].worker_clock.remote(worker_id))
+        return self._ask(0, "worker_clock", worker_id)
+
+    def _ask(self, shard: int, method: str, *args):
+        """A read-only call to one shard, repeated (after the shard's recovery) if the shard restarts."""
+        for _ in range(8):
+            try:
+                return ray.get(getattr(self._shard_actors[shard], method).remote(*args))
+            except ACTOR_LOST:
+                if self._replay is None:
+                    raise
+                self._recover(shard)
+        raise RuntimeError(f"shard {shard} kept restarting during {method}()")
+
+    def _ask_all(self, method: str, *args) -> list:
+        refs = [getattr(actor, method).remote(*args) for actor in self._shard_actors]
+        out = []
+        for shard, ref in enumerate(refs):
+            try:
+                out.append(ray.get(ref))
+            except ACTOR_LOST:
+                if self._replay is None:
+                    raise
+                out.append(self._ask(shard, method, *args))
+        return out
 
     # -- checkpoints -------------------------------------------------------------------------------------
     def save(self, path) -> None:
@@ -358,7 +398,7 @@ class ParameterServer:
     # -- housekeeping ------------------------------------------------------------------------------------
     def stats(self) -> dict:
         """Per-shard counters plus totals: updates applied, bytes, staleness, restarts, replays."""
-        shards = ray.get([actor.stats.remote() for actor in self._shard_actors])
+        shards = self._ask_all("stats")
         total = {key: sum(s[key] for s in shards) for key in ("bytes_pushed", "bytes_pulled", "duplicates_dropped",
                                                                "restarts", "checkpoints_written",
                                                                "late_pushes_dropped", "replays_received")}

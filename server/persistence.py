@@ -23,11 +23,9 @@ def manifest_for(ps) -> dict:
 
 def save(ps, path) -> Path:
     """Write every shard's snapshot, then the manifest (names, shapes, dtypes, groups, sha256 per blob)."""
-    import ray  # noqa: PLC0415
-
     path = Path(path)
     ps.flush()
-    blobs = ray.get([actor.snapshot_blob.remote() for actor in ps.shard_actors])
+    blobs = ps._ask_all("snapshot_blob")
     generation = max(_existing_generation(path) + 1, 1)
     pointers = [ckpt.write_shard(path, shard, generation, blob) for shard, blob in enumerate(blobs)]
     manifest = manifest_for(ps)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 import warnings
 
 import ray
@@ -29,6 +30,10 @@ import ray
 from . import checkpoint as ckpt
 from . import shard_snapshot
 from .shard_state import ShardState
+
+class ShardRestarted(Exception):
+    """A pull addressed to an earlier incarnation of this shard: the caller must recover (replay) first."""
+
 
 APPLY_SECONDS_BOUNDARIES = [1e-5, 1e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5, 1.0, 5.0]
 log = logging.getLogger(__name__)
@@ -84,6 +89,7 @@ class ShardActor:
         self.updates_at_checkpoint = 0
         self.checkpoint_task = None
         self.checkpoints_written = 0
+        self.incarnation = uuid.uuid4().hex  # new in every process: clients detect a restart by it
         with warnings.catch_warnings():  # Ray's property warns about its own internal use of a deprecated API
             warnings.simplefilter("ignore")
             reconstructed = ray.get_runtime_context().was_current_actor_reconstructed
@@ -122,7 +128,8 @@ class ShardActor:
             condition.notify_all()
 
     def _ack(self, client_id) -> dict:
-        return {"applied": self.state.applied_seq.get(client_id, 0), "covered": self.covered_seq.get(client_id, 0)}
+        return {"applied": self.state.applied_seq.get(client_id, 0), "covered": self.covered_seq.get(client_id, 0),
+                "incarnation": self.incarnation}
 
     async def push(self, client_id, seq, worker_id, payload, present=None, factors=None, epoch=0, replayed=False):
         started = time.perf_counter()
@@ -165,7 +172,10 @@ class ShardActor:
         return ckpt.pack(shard_snapshot.snapshot(self.state, self.restarts))
 
     # -- pulls ---------------------------------------------------------------------------------------------
-    async def pull(self, client_id=None, after_seq=0, worker_id=None, piece_indices=None, timeout=None):
+    async def pull(self, client_id=None, after_seq=0, worker_id=None, piece_indices=None, timeout=None,
+                   incarnation=None):
+        if incarnation is not None and incarnation != self.incarnation:
+            raise ShardRestarted(f"shard {self.state.shard_index} restarted since this client last heard from it")
         condition = self._condition()
         deadline = None if timeout is None else time.monotonic() + timeout
         async with condition:
@@ -190,8 +200,12 @@ class ShardActor:
         return out
 
     async def push_pull(self, client_id, seq, worker_id, payload, present=None, factors=None, epoch=0,
-                        timeout=None):
+                        timeout=None, incarnation=None):
         """A push, then the pull that follows it, in one call (one round trip per shard per step)."""
+        if incarnation is not None and incarnation != self.incarnation:
+            # earlier pushes of this client may be lost with the old process: keep this one, let it replay
+            await self.push(client_id, seq, worker_id, payload, present, factors, epoch)
+            raise ShardRestarted(f"shard {self.state.shard_index} restarted since this client last heard from it")
         error, ack = None, None
         try:
             ack = await self.push(client_id, seq, worker_id, payload, present, factors, epoch)
@@ -201,8 +215,9 @@ class ShardActor:
         return params, error, ack or self._ack(client_id)
 
     # -- introspection -------------------------------------------------------------------------------------
-    def applied_seq(self, client_id) -> int:
-        return self.state.applied_seq.get(client_id, 0)
+    def recovery_info(self, client_id) -> tuple[int, str]:
+        """(the client's last applied sequence number, this incarnation) for a recovering client."""
+        return self.state.applied_seq.get(client_id, 0), self.incarnation
 
     def worker_clock(self, worker_id) -> int:
         return self.state.clocks.get(worker_id, 0)
@@ -212,5 +227,5 @@ class ShardActor:
         stats.update(restarts=self.restarts, checkpoints_written=self.checkpoints_written)
         return stats
 
-    def ping(self) -> int:
-        return self.state.shard_index
+    def ping(self) -> str:
+        return self.incarnation

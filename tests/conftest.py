@@ -22,7 +22,7 @@ def ray_session():
     if not ray.is_initialized():
         for attempt in range(3):  # on a loaded machine the raylet may give up waiting for its agents once
             try:
-                ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+                ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
                 break
             except Exception:  # noqa: BLE001 - retried, then re-raised
                 ray.shutdown()

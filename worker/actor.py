@@ -15,7 +15,7 @@ import ray
 from .loop import WorkerLoop
 
 
-@ray.remote
+@ray.remote(max_concurrency=4)  # threads: clock() and stop() are answered while run_epoch() runs
 class WorkerActor:
     def __init__(self, client, grad_fn, x, y, worker_id, num_workers, batch_size, seed, n_fetch, n_push,
                  first_epoch=0):
