@@ -32,6 +32,7 @@ from . import persistence
 from .layout import ParameterLayout
 from .remote_errors import unwrap
 from .replay import ReplayBuffer
+from .row_tables import RowTable, check_rows, route, split_sparse
 from .shard_actor import ShardActor, ShardRestarted
 from .validation import check_gradients, check_initial_params, check_server_config
 
@@ -63,19 +64,25 @@ class ParameterServer:
                  checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 100,
                  sync_timeout: float | None = None, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
                  pull_timeout: float | None = 300.0, recovery_timeout: float = 120.0,
-                 placement=None, _named_state=None):
+                 placement=None, sparse=None, _named_state=None, _named_rows=None):
         from ..updaters import Adam  # noqa: PLC0415
 
         check_server_config(num_shards, consistency, staleness, num_workers, nan_policy)
         if checkpoint_dir is not None and (isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int)
                                            or checkpoint_every < 1):
             raise ValueError(f"checkpoint_every must be an integer >= 1 (updates per shard), got {checkpoint_every!r}")
-        params = check_initial_params(params)
+        params, self.tables, table_arrays = split_sparse(params, sparse)
+        self.table_arrays = set(table_arrays)
+        if params or not self.tables:
+            params = check_initial_params(params)
         self.groups = as_groups(Adam() if updater is None else updater)
-        group_of = assign_groups(self.groups, list(params))
+        group_of = assign_groups(self.groups, list(params) + list(self.tables))
         shapes = {n: tuple(a.shape) for n, a in params.items()}
         dtypes = {n: str(a.dtype) for n, a in params.items()}
-        self.layout = ParameterLayout.build(shapes, dtypes, num_shards, group_of)
+        self.layout = ParameterLayout.build(shapes, dtypes, num_shards, {n: group_of[n] for n in params})
+        row_specs = [{"name": name, "num_rows": int(t.num_rows), "dim": int(t.dim), "dtype": str(np.dtype(t.dtype)),
+                      "group": group_of[name], "initial": table_arrays.get(name, t.initial), "num_shards": num_shards}
+                     for name, t in self.tables.items()]
         self.config = {"num_shards": num_shards, "consistency": consistency, "staleness": staleness,
                        "num_workers": num_workers, "nan_policy": nan_policy}
         self.checkpoint_dir = None if checkpoint_dir is None else os.path.abspath(checkpoint_dir)
@@ -94,7 +101,7 @@ class ParameterServer:
             self._shard_actors.append(ShardActor.options(**shard_options).remote(
                 shard, self.layout.shard_pieces[shard], self.groups, self.layout.pack(shard, params)[0],
                 consistency, staleness, num_workers, nan_policy, self.checkpoint_dir, checkpoint_every, states,
-                sync_timeout))
+                sync_timeout, row_specs, _named_rows))
         self._owner = True
         self._new_identity()
         try:  # constructor errors surface here
@@ -137,13 +144,26 @@ class ParameterServer:
         return self.layout.names
 
     # -- push --------------------------------------------------------------------------------------------
-    def _messages(self, grads: Mapping[str, np.ndarray]) -> list:
-        """Per shard: (shard, payload, present, factors) — one flat array per dtype per shard.
+    def _messages(self, grads: Mapping[str, np.ndarray], rows=None) -> list:
+        """Per shard: (shard, payload, present, factors, rows) — one flat array per dtype per shard, and the
+        rows of each row-sparse table that the shard owns.
 
         Every check runs before anything is sent, so a bad push changes no shard. A non-finite gradient
         raises (nan_policy "reject") or becomes a payload of ``None`` that only ticks the clocks ("skip").
         """
-        grads = check_gradients(grads, self.layout.shapes, self.layout.dtypes)
+        if isinstance(grads, Mapping):
+            sparse = [n for n in grads if n in self.tables]
+            if sparse:
+                raise ValueError(f"grads[{sparse[0]!r}]: {sparse[0]!r} is a row-sparse table: use "
+                                 f"push_rows({sparse[0]!r}, ids, grads) or push(..., rows=...)")
+        if rows:
+            if isinstance(grads, Mapping) and not grads:
+                grads = {}
+            else:
+                grads = check_gradients(grads, self.layout.shapes, self.layout.dtypes)
+        else:
+            grads = check_gradients(grads, self.layout.shapes, self.layout.dtypes)
+        shard_rows, nonfinite_rows = self._route_rows(rows)
         factors = self._normalization_factors(grads) if self._normalizes else None
         messages = []
         nonfinite = None
@@ -155,13 +175,37 @@ class ParameterServer:
             if factors:
                 shard_factors = {p.name: factors[p.name] for p in self.layout.shard_pieces[shard]
                                  if p.name in factors}
-            messages.append((shard, payload, present, shard_factors))
+            messages.append((shard, payload, present, shard_factors, shard_rows[shard]))
+        nonfinite = nonfinite or nonfinite_rows
         if nonfinite is not None:
             if self.config["nan_policy"] == "reject":
                 raise ValueError(f"grads[{nonfinite!r}] contains NaN or Inf (nan_policy='reject'; "
                                  f"use nan_policy='skip' to drop such pushes)")
-            messages = [(shard, None, None, None) for shard in range(self.layout.num_shards)]
+            messages = [(shard, None, None, None, None) for shard in range(self.layout.num_shards)]
         return messages
+
+    def _route_rows(self, rows) -> tuple[list, str | None]:
+        """Per shard: {table: (ids, grads)} of the rows it owns; and the first table with non-finite grads."""
+        per_shard = [None] * self.layout.num_shards
+        if not rows:
+            return per_shard, None
+        if not isinstance(rows, Mapping):
+            raise TypeError(f"rows must map a table name to (ids, grads), got {type(rows).__name__}")
+        per_shard = [{} for _ in range(self.layout.num_shards)]
+        nonfinite = None
+        for name, part in rows.items():
+            if name not in self.tables:
+                kind = "dense: use push()" if name in self.layout.shapes else "not a parameter"
+                raise ValueError(f"push_rows: {name!r} is {kind}")
+            if not isinstance(part, tuple) or len(part) != 2:
+                raise TypeError(f"rows[{name!r}] must be a tuple (ids, grads)")
+            ids, grads = check_rows(name, self.tables[name], *part)
+            if nonfinite is None and not np.isfinite(grads).all():
+                nonfinite = name
+            grads = grads.astype(self.tables[name].dtype, copy=False)
+            for shard, positions in enumerate(route(ids, self.layout.num_shards)):
+                per_shard[shard][name] = (ids[positions], grads[positions])
+        return per_shard, nonfinite
 
     def _normalization_factors(self, grads) -> dict[str, tuple[float, float]]:
         group_of = assign_groups(self.groups, self.layout.names)
@@ -172,13 +216,14 @@ class ParameterServer:
                 factors.update(group.normalization_factors(members))
         return factors
 
-    def push(self, grads: Mapping[str, np.ndarray], worker_id: int = 0, epoch: int = 0) -> None:
-        """Send ``grads`` to the shards and return at once; errors surface on ``flush()``/``pull()``."""
-        messages = self._messages(grads)  # validates everything before anything is sent
+    def push(self, grads: Mapping[str, np.ndarray], worker_id: int = 0, epoch: int = 0, rows=None) -> None:
+        """Send ``grads`` (and ``rows``: table -> (ids, row grads)) to the shards and return at once; errors
+        surface on ``flush()``/``pull()``. One push is one clock tick of ``worker_id``."""
+        messages = self._messages(grads, rows)  # validates everything before anything is sent
         self.seq += 1
-        for shard, payload, present, factors in messages:
+        for shard, payload, present, factors, shard_rows in messages:
             self._wait_for_room(shard)
-            message = (worker_id, payload, present, factors, epoch)
+            message = (worker_id, payload, present, factors, epoch, shard_rows)
             if self._replay is not None:
                 self._replay[shard].add(self.seq, message)
             ref = self._shard_actors[shard].push.remote(self.client_id, self.seq, *message)
@@ -191,7 +236,7 @@ class ParameterServer:
         self.seq += 1
         for shard in range(self.layout.num_shards):
             self._wait_for_room(shard)
-            message = (worker_id, {}, [], None, epoch)
+            message = (worker_id, {}, [], None, epoch, None)
             if self._replay is not None:
                 self._replay[shard].add(self.seq, message)
             self._in_flight[shard].append((self.seq, self._shard_actors[shard].push.remote(
@@ -277,10 +322,14 @@ class ParameterServer:
         """Fresh arrays in the original shapes and dtypes. Sees every earlier push of this handle; with
         ``worker_id`` in ssp/sync mode it waits as the consistency model requires."""
         wanted = list(self.layout.names) if names is None else [names] if isinstance(names, str) else list(names)
-        unknown = [n for n in wanted if n not in self.layout.shapes]
+        unknown = [n for n in wanted if n not in self.layout.shapes and n not in self.tables]
         if unknown:
             raise ValueError(f"pull: unknown parameter name(s) {unknown}")
         self.flush()  # surfaces push errors and replays to restarted shards before reading
+        tables = {n: self._whole_table(n) for n in wanted if n in self.tables}
+        wanted = [n for n in wanted if n not in tables]
+        if names is not None and not wanted:
+            return tables
         whole = names is None
         shards = range(self.layout.num_shards) if whole or worker_id is not None else self.layout.shards_of(wanted)
         wanted_set = set(wanted)
@@ -293,6 +342,50 @@ class ParameterServer:
             buffers = self._get_pulled(shard, ref, worker_id, pieces)
             self.bytes_pulled += _nbytes(buffers)
             self.layout.unpack_into(shard, buffers, out, pieces)
+        out.update(tables)
+        return out
+
+    # -- row-sparse tables -------------------------------------------------------------------------------
+    def push_rows(self, name: str, ids, grads, worker_id: int = 0, epoch: int = 0) -> None:
+        """Push gradients for rows ``ids`` of table ``name`` (duplicate ids are summed before the update)."""
+        self.push({}, worker_id=worker_id, epoch=epoch, rows={name: (ids, grads)})
+
+    def pull_rows(self, name: str, ids) -> np.ndarray:
+        """Rows ``ids`` of table ``name``, in the order asked; sees this handle's earlier pushes."""
+        if name not in self.tables:
+            kind = "dense: use pull()" if name in self.layout.shapes else "not a parameter"
+            raise ValueError(f"pull_rows: {name!r} is {kind}")
+        ids, _ = check_rows(name, self.tables[name], ids)
+        self.flush()
+        table = self.tables[name]
+        out = np.empty((len(ids), table.dim), dtype=table.dtype)
+        for shard, positions in enumerate(route(ids, self.layout.num_shards)):
+            if len(positions):
+                out[positions] = self._ask_fresh(shard, "pull_rows", name, ids[positions])
+        self.bytes_pulled += int(out.nbytes)
+        return out
+
+    def _ask_fresh(self, shard: int, method: str, *args):
+        """A read that must see this handle's pushes: waits for them, recovers a restarted shard."""
+        for _ in range(8):
+            try:
+                return ray.get(getattr(self._shard_actors[shard], method).remote(
+                    self.client_id, self.seq, *args, self.pull_timeout, self._incarnations[shard]))
+            except ACTOR_LOST:
+                pass
+            except Exception as error:  # noqa: BLE001
+                error = unwrap(error)
+                if not isinstance(error, ShardRestarted):
+                    raise error from None
+            self._recover(shard)
+        raise RuntimeError(f"shard {shard} kept restarting during {method}()")
+
+    def _whole_table(self, name: str) -> np.ndarray:
+        table = self.tables[name]
+        out = np.empty(table.shape, dtype=table.dtype)
+        for ids, rows in self._ask_all("materialize", name):
+            out[ids] = rows
+        self.bytes_pulled += int(out.nbytes)
         return out
 
     def _pull_ref(self, shard, worker_id, pieces):
@@ -313,14 +406,14 @@ class ParameterServer:
             ref = self._pull_ref(shard, worker_id, pieces)
         raise RuntimeError(f"shard {shard} failed {attempts} times while pulling")
 
-    def push_pull(self, grads: Mapping[str, np.ndarray], worker_id: int = 0, epoch: int = 0) -> dict:
+    def push_pull(self, grads: Mapping[str, np.ndarray], worker_id: int = 0, epoch: int = 0, rows=None) -> dict:
         """A push and the pull after it, fused into one call per shard (the worker loop's step)."""
-        messages = self._messages(grads)
+        messages = self._messages(grads, rows)
         self.flush()
         self.seq += 1
         refs = []
-        for shard, payload, present, factors in messages:
-            message = (worker_id, payload, present, factors, epoch)
+        for shard, payload, present, factors, shard_rows in messages:
+            message = (worker_id, payload, present, factors, epoch, shard_rows)
             if self._replay is not None:
                 self._replay[shard].add(self.seq, message)
             refs.append(self._shard_actors[shard].push_pull.remote(self.client_id, self.seq, *message,
@@ -392,8 +485,10 @@ class ParameterServer:
         allowed = {"consistency", "staleness", "num_workers", "nan_policy"}
         config = {k: v for k, v in config.items() if k in allowed}
         config.update(overrides)
-        return cls(loaded["params"], updater=list(loaded["groups"]),
-                   num_shards=num_shards or loaded["num_shards"], _named_state=loaded["named_state"], **config)
+        params = dict(loaded["params"], **loaded["tables"])
+        return cls(params, updater=list(loaded["groups"]), num_shards=num_shards or loaded["num_shards"],
+                   sparse=list(loaded["tables"]) or None, _named_state=loaded["named_state"],
+                   _named_rows=loaded["table_rows"] or None, **config)
 
     # -- housekeeping ------------------------------------------------------------------------------------
     def stats(self) -> dict:

@@ -11,14 +11,21 @@ from pathlib import Path
 import numpy as np
 
 from ..updaters.groups import ParamGroup, assign_groups
+import hashlib
+
 from . import checkpoint as ckpt
-from .checkpoint import CheckpointError, decode_array
+from .checkpoint import CheckpointError, decode_array, encode_array
+from .row_tables import RowTable
+from .sparse_rows import HashedUniformInit, decode_ints
 
 
 def manifest_for(ps) -> dict:
+    tables = {name: {"num_rows": int(t.num_rows), "dim": int(t.dim), "dtype": str(np.dtype(t.dtype)),
+                     "initial": t.initial.to_config() if isinstance(t.initial, HashedUniformInit) else None}
+              for name, t in ps.tables.items()}
     return {"names": list(ps.layout.names), "shapes": {n: list(s) for n, s in ps.layout.shapes.items()},
             "dtypes": dict(ps.layout.dtypes), "groups": [g.to_config() for g in ps.groups],
-            "config": dict(ps.config), "num_shards": ps.layout.num_shards}
+            "config": dict(ps.config), "num_shards": ps.layout.num_shards, "row_tables": tables}
 
 
 def save(ps, path) -> Path:
@@ -30,6 +37,13 @@ def save(ps, path) -> Path:
     pointers = [ckpt.write_shard(path, shard, generation, blob) for shard, blob in enumerate(blobs)]
     manifest = manifest_for(ps)
     manifest["blobs"] = [{"shard": p["shard"], "file": p["file"], "sha256": p["sha256"]} for p in pointers]
+    for name, spec in manifest["row_tables"].items():  # rows never pushed: keep their values unless reproducible
+        if spec["initial"] is None and ps.tables[name].initial is not None or name in ps.table_arrays:
+            blob = ckpt.pack(encode_array(ps.pull([name])[name]))
+            spec["values_file"] = f"table-{name}-g{generation}.blob" if ckpt.SAFE_FILE_NAME.match(name) else \
+                f"table-{hashlib.sha256(name.encode()).hexdigest()[:16]}-g{generation}.blob"
+            ckpt.write_atomic(path / spec["values_file"], blob)
+            spec["values_sha256"], spec["values_bytes"] = hashlib.sha256(blob).hexdigest(), len(blob)
     ckpt.write_manifest(path, manifest)
     return path
 
@@ -71,9 +85,10 @@ def load(path) -> dict:
             raise CheckpointError(f"{what}: shape of {name!r} is {shape!r}, expected positive integers")
         if dtypes[name] not in ckpt.ALLOWED_DTYPES:
             raise CheckpointError(f"{what}: dtype of {name!r} is {dtypes[name]!r}")
+    tables = _tables(path, manifest.get("row_tables") or {}, what)
     try:
         groups = tuple(ParamGroup.from_config(g) for g in _field(manifest, "groups", list, what))
-        group_of = assign_groups(groups, names)
+        group_of = assign_groups(groups, names + list(tables))
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{what}: updater/group config is invalid: {error}") from None
     if not 1 <= num_shards <= 1 << 16:
@@ -85,6 +100,7 @@ def load(path) -> dict:
     state = {n: None for n in names}
     iterations: dict[str, int] = {}
     covered = {n: np.zeros(shapes[n][0] if shapes[n] else 1, dtype=np.int64) for n in names}
+    table_parts = {name: [] for name in tables}
     for shard in range(num_shards):
         pointer = ckpt.read_pointer(path, shard)
         if pointer is None:
@@ -98,12 +114,52 @@ def load(path) -> dict:
             raise CheckpointError(f"{pointer['file']}: pieces must be a list")
         for record in records:
             _place(record, params, state, iterations, covered, shapes, slots, f"{pointer['file']}")
+        for name, record in (blob.get("row_tables") or {}).items():
+            if name not in tables or not isinstance(record, dict):
+                raise CheckpointError(f"{pointer['file']}: row table {name!r} is not in the manifest")
+            where = f"{pointer['file']} table {name!r}"
+            table_parts[name].append((decode_ints(record.get("ids"), where), decode_array(record.get("values"), where),
+                                      decode_array(record.get("state"), where),
+                                      decode_ints(record.get("iterations"), where)))
     for name in names:
         if not (covered[name] == 1).all():
             raise CheckpointError(f"{path}: the shards do not hold every row of {name!r} exactly once")
     named_state = {n: (state[n], iterations[n]) for n in names}
+    table_rows = {}
+    for name, parts in table_parts.items():
+        if parts:
+            slots = len(groups[group_of[name]].updater.state_keys)
+            table_rows[name] = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                                np.concatenate([p[2].reshape(slots, -1, tables[name].dim) for p in parts], axis=1),
+                                np.concatenate([p[3] for p in parts]))
     return {"params": params, "groups": groups, "config": config, "num_shards": num_shards,
-            "named_state": named_state, "manifest": manifest}
+            "named_state": named_state, "manifest": manifest, "tables": tables, "table_rows": table_rows}
+
+
+def _tables(path: Path, specs: dict, what: str) -> dict:
+    """The row-sparse tables of a manifest: a ``RowTable`` spec, or the saved values array of the table."""
+    if not isinstance(specs, dict):
+        raise CheckpointError(f"{what}: row_tables must be a map")
+    tables = {}
+    for name, spec in specs.items():
+        try:
+            initial = spec.get("initial")
+            initial = HashedUniformInit(**{k: v for k, v in initial.items() if k != "type"}) if initial else None
+            table = RowTable(spec["num_rows"], spec["dim"], spec["dtype"], initial)
+        except (AttributeError, KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"{what}: row table {name!r} is malformed ({error})") from None
+        if spec.get("values_file"):
+            file = ckpt.confined(path, spec["values_file"])
+            data = ckpt._read_capped(file, int(spec.get("values_bytes", -1)), "table values")
+            if len(data) != spec.get("values_bytes") or hashlib.sha256(data).hexdigest() != spec.get("values_sha256"):
+                raise CheckpointError(f"{file}: size or sha256 does not match the manifest (corrupted or tampered)")
+            values = decode_array(ckpt._unpack(data, str(file), len(data)), str(file))
+            if values.shape != table.shape or str(values.dtype) != str(np.dtype(table.dtype)):
+                raise CheckpointError(f"{file}: holds {values.dtype}{list(values.shape)}, expected {list(table.shape)}")
+            tables[name] = values
+        else:
+            tables[name] = table
+    return tables
 
 
 def _place(record, params, state, iterations, covered, shapes, slots, what) -> None:

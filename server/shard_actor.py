@@ -30,6 +30,7 @@ import ray
 from . import checkpoint as ckpt
 from . import shard_snapshot
 from .shard_state import ShardState
+from .sparse_rows import RowTableShard
 
 class ShardRestarted(Exception):
     """A pull addressed to an earlier incarnation of this shard: the caller must recover (replay) first."""
@@ -75,9 +76,15 @@ class ShardActor:
     """Remote wrapper; see ``ShardState`` for the protocol of each call."""
 
     def __init__(self, shard_index, pieces, groups, buffers, consistency, staleness, num_workers, nan_policy,
-                 checkpoint_dir=None, checkpoint_every=0, piece_states=None, sync_timeout=None):
+                 checkpoint_dir=None, checkpoint_every=0, piece_states=None, sync_timeout=None, row_tables=None,
+                 row_states=None):
+        tables = {spec["name"]: RowTableShard(spec["name"], spec["num_rows"], spec["dim"], spec["dtype"], shard_index,
+                                              spec["num_shards"], groups[spec["group"]], spec["initial"])
+                  for spec in row_tables or []}
+        for name, rows in (row_states or {}).items():  # restored under another shard count: keep the owned rows
+            tables[name].load_rows(*rows, what=f"table {name!r}")
         self.state = ShardState(shard_index, pieces, groups, buffers, consistency, staleness, num_workers,
-                                nan_policy)
+                                nan_policy, tables)
         if piece_states is not None:
             shard_snapshot.load_pieces(self.state, [(None, slots, it) for slots, it in piece_states])
         self.metrics = ShardMetrics(shard_index)
@@ -131,11 +138,12 @@ class ShardActor:
         return {"applied": self.state.applied_seq.get(client_id, 0), "covered": self.covered_seq.get(client_id, 0),
                 "incarnation": self.incarnation}
 
-    async def push(self, client_id, seq, worker_id, payload, present=None, factors=None, epoch=0, replayed=False):
+    async def push(self, client_id, seq, worker_id, payload, present=None, factors=None, epoch=0, rows=None,
+                   replayed=False):
         started = time.perf_counter()
         if replayed:
             self.state.counters["replays_received"] += 1
-        errors = self.state.push(client_id, seq, worker_id, payload, present, factors, epoch)
+        errors = self.state.push(client_id, seq, worker_id, payload, present, factors, epoch, rows)
         nbytes = int(sum(a.nbytes for a in payload.values())) if payload else 0
         self.metrics.record_push(nbytes, time.perf_counter() - started, self.state)
         self._maybe_checkpoint()
@@ -199,20 +207,41 @@ class ShardActor:
         self.metrics.record_pull(int(sum(a.nbytes for a in out.values())))
         return out
 
-    async def push_pull(self, client_id, seq, worker_id, payload, present=None, factors=None, epoch=0,
+    async def push_pull(self, client_id, seq, worker_id, payload, present=None, factors=None, epoch=0, rows=None,
                         timeout=None, incarnation=None):
         """A push, then the pull that follows it, in one call (one round trip per shard per step)."""
         if incarnation is not None and incarnation != self.incarnation:
             # earlier pushes of this client may be lost with the old process: keep this one, let it replay
-            await self.push(client_id, seq, worker_id, payload, present, factors, epoch)
+            await self.push(client_id, seq, worker_id, payload, present, factors, epoch, rows)
             raise ShardRestarted(f"shard {self.state.shard_index} restarted since this client last heard from it")
         error, ack = None, None
         try:
-            ack = await self.push(client_id, seq, worker_id, payload, present, factors, epoch)
+            ack = await self.push(client_id, seq, worker_id, payload, present, factors, epoch, rows)
         except ValueError as exc:
             error = str(exc)
         params = await self.pull(client_id, seq, worker_id, None, timeout)
         return params, error, ack or self._ack(client_id)
+
+    async def pull_rows(self, client_id, after_seq, name, ids, timeout=None, incarnation=None):
+        """Rows ``ids`` of table ``name`` (all owned here), after this client's pushes up to ``after_seq``."""
+        if incarnation is not None and incarnation != self.incarnation:
+            raise ShardRestarted(f"shard {self.state.shard_index} restarted since this client last heard from it")
+        await self._wait_until(lambda: self.state.pull_ready(client_id, after_seq, None), timeout)
+        return self.state.read_rows(name, ids)
+
+    def table_rows(self, name):
+        """Every stored row of table ``name`` on this shard, and its updater state: ``(ids, values, state,
+        iterations)`` (for pulling a whole table and for resharding restores)."""
+        return self.state.row_tables[name].touched()
+
+    def materialize(self, name):
+        """``(ids, rows)``: every row of table ``name`` this shard owns (initial values where never pushed)."""
+        return self.state.row_tables[name].materialize()
+
+    async def _wait_until(self, ready, timeout) -> None:
+        condition = self._condition()
+        async with condition:
+            await asyncio.wait_for(condition.wait_for(ready), timeout)
 
     # -- introspection -------------------------------------------------------------------------------------
     def recovery_info(self, client_id) -> tuple[int, str]:

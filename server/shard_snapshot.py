@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .checkpoint import BLOB_FORMAT, VERSION, CheckpointError, decode_array, encode_array
+from .sparse_rows import decode_ints, encode_ints
 from .shard_state import ShardState, SyncStep
 
 
@@ -30,12 +31,15 @@ def snapshot(state: ShardState, restarts: int = 0) -> dict:
                        "iteration": int(state.iterations[piece.index])})
     sync_steps = [{"clock": clock, "workers": sorted(step.workers), "epoch": step.epoch,
                    "present": np.flatnonzero(step.present).tolist(),
-                   "sums": {dtype: encode_array(a) for dtype, a in step.sums.items()}}
+                   "sums": {dtype: encode_array(a) for dtype, a in step.sums.items()},
+                   "rows": {name: [{"ids": encode_ints(ids), "grads": encode_array(np.asarray(grads))}
+                                   for ids, grads in parts] for name, parts in step.rows.items()}}
                   for clock, step in state.sync_steps.items()]
     return {"format": BLOB_FORMAT, "version": VERSION, "shard": state.shard_index, "pieces": pieces,
             "applied_seq": dict(state.applied_seq), "clocks": {str(w): c for w, c in state.clocks.items()},
             "sync_clock": state.sync_clock, "sync_steps": sync_steps, "model_version": state.version,
-            "restarts": restarts, "counters": {k: v for k, v in state.counters.items()}}
+            "restarts": restarts, "counters": {k: v for k, v in state.counters.items()},
+            "row_tables": {name: table.snapshot() for name, table in state.row_tables.items()}}
 
 
 def _int(value, what: str, minimum: int = 0) -> int:
@@ -102,9 +106,20 @@ def restore(state: ShardState, blob: dict, what: str) -> int:
         if any(i >= len(present) for i in indices):
             raise CheckpointError(f"{what}: sync step names a piece outside the layout")
         present[indices] = True
+        rows = {}
+        for name, parts in (record.get("rows") or {}).items():
+            if name not in state.row_tables or not isinstance(parts, list):
+                raise CheckpointError(f"{what}: sync step rows name unknown table {name!r}")
+            rows[name] = [(decode_ints(p.get("ids"), f"{what} sync rows"), decode_array(p.get("grads"), f"{what} sync rows"))
+                          for p in parts]
         sync_steps[_int(record.get("clock"), f"{what} sync clock")] = SyncStep(
             sums, present, {_int(w, f"{what} sync worker") for w in record.get("workers") or []},
-            _int(record.get("epoch", 0), f"{what} sync epoch"))
+            _int(record.get("epoch", 0), f"{what} sync epoch"), rows)
+    tables = blob.get("row_tables") or {}
+    if set(tables) != set(state.row_tables):
+        raise CheckpointError(f"{what}: row tables {sorted(tables)} do not match {sorted(state.row_tables)}")
+    for name, table in state.row_tables.items():  # each checks everything before it changes anything
+        table.restore(tables[name], f"{what} table {name!r}")
     load_pieces(state, pieces)
     state.applied_seq = {k: _int(v, f"{what} applied_seq") for k, v in applied.items()}
     state.clocks = {}

@@ -50,6 +50,7 @@ class SyncStep:
     present: np.ndarray  # bool per piece
     workers: set = field(default_factory=set)
     epoch: int = 0
+    rows: dict = field(default_factory=dict)  # row-sparse table -> list of (ids, grads) pushed for this step
 
 
 class ShardState:
@@ -57,7 +58,7 @@ class ShardState:
 
     def __init__(self, shard_index: int, pieces: Sequence[Piece], groups: Sequence[ParamGroup],
                  buffers: Mapping[str, np.ndarray], consistency: str = "async", staleness: int = 0,
-                 num_workers: int = 1, nan_policy: str = "reject"):
+                 num_workers: int = 1, nan_policy: str = "reject", row_tables: Mapping | None = None):
         if consistency not in CONSISTENCY_MODES:
             raise ValueError(f"consistency must be one of {CONSISTENCY_MODES}, got {consistency!r}")
         if nan_policy not in NAN_POLICIES:
@@ -70,6 +71,7 @@ class ShardState:
         self.num_workers = int(num_workers)
         self.nan_policy = nan_policy
         self.params = {dtype: np.array(buf, copy=True, order="C").reshape(-1) for dtype, buf in buffers.items()}
+        self.row_tables = dict(row_tables or {})  # name -> RowTableShard (row-sparse parameters)
         self.ranges = self._ranges()
         self.state = {key: self.groups[r.group].updater.init(self.params[r.dtype][r.start:r.stop])
                       for key, r in self.ranges.items()}
@@ -105,13 +107,14 @@ class ShardState:
     # -- messages ------------------------------------------------------------------------------------------
     def push(self, client_id: str, seq: int, worker_id: int, payload: Mapping[str, np.ndarray],
              present: Sequence[int] | None = None, factors: Mapping[str, tuple] | None = None,
-             epoch: int = 0) -> list[str]:
-        """Receive one push. Returns the errors of the pushes applied now (normally none)."""
+             epoch: int = 0, rows: Mapping[str, tuple] | None = None) -> list[str]:
+        """Receive one push (dense ``payload`` and/or ``rows``: table -> (ids, grads)). Returns the errors of
+        the pushes applied now (normally none)."""
         applied = self.applied_seq.get(client_id, 0)
         if seq <= applied or seq in self.pending.get(client_id, {}):
             self.counters["duplicates_dropped"] += 1
             return []
-        self.pending.setdefault(client_id, {})[seq] = (worker_id, payload, present, factors, epoch)
+        self.pending.setdefault(client_id, {})[seq] = (worker_id, payload, present, factors, epoch, rows)
         errors = []
         queue = self.pending[client_id]
         while applied + 1 in queue:
@@ -123,7 +126,7 @@ class ShardState:
                 errors.append(error)
         return errors
 
-    def _receive(self, worker_id, payload, present, factors, epoch) -> str | None:
+    def _receive(self, worker_id, payload, present, factors, epoch, rows=None) -> str | None:
         self.counters["pushes"] += 1
         if payload is None:  # the client dropped a non-finite push (nan_policy="skip"): only the clock moves
             self.counters["nonfinite_skipped"] += 1
@@ -138,19 +141,30 @@ class ShardState:
         self.counters["max_staleness"] = max(self.counters["max_staleness"], staleness)
         self.counters["max_clock_gap"] = max(self.counters["max_clock_gap"], self.clock_gap())
         present_idx = np.arange(len(self.pieces)) if present is None else np.asarray(present, dtype=np.int64)
-        problem = self._check_payload(payload, present_idx)
+        problem = self._check_payload(payload, present_idx) or self._check_rows(rows)
         if problem:
             if self.nan_policy == "skip" and problem.startswith("non-finite"):
                 self.counters["nonfinite_skipped"] += 1
                 problem = None
             elif problem.startswith("non-finite"):
                 self.counters["nonfinite_rejected"] += 1
-            payload = None  # rejected or skipped: nothing is applied, but the clock and seq move on
+            payload, rows = None, None  # rejected or skipped: nothing is applied, but the clock and seq move on
         if self.consistency == "sync":
-            self._accumulate(clock, worker_id, payload, present_idx, epoch)
+            self._accumulate(clock, worker_id, payload, present_idx, epoch, rows)
         elif payload is not None:
-            self._apply(payload, present_idx, factors, epoch)
+            self._apply(payload, present_idx, factors, epoch, rows)
         return problem
+
+    def _check_rows(self, rows) -> str | None:
+        for name, (ids, grads) in (rows or {}).items():
+            table = self.row_tables.get(name)
+            if table is None:
+                return f"shard {self.shard_index}: {name!r} is not a row-sparse table here"
+            try:
+                table._check_grads(grads, table.check_ids(ids, "push_rows ids"))
+            except (TypeError, ValueError) as error:
+                return f"non-finite {error}" if "finite" in str(error) else str(error)
+        return None
 
     def _check_payload(self, payload, present_idx) -> str | None:
         expected: dict[str, int] = {}
@@ -182,7 +196,7 @@ class ShardState:
         return "?"
 
     # -- sync mode -----------------------------------------------------------------------------------------
-    def _accumulate(self, clock, worker_id, payload, present_idx, epoch) -> None:
+    def _accumulate(self, clock, worker_id, payload, present_idx, epoch, rows=None) -> None:
         if clock < self.sync_clock:  # its step was completed without it (dead-worker policy): too late
             self.counters["late_pushes_dropped"] += 1
             return
@@ -195,6 +209,8 @@ class ShardState:
         step.epoch = max(step.epoch, epoch)
         if payload is not None:
             self._scatter_add(step, payload, present_idx)
+        for name, part in (rows or {}).items():
+            step.rows.setdefault(name, []).append(part)
         self._apply_complete_sync_steps()
 
     def _scatter_add(self, step: SyncStep, payload, present_idx) -> None:
@@ -216,13 +232,14 @@ class ShardState:
 
     def _apply_sync_step(self, step: SyncStep, divisor: int) -> None:
         present_idx = np.flatnonzero(step.present)
-        if len(present_idx):
-            for array in step.sums.values():
-                array /= divisor
-            if len(present_idx) == len(self.pieces):
-                self._apply(step.sums, present_idx, None, step.epoch)
-            else:
-                self._apply(self._gather(step.sums, present_idx), present_idx, None, step.epoch)
+        for array in step.sums.values():
+            array /= divisor
+        rows = {name: (np.concatenate([ids for ids, _ in parts]), np.concatenate([g for _, g in parts]) / divisor)
+                for name, parts in step.rows.items()}
+        if len(present_idx) == len(self.pieces):
+            self._apply(step.sums, present_idx, None, step.epoch, rows)
+        else:
+            self._apply(self._gather(step.sums, present_idx), present_idx, None, step.epoch, rows)
         self.sync_clock += 1
 
     def force_sync_step(self) -> bool:
@@ -246,10 +263,16 @@ class ShardState:
         return {dtype: np.concatenate(chunks) for dtype, chunks in parts.items()}
 
     # -- the update ----------------------------------------------------------------------------------------
-    def _apply(self, payload, present_idx, factors, epoch) -> None:
-        if len(present_idx) == 0:  # a clock tick, or a push of keys that live on other shards
+    def _apply(self, payload, present_idx, factors, epoch, rows=None) -> None:
+        rows = {name: part for name, part in (rows or {}).items() if len(part[0])}
+        if len(present_idx) == 0 and not rows:  # a clock tick, or a push of keys that live on other shards
             return
         started = time.perf_counter()
+        for name, (ids, grads) in rows.items():  # checked already: cost proportional to the rows touched
+            self.row_tables[name].push_rows(ids, grads, epoch)
+        if len(present_idx) == 0:
+            self._count_update(started)
+            return
         full = len(present_idx) == len(self.pieces)
         if full and not factors:
             for r in self.ranges.values():
@@ -262,6 +285,9 @@ class ShardState:
                     self._apply_runs(payload, r.piece_indices.tolist(), None, epoch, offsets_match=True)
         else:
             self._apply_runs(payload, [int(i) for i in present_idx], factors, epoch, offsets_match=full)
+        self._count_update(started)
+
+    def _count_update(self, started: float) -> None:
         self.version += 1
         self.counters["updates_applied"] += 1
         self.counters["apply_seconds"] += time.perf_counter() - started
@@ -344,8 +370,17 @@ class ShardState:
         self.counters["bytes_pulled"] += int(sum(a.nbytes for a in out.values()))
         return out
 
+    def read_rows(self, name: str, ids) -> np.ndarray:
+        table = self.row_tables.get(name)
+        if table is None:
+            raise ValueError(f"shard {self.shard_index}: {name!r} is not a row-sparse table")
+        rows = table.pull_rows(ids)
+        self.counters["bytes_pulled"] += int(rows.nbytes)
+        return rows
+
     def stats(self) -> dict:
         stats = dict(self.counters)
+        stats["row_tables"] = {name: table.stats() for name, table in self.row_tables.items()}
         stats.update(shard=self.shard_index, clocks=dict(self.clocks), version=self.version,
                      sync_clock=self.sync_clock, pending=sum(len(q) for q in self.pending.values()),
                      iterations_min=int(self.iterations.min()) if len(self.iterations) else 0,

@@ -1,0 +1,101 @@
+"""Row-sparse parameters on the server: how a user declares them and how the client routes rows to shards.
+
+    ps = ParameterServer({"emb": RowTable(2_000_000, 16), "w": w}, sparse=["emb"], num_shards=4)
+    ps.push_rows("emb", ids, grads)      # duplicates summed; cost proportional to the rows touched
+    ps.pull_rows("emb", ids)             # (len(ids), 16)
+
+Rows are spread over every shard by a multiplicative hash (``sparse_rows.row_owner``), so one hot table uses
+all shards. A table is given either as a ``RowTable`` spec (never materialized: rows start from ``initial``,
+zeros by default, and cost memory only once pushed) or, for small tables, as a dense array of initial values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from .sparse_rows import TABLE_DTYPES, row_owner
+
+
+@dataclass(frozen=True)
+class RowTable:
+    """A row-sparse table of ``num_rows x dim``; ``initial``: None (zeros), ``HashedUniformInit`` or any
+    deterministic ``initial(row_ids) -> (k, dim)``."""
+
+    num_rows: int
+    dim: int
+    dtype: str = "float32"
+    initial: Any = None
+
+    def __post_init__(self):
+        for field in ("num_rows", "dim"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"RowTable: {field} must be an integer >= 1, got {value!r}")
+        if np.dtype(self.dtype) not in TABLE_DTYPES:
+            raise ValueError(f"RowTable: dtype must be float16, float32 or float64, got {self.dtype!r}")
+        if self.initial is not None and not callable(self.initial):
+            raise TypeError("RowTable: initial must be None or a callable initial(row_ids)")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.num_rows), int(self.dim))
+
+
+def split_sparse(params: Mapping, sparse) -> tuple[dict, dict[str, RowTable], dict[str, np.ndarray]]:
+    """``(dense params, tables, initial arrays of array-given tables)``; errors name the key."""
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be a mapping of name -> float array, got {type(params).__name__}")
+    sparse = [] if sparse is None else [sparse] if isinstance(sparse, str) else list(sparse)
+    unknown = [name for name in sparse if name not in params]
+    if unknown:
+        raise ValueError(f"sparse names parameter(s) {unknown} that are not in params")
+    tables, arrays = {}, {}
+    for name in sparse:
+        value = params[name]
+        if isinstance(value, RowTable):
+            tables[name] = value
+        elif isinstance(value, np.ndarray) and value.ndim == 2 and value.dtype in TABLE_DTYPES:
+            if not np.isfinite(value).all():
+                raise ValueError(f"params[{name!r}] contains NaN or Inf")
+            tables[name] = RowTable(value.shape[0], value.shape[1], str(value.dtype))
+            arrays[name] = value
+        else:
+            raise TypeError(f"params[{name!r}] is sparse: give a RowTable or a 2-D float array (rows x dim), got "
+                            f"{type(value).__name__} {getattr(value, 'shape', '')}")
+    for name, value in params.items():
+        if isinstance(value, RowTable) and name not in tables:
+            raise ValueError(f"params[{name!r}] is a RowTable but not listed in sparse=[...]")
+    dense = {name: value for name, value in params.items() if name not in tables}
+    return dense, tables, arrays
+
+
+def check_rows(name: str, table: RowTable, ids, grads=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Client-side checks of a row push or pull, naming the table and the ids' problem."""
+    if not isinstance(ids, np.ndarray):
+        ids = np.asarray(ids)
+    if ids.ndim != 1:
+        raise ValueError(f"table {name!r}: ids must be a 1-D array, got shape {ids.shape}")
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"table {name!r}: ids must be integers, got dtype {ids.dtype}")
+    if len(ids) and (ids.min() < 0 or ids.max() >= table.num_rows):
+        bad = ids[(ids < 0) | (ids >= table.num_rows)][:5].tolist()
+        raise ValueError(f"table {name!r}: row ids {bad} are outside [0, {table.num_rows})")
+    ids = ids.astype(np.int64, copy=False)
+    if grads is None:
+        return ids, None
+    if not isinstance(grads, np.ndarray) or grads.dtype.kind != "f":
+        raise TypeError(f"table {name!r}: grads must be a float array, got {type(grads).__name__} "
+                        f"{getattr(grads, 'dtype', '')}")
+    if grads.shape != (len(ids), table.dim):
+        raise ValueError(f"table {name!r}: grads have shape {grads.shape}, expected ({len(ids)}, {table.dim}) "
+                         f"(one row per id)")
+    return ids, grads
+
+
+def route(ids: np.ndarray, num_shards: int) -> list[np.ndarray]:
+    """Positions in ``ids`` owned by each shard."""
+    owners = row_owner(ids, num_shards)
+    return [np.flatnonzero(owners == shard) for shard in range(num_shards)]
