@@ -182,6 +182,14 @@ class AdaDelta(Updater):
         return update
 
 
+def _update_moments(g, m, v, b1: float, b2: float) -> None:
+    """``m = b1*m + (1-b1)*g`` and ``v = b2*v + (1-b2)*g*g``, in place (Adam, Nadam, AMSGrad)."""
+    m *= b1
+    m += (1.0 - b1) * g
+    v *= b2
+    v += (1.0 - b2) * (g * g)
+
+
 class _AdamFamily(Updater):
     """Shared hyperparameters of Adam, AdaMax, Nadam, AMSGrad and AdaBelief."""
 
@@ -215,10 +223,7 @@ class Adam(_AdamFamily):
         alpha, b1, b2, eps = scalars
         xp = _array_module(g)
         m, v = state[0, ...], state[1, ...]
-        m *= b1
-        m += (1.0 - b1) * g
-        v *= b2
-        v += (1.0 - b2) * (g * g)
+        _update_moments(g, m, v, b1, b2)
         return alpha * m / (xp.sqrt(v) + eps)
 
 
@@ -272,10 +277,7 @@ class Nadam(_AdamFamily):
         lr, b1, b2, eps, one_minus_b1t = scalars
         xp = _array_module(g)
         m, v = state[0, ...], state[1, ...]
-        m *= b1
-        m += (1.0 - b1) * g
-        v *= b2
-        v += (1.0 - b2) * (g * g)
+        _update_moments(g, m, v, b1, b2)
         return lr * ((b1 * m + (1.0 - b1) * g) / one_minus_b1t) / (xp.sqrt(v) + eps)
 
 
@@ -294,10 +296,7 @@ class AMSGrad(_AdamFamily):
         alpha, b1, b2, eps = scalars
         xp = _array_module(g)
         m, v, vhat = state[0, ...], state[1, ...], state[2, ...]
-        m *= b1
-        m += (1.0 - b1) * g
-        v *= b2
-        v += (1.0 - b2) * (g * g)
+        _update_moments(g, m, v, b1, b2)
         xp.maximum(vhat, v, out=vhat)
         return alpha * m / (xp.sqrt(vhat) + eps)
 
