@@ -1,7 +1,8 @@
 """Connecting to Ray: an embedded local instance by default, or an existing cluster by address.
 
-``connect`` fails fast with one line when nothing listens at the address (instead of Ray's long reconnect
-loop), and ``check_capacity`` names what is missing when the cluster is too small for the requested actors.
+``connect`` fails fast with one line when nothing (or nothing that speaks Ray's gRPC) listens at the address,
+instead of Ray's long reconnect loop; ``placement.capacity_problems`` names what is missing when the cluster is
+too small for the requested actors.
 """
 
 from __future__ import annotations
@@ -26,6 +27,21 @@ def _host_port(address: str) -> tuple[str, int] | None:
         raise UsageError(f"--address: {address!r} is not host:port or ray://host:port") from None
 
 
+def _speaks_grpc(target: tuple[str, int]) -> bool:
+    """Whether an HTTP/2 gRPC channel to ``target`` becomes ready within the connect timeout."""
+    import grpc  # noqa: PLC0415 - installed with ray
+
+    host, port = target
+    channel = grpc.insecure_channel(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    try:
+        grpc.channel_ready_future(channel).result(timeout=CONNECT_TIMEOUT_SECONDS)
+        return True
+    except grpc.FutureTimeoutError:
+        return False
+    finally:
+        channel.close()
+
+
 def connect(address: str | None) -> None:
     """Start an embedded Ray, or connect to ``address`` / ``RAY_ADDRESS`` after checking something listens."""
     import ray  # noqa: PLC0415
@@ -43,6 +59,9 @@ def connect(address: str | None) -> None:
             except OSError as error:
                 raise UsageError(f"--address: no Ray cluster answers at {address} ({error.strerror or error}); "
                                  f"start one with `ray start --head` or check the address") from None
+            if not _speaks_grpc(target):  # something listens, but not Ray's GCS / client server (both gRPC)
+                raise UsageError(f"--address: {address} answers, but not as a Ray cluster (no gRPC server "
+                                 f"there); give the GCS address (HEAD:6379) or ray://HEAD:10001")
     try:
         ensure_ray(address)
     except (ConnectionError, RuntimeError, ValueError) as error:
