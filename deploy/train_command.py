@@ -13,6 +13,7 @@ import os
 import sys
 import time
 
+from . import ctr_command
 from .cli import UsageError
 
 UPDATER_FLAGS = ("sgd", "nesterovs", "adagrad", "rmsprop", "adadelta", "adam", "adamax", "nadam", "amsgrad",
@@ -64,19 +65,23 @@ def _non_negative_float(text: str) -> float:
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("train", help="train a model with sharded parameter servers on Ray",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="digits", choices=("digits",), help="bundled data set (default digits)")
+    parser.add_argument("--dataset", default="digits", choices=("digits", "synthetic-ctr"),
+                        help="bundled data set (default digits); synthetic-ctr: the CTR workload "
+                             "(deploy/ctr_command.py)")
     parser.add_argument("--data", default=None, help="your own .npz with x_train, y_train, x_test, y_test")
     parser.add_argument("--model", default="mlp", choices=("softmax", "mlp"))
     parser.add_argument("--hidden", default="128", help="hidden sizes, e.g. 128 or 2048,2048")
     parser.add_argument("--updater", default="adam", choices=UPDATER_FLAGS)
     parser.add_argument("--learning-rate", type=_non_negative_float, default=None,
                         help="default: a per-updater value tuned for digits")
-    parser.add_argument("--batch-size", type=_positive_int, default=32)
+    parser.add_argument("--lr-decay", type=_decay, default=0.9,
+                        help="learning rate x this per epoch (DL4J ExponentialSchedule on epochs; 1 = constant)")
+    parser.add_argument("--batch-size", type=_positive_int, default=None, help="default 32 (synthetic-ctr: 256)")
     parser.add_argument("--workers", type=_positive_int, default=4)
     parser.add_argument("--shards", type=_positive_int, default=2)
     parser.add_argument("--consistency", default="async", choices=("async", "ssp", "sync"))
     parser.add_argument("--staleness", type=_non_negative_int, default=0)
-    parser.add_argument("--epochs", type=_positive_int, default=20)
+    parser.add_argument("--epochs", type=_positive_int, default=None, help="default 20 (synthetic-ctr: 1)")
     parser.add_argument("--seed", type=_non_negative_int, default=0)
     parser.add_argument("--n-fetch", type=_positive_int, default=1, help="pull every N steps (DistBelief n_fetch)")
     parser.add_argument("--n-push", type=_positive_int, default=1, help="push every N steps (DistBelief n_push)")
@@ -84,6 +89,11 @@ def add_parser(subparsers) -> None:
                         help="Ray CPUs reserved per shard (default: the cluster's CPUs shared out)")
     parser.add_argument("--cpus-per-worker", type=_non_negative_float, default=None,
                         help="Ray CPUs reserved per worker (default: the cluster's CPUs shared out)")
+    # -- placement (deploy/placement.py): GPUs per shard/worker; shards spread over nodes by a placement group --
+    parser.add_argument("--gpus-per-shard", type=_non_negative_float, default=0.0,
+                        help="Ray GPUs reserved per shard (default 0)")
+    parser.add_argument("--gpus-per-worker", type=_non_negative_float, default=0.0,
+                        help="Ray GPUs reserved per worker (default 0)")
     parser.add_argument("--address", default=None, help="an existing Ray cluster (default: RAY_ADDRESS, else an "
                                                         "embedded local Ray)")
     parser.add_argument("--json-out", default=None, help="write the result summary as JSON to this file")
@@ -94,21 +104,38 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--checkpoint-every", type=_positive_int, default=200, help="updates per shard between "
                                                                                       "shard checkpoints")
     parser.add_argument("--resume", action="store_true", help="continue the run saved in --checkpoint-dir")
+    parser.add_argument("--compression", default="none", choices=("none", "threshold", "fp16", "bf16"),
+                        help="push encoding (server/transport.py): DL4J threshold encoding with residuals at the "
+                             "worker, or fp16/bf16 casts (row pushes: the casts only); default none")
+    ctr_command.add_arguments(parser, _positive_int, _positive_float)  # --table-rows, --embedding-dim, ...
     parser.add_argument("--sync-timeout", type=_positive_float, default=60.0,
                         help="sync mode: seconds a step waits for a dead worker before going on without it")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
 
 
-def build_updater(name: str, learning_rate: float | None):
+def build_updater(name: str, learning_rate: float | None, lr_decay: float = 1.0):
+    """The updater of ``--updater``; with ``--lr-decay`` < 1 its learning rate is DL4J's
+    ``ExponentialSchedule(EPOCH, lr, gamma)``: ``lr * gamma^epoch`` (async noise settles as the rate falls)."""
     from ..updaters import UPDATERS_BY_FLAG  # noqa: PLC0415
+    from ..updaters.schedules import ExponentialSchedule  # noqa: PLC0415
 
     cls = UPDATERS_BY_FLAG[name]
     if name in ("adadelta", "noop"):
         if learning_rate is not None:
             raise UsageError(f"--learning-rate: {cls.__name__} has no learning rate")
         return cls()
-    return cls(learning_rate=DEFAULT_LEARNING_RATES[name] if learning_rate is None else learning_rate)
+    lr = DEFAULT_LEARNING_RATES[name] if learning_rate is None else learning_rate
+    if lr_decay < 1.0:
+        lr = ExponentialSchedule("epoch", initial_value=lr, gamma=lr_decay)
+    return cls(learning_rate=lr)
+
+
+def _decay(text: str) -> float:
+    value = _positive_float(text)
+    if value > 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
+    return value
 
 
 class ProgressBar:
@@ -123,7 +150,10 @@ class ProgressBar:
         done = int(self.width * row["epoch"] / row["epochs"])
         bar = "#" * done + "." * (self.width - done)
         line = (f"[{bar}] epoch {row['epoch']:>3}/{row['epochs']}  loss {row['train_loss']:.4f}  "
-                f"test acc {row['test_accuracy']:.4f}  {row['samples_per_second']:,.0f} samples/s")
+                + (f"test auc {row['test_auc']:.4f}  " if "test_auc" in row else
+                   f"test acc {row['test_accuracy']:.4f}  ") + f"{row['samples_per_second']:,.0f} samples/s")
+        if "bytes_pushed" in row:
+            line += f"  {row['bytes_pushed']:,} B pushed"
         if self.tty:
             end = "\n" if row["epoch"] == row["epochs"] else ""
             self.stream.write("\r" + line + end)
@@ -144,26 +174,45 @@ def summary_table(result: dict) -> str:
 
 
 def _resources(args, ray) -> tuple[float, float]:
-    """CPUs per shard and per worker: the user's, or the cluster's CPUs shared out (at most 1 each)."""
+    """CPUs per shard and per worker: the user's, or the cluster's CPUs shared out (at most 1 each). A cluster too
+    small for the shards and workers (CPUs or GPUs, in total or on any one node) is a one-line UsageError naming
+    what is missing (deploy/placement.py: capacity_problems)."""
+    from .placement import capacity_problems  # noqa: PLC0415
+
     total = float(ray.cluster_resources().get("CPU", 0.0))
     share = min(1.0, total / (args.shards + args.workers)) if total else 0.0
     per_shard = share if args.cpus_per_shard is None else args.cpus_per_shard
     per_worker = share if args.cpus_per_worker is None else args.cpus_per_worker
-    needed = per_shard * args.shards + per_worker * args.workers
-    if needed > total + 1e-9:
-        raise UsageError(f"the Ray cluster has {total:g} CPUs but {args.shards} shards x {per_shard:g} + "
-                         f"{args.workers} workers x {per_worker:g} need {needed:g}; lower --cpus-per-shard/"
-                         f"--cpus-per-worker or add nodes")
+    problems = capacity_problems(ray.nodes(), args.shards, per_shard, args.gpus_per_shard, args.workers,
+                                 per_worker, args.gpus_per_worker)
+    if problems:
+        raise UsageError("; ".join(problems))
     return per_shard, per_worker
+
+
+def _placement(args, per_shard: float, per_worker: float):
+    """The placement group of the shards (deploy/placement.py); a cluster that cannot hold it is a UsageError."""
+    from .placement import PlacementError, ShardPlacement  # noqa: PLC0415
+
+    try:
+        return ShardPlacement(args.shards, per_shard, args.gpus_per_shard, per_worker, args.gpus_per_worker,
+                              num_workers=args.workers)
+    except PlacementError as error:
+        raise UsageError(str(error)) from None
 
 
 def run(args) -> int:
     import numpy as np  # noqa: PLC0415
 
+    if args.dataset == "synthetic-ctr":  # the CTR workload: deploy/ctr_command.py, worker/ctr_training.py
+        return ctr_command.run_ctr(args)
+    args.epochs = 20 if args.epochs is None else args.epochs
+    args.batch_size = 32 if args.batch_size is None else args.batch_size
+
     from ..worker.data import load_dataset  # noqa: PLC0415
     from ..worker.models import build_model  # noqa: PLC0415
 
-    updater = build_updater(args.updater, args.learning_rate)
+    updater = build_updater(args.updater, args.learning_rate, args.lr_decay)
     try:
         data = load_dataset(args.dataset, path=args.data, seed=args.seed)
         model = build_model(args.model, data.num_features, data.num_classes, hidden=args.hidden)
@@ -186,7 +235,8 @@ def run(args) -> int:
     connect(args.address)
     per_shard, per_worker = _resources(args, ray)
     server_options = dict(num_shards=args.shards, consistency=args.consistency, staleness=args.staleness,
-                          num_workers=args.workers, cpus_per_shard=per_shard, sync_timeout=args.sync_timeout)
+                          num_workers=args.workers, cpus_per_shard=per_shard, sync_timeout=args.sync_timeout,
+                          compression=args.compression)
     first_epoch, on_epoch_end = 0, None
     if args.checkpoint_dir:
         run_dir = resume_dir(args.checkpoint_dir)
@@ -201,11 +251,18 @@ def run(args) -> int:
         if first_epoch >= args.epochs:
             raise UsageError(f"--resume: the run in {args.checkpoint_dir} already finished {first_epoch} epochs "
                              f"(--epochs {args.epochs})")
-        ps = ParameterServer.restore(run_dir, **server_options)
-        print(f"rayps train: resuming from {run_dir} at epoch {first_epoch + 1}", file=sys.stderr)
-    else:
-        params = model.init_params(seed=args.seed, dtype=np.float32)
-        ps = ParameterServer(params, updater=updater, **server_options)
+    placement = _placement(args, per_shard, per_worker)  # shards: one placement-group bundle each
+    server_options["placement"] = placement
+    try:
+        if args.resume:
+            ps = ParameterServer.restore(run_dir, **server_options)
+            print(f"rayps train: resuming from {run_dir} at epoch {first_epoch + 1}", file=sys.stderr)
+        else:
+            params = model.init_params(seed=args.seed, dtype=np.float32)
+            ps = ParameterServer(params, updater=updater, **server_options)
+    except BaseException:
+        placement.remove()
+        raise
     started = time.perf_counter()
     try:
         print(f"rayps train: {args.model} {model!r} on {data.name} ({data.num_train} train / {data.num_test} test), "
@@ -214,9 +271,10 @@ def run(args) -> int:
         result = train(ps, model, data, num_workers=args.workers, epochs=args.epochs, batch_size=args.batch_size,
                        seed=args.seed, n_fetch=args.n_fetch, n_push=args.n_push, cpus_per_worker=per_worker,
                        progress=None if args.quiet else ProgressBar(), first_epoch=first_epoch,
-                       on_epoch_end=on_epoch_end)
+                       on_epoch_end=on_epoch_end, placement=placement)
     finally:
         ps.shutdown()
+        placement.remove()
     result["updater"] = type(updater).__name__
     result["total_seconds"] = time.perf_counter() - started
     print(summary_table(result))

@@ -33,7 +33,9 @@ from .layout import ParameterLayout
 from .remote_errors import unwrap
 from .replay import ReplayBuffer
 from .row_tables import RowTable, check_rows, route, split_sparse
+from . import transport
 from .shard_actor import ShardActor, ShardRestarted
+from .shard_state import TICK
 from .validation import check_gradients, check_initial_params, check_server_config
 
 DEFAULT_MAX_IN_FLIGHT = 4  # pushes per shard not yet acknowledged before push() waits
@@ -64,7 +66,7 @@ class ParameterServer:
                  checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 100,
                  sync_timeout: float | None = None, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
                  pull_timeout: float | None = 300.0, recovery_timeout: float = 120.0,
-                 placement=None, sparse=None, _named_state=None, _named_rows=None):
+                 placement=None, sparse=None, compression: str = "none", _named_state=None, _named_rows=None):
         from ..updaters import Adam  # noqa: PLC0415
 
         check_server_config(num_shards, consistency, staleness, num_workers, nan_policy)
@@ -84,7 +86,8 @@ class ParameterServer:
                       "group": group_of[name], "initial": table_arrays.get(name, t.initial), "num_shards": num_shards}
                      for name, t in self.tables.items()]
         self.config = {"num_shards": num_shards, "consistency": consistency, "staleness": staleness,
-                       "num_workers": num_workers, "nan_policy": nan_policy}
+                       "num_workers": num_workers, "nan_policy": nan_policy,
+                       "compression": transport.check_mode(compression)}  # push encoding: server/transport.py
         self.checkpoint_dir = None if checkpoint_dir is None else os.path.abspath(checkpoint_dir)
         self.max_in_flight = int(max_in_flight)
         self.pull_timeout = pull_timeout
@@ -122,11 +125,12 @@ class ParameterServer:
         self.recoveries = 0
         self._incarnations = [None] * len(self._shard_actors)  # learnt from the first acknowledgement
         self._normalizes = any(g.gradient_normalization != "None" for g in self.groups)
+        self._encoders = {}  # shard -> ThresholdEncoder (compression="threshold"): this identity's residuals
 
     def __getstate__(self):
         state = dict(self.__dict__)
         for key in ("client_id", "seq", "_in_flight", "_replay", "bytes_pushed", "bytes_pulled", "replayed",
-                    "recoveries", "_incarnations"):
+                    "recoveries", "_incarnations", "_encoders"):
             state.pop(key, None)
         state["_owner"] = False
         return state
@@ -182,7 +186,7 @@ class ParameterServer:
                 raise ValueError(f"grads[{nonfinite!r}] contains NaN or Inf (nan_policy='reject'; "
                                  f"use nan_policy='skip' to drop such pushes)")
             messages = [(shard, None, None, None, None) for shard in range(self.layout.num_shards)]
-        return messages
+        return transport.encode_messages(messages, self.config["compression"], self._encoders)
 
     def _route_rows(self, rows) -> tuple[list, str | None]:
         """Per shard: {table: (ids, grads)} of the rows it owns; and the first table with non-finite grads."""
@@ -228,7 +232,7 @@ class ParameterServer:
                 self._replay[shard].add(self.seq, message)
             ref = self._shard_actors[shard].push.remote(self.client_id, self.seq, *message)
             self._in_flight[shard].append((self.seq, ref))
-            self.bytes_pushed += _nbytes(payload)
+            self.bytes_pushed += transport.message_nbytes(payload, shard_rows)
 
     def tick(self, worker_id: int = 0, epoch: int = 0) -> None:
         """Advance ``worker_id``'s clock on every shard without a gradient (a step with nothing to push);
@@ -236,7 +240,7 @@ class ParameterServer:
         self.seq += 1
         for shard in range(self.layout.num_shards):
             self._wait_for_room(shard)
-            message = (worker_id, {}, [], None, epoch, None)
+            message = (worker_id, {}, TICK, None, epoch, None)
             if self._replay is not None:
                 self._replay[shard].add(self.seq, message)
             self._in_flight[shard].append((self.seq, self._shard_actors[shard].push.remote(
@@ -418,7 +422,7 @@ class ParameterServer:
                 self._replay[shard].add(self.seq, message)
             refs.append(self._shard_actors[shard].push_pull.remote(self.client_id, self.seq, *message,
                                                                    self.pull_timeout, self._incarnations[shard]))
-            self.bytes_pushed += _nbytes(payload)
+            self.bytes_pushed += transport.message_nbytes(payload, shard_rows)
         out = {n: np.empty(self.layout.shapes[n], dtype=self.layout.dtypes[n]) for n in self.layout.names}
         errors = []
         for shard, ref in enumerate(refs):
@@ -482,7 +486,7 @@ class ParameterServer:
         count; ``overrides`` replace constructor arguments (e.g. ``consistency``, ``num_workers``)."""
         loaded = persistence.load(path)
         config = dict(loaded["config"])
-        allowed = {"consistency", "staleness", "num_workers", "nan_policy"}
+        allowed = {"consistency", "staleness", "num_workers", "nan_policy", "compression"}
         config = {k: v for k, v in config.items() if k in allowed}
         config.update(overrides)
         params = dict(loaded["params"], **loaded["tables"])

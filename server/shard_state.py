@@ -25,10 +25,12 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..updaters.groups import ParamGroup
+from . import transport
 from .layout import Piece
 from .validation import CONSISTENCY_MODES, NAN_POLICIES
 
 DEFAULT_FACTORS = (1.0, math.inf)
+TICK = "tick"  # ``present`` of a clock-only message (a worker step with nothing to push)
 
 
 @dataclass
@@ -134,14 +136,22 @@ class ShardState:
             if self.consistency == "sync":
                 self._accumulate(self.clocks[worker_id] - 1, worker_id, None, np.arange(0), epoch)
             return None
-        self.counters["bytes_pushed"] += int(sum(a.nbytes for a in payload.values()))
+        if isinstance(present, str) and present == TICK:  # a step with no gradient: only the clock moves
+            clock = self.clocks.get(worker_id, 0)
+            self.clocks[worker_id] = clock + 1
+            if self.consistency == "sync":
+                self._accumulate(clock, worker_id, None, np.arange(0), epoch)
+            return None
+        payload, rows, nbytes, undecodable = transport.decode_push(  # compressed pushes: server/transport.py
+            payload, rows, self.pieces, present, self.row_tables, f"shard {self.shard_index}")
+        self.counters["bytes_pushed"] += nbytes
         clock = self.clocks.get(worker_id, 0)
         self.clocks[worker_id] = clock + 1
         staleness = self.version - self.pulled_version.get(worker_id, 0)
         self.counters["max_staleness"] = max(self.counters["max_staleness"], staleness)
         self.counters["max_clock_gap"] = max(self.counters["max_clock_gap"], self.clock_gap())
         present_idx = np.arange(len(self.pieces)) if present is None else np.asarray(present, dtype=np.int64)
-        problem = self._check_payload(payload, present_idx) or self._check_rows(rows)
+        problem = undecodable or self._check_payload(payload, present_idx) or self._check_rows(rows)
         if problem:
             if self.nan_policy == "skip" and problem.startswith("non-finite"):
                 self.counters["nonfinite_skipped"] += 1
@@ -265,8 +275,6 @@ class ShardState:
     # -- the update ----------------------------------------------------------------------------------------
     def _apply(self, payload, present_idx, factors, epoch, rows=None) -> None:
         rows = {name: part for name, part in (rows or {}).items() if len(part[0])}
-        if len(present_idx) == 0 and not rows:  # a clock tick, or a push of keys that live on other shards
-            return
         started = time.perf_counter()
         for name, (ids, grads) in rows.items():  # checked already: cost proportional to the rows touched
             self.row_tables[name].push_rows(ids, grads, epoch)

@@ -143,6 +143,32 @@ def test_fused_cpu_matches_reference(name, lr, dtype, adjust):
 @needs_numba
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("name", sorted(UPDATERS))
+def test_fused_cpu_multithreaded_path_matches_reference(name, dtype, monkeypatch):
+    """Small arrays run on one thread (SERIAL_BELOW); the prange split over all threads must agree too."""
+    import numba  # noqa: PLC0415
+
+    monkeypatch.setattr(fused_cpu, "SERIAL_BELOW", 0)
+    threads = numba.get_num_threads()
+    updater = UPDATERS[name]("schedule" if name in HAS_LEARNING_RATE else "constant")
+    fused, reference = _run_pair(updater, dtype, ADJUSTMENTS["all"])
+    _assert_same_step(updater, fused, reference, dtype)
+    assert numba.get_num_threads() == threads
+
+
+@needs_numba
+def test_fused_cpu_small_arrays_restore_the_thread_count():
+    import numba  # noqa: PLC0415
+
+    threads = numba.get_num_threads()
+    params, grads = _problem(np.float32)
+    updater = Adam()
+    updater.apply(params, grads[0], updater.init(params), 0, kernel="fused")
+    assert params.size < fused_cpu.SERIAL_BELOW and numba.get_num_threads() == threads
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("name", sorted(UPDATERS))
 def test_fused_cpu_non_finite_values_propagate_like_the_reference(name, dtype):
     """inf/NaN/-0/subnormal/huge params and grads: the same values (NaN where NaN) through both paths."""
     updater = UPDATERS[name]("constant")

@@ -1,7 +1,7 @@
 """One-pass CuPy kernels (one ``cupy.ElementwiseKernel`` per rule) for the DL4J rules of ``rules.py``.
 
 The same math, in the same order, as ``fused_cpu.py`` and ``base.reference_step``: per element, in the state's
-dtype ``S`` (float32 for float16 params ``P``)::
+dtype ``compute_t`` (float32 for float16 params ``P``)::
 
     w = p
     g' = clip(g * grad_scale, -clip_value, clip_value) + l1 * sign(w) + l2 * w
@@ -45,37 +45,42 @@ template <typename T> __device__ __forceinline__ T rayps_new_param(T w, T update
 """
 
 _ADJUSTMENTS = ("scale", "clip", "l1", "l2", "wd")
-_PROLOGUE = "S w = (S)p;\nS gi = rayps_adjusted<S>(w, (S)g, scale, clip, l1, l2);\n"
-_EPILOGUE = "p = (P)rayps_new_param<S>(w, update, wd);\n"
+_PROLOGUE = ("compute_t w = (compute_t)p;\n"
+             "compute_t gi = rayps_adjusted<compute_t>(w, (compute_t)g, scale, clip, l1, l2);\n")
+_EPILOGUE = "p = (P)rayps_new_param<compute_t>(w, update, wd);\n"
 
 # rule -> (state slot names, rule scalar names, body computing `update` from `w`, `gi` and the slots)
 _RULES = {
-    "Sgd": ((), ("lr",), "S update = lr * gi;"),
+    "Sgd": ((), ("lr",), "compute_t update = lr * gi;"),
     "Nesterovs": (("v",), ("lr", "mu", "one_plus_mu"),
-                  "S v_prev = v; v = v_prev * mu - lr * gi; S update = mu * v_prev - one_plus_mu * v;"),
+                  "compute_t v_prev = v; v = v_prev * mu - lr * gi;"
+                  "compute_t update = mu * v_prev - one_plus_mu * v;"),
     "AdaGrad": (("h",), ("lr", "eps"),
-                "h = h + gi * gi; S update = lr * gi / (rayps_sqrt(h) + eps);"),
+                "h = h + gi * gi; compute_t update = lr * gi / (rayps_sqrt(h) + eps);"),
     "RmsProp": (("G",), ("lr", "decay", "one_minus_decay", "eps"),
-                "G = G * decay + one_minus_decay * (gi * gi); S update = lr * gi / (rayps_sqrt(G) + eps);"),
+                "G = G * decay + one_minus_decay * (gi * gi);"
+                "compute_t update = lr * gi / (rayps_sqrt(G) + eps);"),
     "AdaDelta": (("msg", "msdx"), ("rho", "one_minus_rho", "eps"),
                  "msg = msg * rho + one_minus_rho * (gi * gi);"
-                 "S update = gi * rayps_sqrt(msdx + eps) / rayps_sqrt(msg + eps);"
+                 "compute_t update = gi * rayps_sqrt(msdx + eps) / rayps_sqrt(msg + eps);"
                  "msdx = msdx * rho + one_minus_rho * (update * update);"),
     "Adam": (("m", "v"), ("alpha", "b1", "one_minus_b1", "b2", "one_minus_b2", "eps"),
              "m = m * b1 + one_minus_b1 * gi; v = v * b2 + one_minus_b2 * (gi * gi);"
-             "S update = alpha * m / (rayps_sqrt(v) + eps);"),
+             "compute_t update = alpha * m / (rayps_sqrt(v) + eps);"),
     "AdaMax": (("m", "u"), ("alpha", "b1", "one_minus_b1", "b2", "tiny"),
-               "m = m * b1 + one_minus_b1 * gi; u = rayps_maximum<S>(u * b2, rayps_abs(gi)) + tiny;"
-               "S update = alpha * m / u;"),
+               "m = m * b1 + one_minus_b1 * gi; u = rayps_maximum<compute_t>(u * b2, rayps_abs(gi)) + tiny;"
+               "compute_t update = alpha * m / u;"),
     "Nadam": (("m", "v"), ("lr", "b1", "one_minus_b1", "b2", "one_minus_b2", "eps", "one_minus_b1t"),
               "m = m * b1 + one_minus_b1 * gi; v = v * b2 + one_minus_b2 * (gi * gi);"
-              "S update = lr * ((b1 * m + one_minus_b1 * gi) / one_minus_b1t) / (rayps_sqrt(v) + eps);"),
+              "compute_t update = lr * ((b1 * m + one_minus_b1 * gi) / one_minus_b1t) / (rayps_sqrt(v) + eps);"),
     "AMSGrad": (("m", "v", "vhat"), ("alpha", "b1", "one_minus_b1", "b2", "one_minus_b2", "eps"),
                 "m = m * b1 + one_minus_b1 * gi; v = v * b2 + one_minus_b2 * (gi * gi);"
-                "vhat = rayps_maximum<S>(vhat, v); S update = alpha * m / (rayps_sqrt(vhat) + eps);"),
+                "vhat = rayps_maximum<compute_t>(vhat, v);"
+                "compute_t update = alpha * m / (rayps_sqrt(vhat) + eps);"),
     "AdaBelief": (("m", "s"), ("alpha", "b1", "one_minus_b1", "b2", "one_minus_b2", "eps"),
-                  "m = m * b1 + one_minus_b1 * gi; S d = gi - m; s = (s * b2 + one_minus_b2 * (d * d)) + eps;"
-                  "S update = alpha * m / (rayps_sqrt(s) + eps);"),
+                  "m = m * b1 + one_minus_b1 * gi; compute_t d = gi - m;"
+                  "s = (s * b2 + one_minus_b2 * (d * d)) + eps;"
+                  "compute_t update = alpha * m / (rayps_sqrt(s) + eps);"),
 }
 
 
@@ -103,15 +108,15 @@ _CTYPES = {np.dtype(np.float32): ("float32", "float"), np.dtype(np.float64): ("f
 
 def _elementwise_kernel(cupy, name: str, compute):
     """The rule's ``ElementwiseKernel`` for compute dtype ``compute`` (built once; CuPy compiles it once per
-    params dtype ``P``). ``S`` is spelled out rather than left a placeholder: CuPy infers placeholders from
-    arrays only, and Sgd/NoOp have no state array to infer it from."""
+    params dtype ``P``). The compute type ``compute_t`` is spelled out rather than left a placeholder: CuPy
+    infers placeholders from arrays only, and Sgd/NoOp have no state array to infer it from."""
     key = (name, np.dtype(compute))
     if key not in _KERNELS:
         numpy_name, c_name = _CTYPES[np.dtype(compute)]
         if name == "NoOp":  # reached only with weight decay: p = w - (0 + wd * w)
-            slots, scalars, body = (), ("zero",), "S update = zero;"
+            slots, scalars, body = (), ("zero",), "compute_t update = zero;"
             in_params = ", ".join(f"{numpy_name} {s}" for s in scalars + ("wd",))
-            operation = "S w = (S)p;\n" + body + "\n" + _EPILOGUE
+            operation = "compute_t w = (compute_t)p;\n" + body + "\n" + _EPILOGUE
         else:
             slots, scalars, body = _RULES[name]
             in_params = ", ".join(["P g"] + [f"{numpy_name} {s}" for s in scalars + _ADJUSTMENTS])
@@ -119,7 +124,7 @@ def _elementwise_kernel(cupy, name: str, compute):
         out_params = ", ".join(["P p"] + [f"{numpy_name} {s}" for s in slots])
         _KERNELS[key] = cupy.ElementwiseKernel(
             in_params, out_params, operation, name=f"rayps_fused_{name.lower()}_{numpy_name}",
-            preamble=f"typedef {c_name} S;\n" + _PREAMBLE, options=("--fmad=false",), no_return=True)
+            preamble=f"typedef {c_name} compute_t;\n" + _PREAMBLE, options=("--fmad=false",), no_return=True)
     return _KERNELS[key]
 
 

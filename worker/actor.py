@@ -19,6 +19,8 @@ from .loop import WorkerLoop
 class WorkerActor:
     def __init__(self, client, grad_fn, x, y, worker_id, num_workers, batch_size, seed, n_fetch, n_push,
                  first_epoch=0):
+        if isinstance(x, list):  # [ObjectRef]: the data set stays in the object store, read zero-copy here
+            x, y = ray.get(x[0]), ray.get(y[0])
         self.loop = WorkerLoop(client, grad_fn, x, y, worker_id, num_workers, batch_size, seed, n_fetch, n_push,
                                first_epoch)
         self.stop_requested = threading.Event()

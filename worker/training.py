@@ -55,12 +55,14 @@ def train(ps, model, data: Dataset, num_workers: int = 4, epochs: int = 20, batc
     grad_fn, model_evaluate = _model_parts(model)
     evaluate = evaluate or (lambda params: model_evaluate(params, data.x_test, data.y_test) if model_evaluate
                             else (math.nan, math.nan))
+    # put once; passed nested in a list, so a restarted worker fetches them again (a top-level object-store
+    # argument of a restartable actor is one Ray warns about, ray-project/ray#53727)
     x_ref, y_ref = ray.put(data.x_train), ray.put(data.y_train)
     if not 0 <= first_epoch < epochs:
         raise ValueError(f"first_epoch must be in [0, epochs={epochs}), got {first_epoch}")
-    workers = [WorkerActor.options(num_cpus=cpus_per_worker, max_restarts=max_worker_restarts,
-                                   **(placement.worker_options(w) if placement is not None else {})).remote(
-        ps, grad_fn, x_ref, y_ref, w, num_workers, batch_size, seed, n_fetch, n_push, first_epoch)
+    workers = [WorkerActor.options(**{"num_cpus": cpus_per_worker, "max_restarts": max_worker_restarts,
+                                      **(placement.worker_options(w) if placement is not None else {})}).remote(
+        ps, grad_fn, [x_ref], [y_ref], w, num_workers, batch_size, seed, n_fetch, n_push, first_epoch)
         for w in range(num_workers)]
     started = time.perf_counter()
     samples, history, worker_restarts = 0, [], 0
@@ -75,7 +77,8 @@ def train(ps, model, data: Dataset, num_workers: int = 4, epochs: int = 20, batc
             row = {"epoch": epoch + 1, "epochs": epochs,
                    "train_loss": float(np.average([r.mean_loss for r in reports], weights=[r.samples for r in reports])),
                    "test_loss": float(test_loss), "test_accuracy": float(accuracy),
-                   "samples_per_second": samples / wall if wall > 0 else 0.0, "wall_seconds": wall}
+                   "samples_per_second": samples / wall if wall > 0 else 0.0, "wall_seconds": wall,
+                   "bytes_pushed": ps.stats()["bytes_pushed"]}  # encoded bytes, all shards (one call per epoch)
             history.append(row)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, ps)
