@@ -8,10 +8,11 @@ One run measures, interleaved round by round (so every implementation sees the s
   roofline probes: a numba ``prange`` triad ``a = b + s*c`` and the in-place ``a = a + s*b``, on ``--threads``
   threads.
 
-Reported: medians over ``--repeats`` rounds, the fused kernel's ratio to the baseline measured in the same group
-(< 1 means faster), its achieved bandwidth from the bytes it must move (params, grads and state read once,
+Reported: medians over ``--repeats`` rounds; the fused kernel's ratios are medians of per-round ratios (each
+pair timed in the same round) to the baseline and to the fastest torch counterpart (< 1 means faster); its
+achieved bandwidth from the bytes it must move (params, grads and state read once,
 params and state written once: ``(3 + 2 * slots) * 4`` B per element for float32) and the % of the roofline
-measured in the same group: the larger of the triad counted with its write-allocate (16 B per element) and
+measured in the same round: the larger of the triad counted with its write-allocate (16 B per element) and
 the in-place stream (12 B per element).
 
     python benchmarks/updaters.py [--size 16777216] [--repeats 10] [--threads 2] [--markdown] [--json PATH]
@@ -98,14 +99,18 @@ def bandwidth_probes(size: int) -> dict:
     return {"triad": lambda: triad(a, b, c, s), "axpy": lambda: axpy(a, b, s)}
 
 
-def roofline_GBps(size: int, medians: dict) -> dict:
+def roofline_GBps(size: int, triad_s: float, axpy_s: float) -> dict:
     """GB/s of the probes. STREAM counts the triad as 3 arrays; its store to ``a`` also reads ``a`` first
     (write-allocate), so 4 arrays cross memory: the roofline counts those, like the updaters' in-place bytes."""
-    triad = {"triad_GBps": 12 * size / medians["triad"] / 1e9,
-             "triad_with_write_allocate_GBps": 16 * size / medians["triad"] / 1e9,
-             "axpy_GBps": 12 * size / medians["axpy"] / 1e9}
-    triad["roofline_GBps"] = max(triad["triad_with_write_allocate_GBps"], triad["axpy_GBps"])
-    return triad
+    rates = {"triad_GBps": 12 * size / triad_s / 1e9, "triad_with_write_allocate_GBps": 16 * size / triad_s / 1e9,
+             "axpy_GBps": 12 * size / axpy_s / 1e9}
+    rates["roofline_GBps"] = max(rates["triad_with_write_allocate_GBps"], rates["axpy_GBps"])
+    return rates
+
+
+def paired(numerator: list, denominator: list) -> float:
+    """Median of the per-round ratios: both timed in the same round, so slow drifts of the load cancel."""
+    return statistics.median(n / d for n, d in zip(numerator, denominator))
 
 
 def _torch_step(torch, name, kwargs, variant, param):
@@ -129,7 +134,7 @@ def measure_group(updater, size: int, repeats: int, torch, probes: dict) -> dict
             step[kernel] += 1
         return run
 
-    functions = {"reference": rayps_step("reference"), "fused": rayps_step("fused"), **probes}
+    functions = {"reference": rayps_step("reference")}
     if torch is not None:
         param = torch.nn.Parameter(torch.from_numpy(rng.standard_normal(size, dtype=np.float32)))
         param.grad = torch.from_numpy(grads.copy())
@@ -137,11 +142,13 @@ def measure_group(updater, size: int, repeats: int, torch, probes: dict) -> dict
             optimizer, kwargs, variants = TORCH_COUNTERPARTS[name]
             for variant in variants:
                 functions[f"torch {variant}"] = _torch_step(torch, optimizer, kwargs, variant, param)
+    functions["fused"] = rayps_step("fused")
+    if torch is not None:
         baseline_param = torch.nn.Parameter(torch.from_numpy(rng.standard_normal(size, dtype=np.float32)))
         baseline_param.grad = torch.from_numpy(grads.copy())
         functions[BASELINE] = _torch_step(torch, "Adam", {"lr": 1e-3}, "fused", baseline_param)
-    times = interleaved(functions, repeats)
-    return {key: statistics.median(values) for key, values in times.items()}
+    functions.update(probes)
+    return interleaved(functions, repeats)
 
 
 def run(size: int, repeats: int, threads: int, names=None) -> dict:
@@ -160,23 +167,28 @@ def run(size: int, repeats: int, threads: int, names=None) -> dict:
         if names and cls.__name__ not in names:
             continue
         updater = cls()
-        medians = measure_group(updater, size, repeats, torch, probes)
-        bandwidth = roofline_GBps(size, medians)
-        roof = bandwidth["roofline_GBps"]
+        times = measure_group(updater, size, repeats, torch, probes)
+        medians = {key: statistics.median(values) for key, values in times.items()}
         nbytes = bytes_per_element(updater, 4) * size
-        fused_GBps = nbytes / medians["fused"] / 1e9 if nbytes else float("nan")
         torch_variants = {k[len("torch "):]: v for k, v in medians.items() if k.startswith("torch ") and k != BASELINE}
-        baseline = medians.get(BASELINE, float("nan"))
+        best_torch = min(torch_variants, key=torch_variants.get) if torch_variants else None
+        # per round: the fused kernel's GB/s over the roofline measured in that round
+        roofs = [roofline_GBps(size, t, a)["roofline_GBps"] for t, a in zip(times["triad"], times["axpy"])]
+        percent = [100.0 * nbytes / f / 1e9 / roof for f, roof in zip(times["fused"], roofs)]
         rows.append({
             "updater": cls.__name__, "bytes_per_element": bytes_per_element(updater, 4),
             "reference_s": medians["reference"], "fused_s": medians["fused"],
             "torch": {"optimizer": TORCH_COUNTERPARTS.get(cls.__name__, ("-",))[0], **torch_variants},
-            "baseline_s": baseline, "fused_over_baseline": medians["fused"] / baseline,
-            "fused_over_best_torch": (medians["fused"] / min(torch_variants.values()) if torch_variants
+            "baseline_s": medians.get(BASELINE, float("nan")),
+            "fused_over_baseline": paired(times["fused"], times[BASELINE]) if BASELINE in times else float("nan"),
+            "fused_over_best_torch": (paired(times["fused"], times[f"torch {best_torch}"]) if best_torch
                                       else float("nan")),
-            "fused_GBps": fused_GBps, "percent_of_roofline": 100.0 * fused_GBps / roof,
+            "fused_over_reference": paired(times["fused"], times["reference"]),
+            "fused_GBps": nbytes / medians["fused"] / 1e9 if nbytes else float("nan"),
+            "percent_of_roofline": statistics.median(percent) if nbytes else float("nan"),
             "torch_GBps": {k: nbytes / v / 1e9 for k, v in torch_variants.items()},
-            "bandwidth": bandwidth,
+            "bandwidth": roofline_GBps(size, medians["triad"], medians["axpy"]),
+            "times_s": times,
         })
     summary = {key: statistics.median(row["bandwidth"][key] for row in rows) for key in rows[0]["bandwidth"]}
     summary["roofline_GBps"] = max(summary["triad_with_write_allocate_GBps"], summary["axpy_GBps"])
@@ -220,14 +232,14 @@ def _ratio(value):
 
 def render(results: dict, markdown: bool) -> str:
     rows = results["rows"]
-    headers = ["updater", "B/elem", "reference ms", "fused ms", "torch counterpart", "torch single ms",
+    headers = ["updater", "B/elem", "reference ms", "fused ms", "fused / reference", "torch counterpart", "torch single ms",
                "torch foreach ms", "torch fused ms", "fused / torch fused Adam", "fused / best torch",
                "fused GB/s", "% roofline"]
     body = []
     for row in rows:
         torch_row = row["torch"]
         body.append([row["updater"], str(row["bytes_per_element"]), _ms(row["reference_s"]), _ms(row["fused_s"]),
-                     torch_row["optimizer"], _ms(torch_row.get("single")), _ms(torch_row.get("foreach")),
+                     _ratio(row["fused_over_reference"]), torch_row["optimizer"], _ms(torch_row.get("single")), _ms(torch_row.get("foreach")),
                      _ms(torch_row.get("fused")), _ratio(row["fused_over_baseline"]),
                      _ratio(row["fused_over_best_torch"]),
                      "-" if row["fused_GBps"] != row["fused_GBps"] else f"{row['fused_GBps']:.1f}",
@@ -240,11 +252,11 @@ def render(results: dict, markdown: bool) -> str:
         f"{results['size']:,} float32 params, {m['threads']} threads, median of {results['repeats']} interleaved "
         f"rounds; {m['cpu']} ({m['cores']} cores), numba {m['numba']} ({m['numba_threading_layer']}), "
         f"torch {results['torch'] or 'not installed'}, {m['date']}",
-        f"roofline {bandwidth['roofline_GBps']:.1f} GB/s (medians over groups; each row's % uses its own group's)"
+        f"roofline {bandwidth['roofline_GBps']:.1f} GB/s (medians over groups; a row's % is per round)"
         f" = max(triad a = b + s*c incl. write-allocate {bandwidth['triad_with_write_allocate_GBps']:.1f} GB/s "
         f"[STREAM-counted {bandwidth['triad_GBps']:.1f}], in-place a = a + s*b {bandwidth['axpy_GBps']:.1f} GB/s)",
-        (f"baseline {BASELINE}: {_ms(statistics.median(baselines))} ms (median over groups); each ratio uses the "
-         f"baseline measured in its own group" if baselines else "baseline: torch not installed"),
+        (f"baseline {BASELINE}: {_ms(statistics.median(baselines))} ms (median over groups); ratios are medians "
+         f"of per-round ratios within a group" if baselines else "baseline: torch not installed"),
         "",
     ]
     lines.append(_table(headers, body, markdown))
