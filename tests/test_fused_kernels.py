@@ -156,6 +156,26 @@ def test_fused_cpu_multithreaded_path_matches_reference(name, dtype, monkeypatch
 
 
 @needs_numba
+def test_fused_cpu_kernel_takes_state_slots_that_are_contiguous_only_one_by_one():
+    """The kernel itself needs each slot contiguous, not the whole state (slots padded apart stream faster)."""
+    updater = Adam(learning_rate=0.01)
+    params, grads = _problem(np.float32)
+    padded = np.zeros((2, params.size + 16), np.float32)
+    state = padded[:, :params.size].reshape((2,) + params.shape)
+    assert not state.flags.c_contiguous
+    expected_params, expected_state = params.copy(), updater.init(params)
+    step = fused_cpu.kernel_for(updater, params.dtype)
+    for iteration, grad in enumerate(grads):
+        step(params, grad, state, updater.rule_scalars(iteration, 0), StepAdjustments())
+        updater.apply(expected_params, grad, expected_state, iteration, kernel="reference")
+    np.testing.assert_array_equal(params, expected_params)
+    np.testing.assert_array_equal(state, expected_state)
+    with pytest.raises(ValueError, match="state slot 0 must be C-contiguous"):
+        step(params, grads[0], _strided(np.zeros((2,) + params.shape, np.float32)), updater.rule_scalars(0, 0),
+             StepAdjustments())
+
+
+@needs_numba
 def test_fused_cpu_small_arrays_restore_the_thread_count():
     import numba  # noqa: PLC0415
 

@@ -318,6 +318,15 @@ SERIAL_BELOW = 1 << 15
 _STEPS: dict = {}
 
 
+def _slot_view(state, k: int):
+    """State slot ``k`` as a 1-D view. Only each slot must be contiguous (base.py passes a C-contiguous state;
+    slots that start at different offsets modulo 4 KiB stream faster, see BENCHMARKS.md)."""
+    slot = state[k]
+    if not slot.flags.c_contiguous:
+        raise ValueError(f"state slot {k} must be C-contiguous for the fused kernel")
+    return slot.reshape(-1)
+
+
 def kernel_for(updater, param_dtype):
     """The fused kernel for ``updater`` on ``param_dtype`` params, or None (no numba, unknown rule or dtype)."""
     if numba is None:
@@ -344,7 +353,7 @@ def _fused_step(name: str, dtype: np.dtype):
         g = grads.reshape(-1)
         if bits is not None:
             p, g = p.view(bits), g.view(bits)
-        slots = state.reshape(state.shape[0], p.size)
+        slots = tuple(_slot_view(state, k) for k in range(state.shape[0]))
         rule = tuple(compute(x) for x in kernel_scalars(scalars))
         adjust = tuple(compute(x) for x in adjustments)
         args = (p,) + rule + adjust[4:] if noop else (p, g, *slots) + rule + adjust

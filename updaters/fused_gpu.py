@@ -147,10 +147,10 @@ def kernel_for(updater, param_dtype):
             if adjustments.weight_decay:
                 _elementwise_kernel(cupy, name, compute)(compute(0.0), adjust[4], p)
             return
-        slots = state.reshape(state.shape[0], p.size)
+        slots = [state[k].reshape(-1) for k in range(state.shape[0])]  # base.py passes C-contiguous state
         rule_scalars = tuple(compute(x) for x in _KERNEL_SCALARS[name](scalars))
         _elementwise_kernel(cupy, name, compute)(grads.reshape(-1), *rule_scalars, *adjust, p,
-                                                 *(slots[k] for k in range(slots.shape[0])))
+                                                 *slots)
 
     fused_step.__name__ = f"fused_gpu_{name}_{dtype.name}"
     return fused_step
