@@ -371,10 +371,15 @@ class ParameterServer:
 
     def _ask_fresh(self, shard: int, method: str, *args):
         """A read that must see this handle's pushes: waits for them, recovers a restarted shard."""
-        for _ in range(8):
+        return self._get_recovering(shard, lambda: getattr(self._shard_actors[shard], method).remote(
+            self.client_id, self.seq, *args, self.pull_timeout, self._incarnations[shard]), method)
+
+    def _get_recovering(self, shard: int, make_ref, what: str, attempts: int = 8):
+        """``ray.get(make_ref())``; after a lost or restarted shard, recover it (replay) and ask again."""
+        ref = make_ref()
+        for _ in range(attempts):
             try:
-                return ray.get(getattr(self._shard_actors[shard], method).remote(
-                    self.client_id, self.seq, *args, self.pull_timeout, self._incarnations[shard]))
+                return ray.get(ref)
             except ACTOR_LOST:
                 pass
             except Exception as error:  # noqa: BLE001
@@ -382,7 +387,8 @@ class ParameterServer:
                 if not isinstance(error, ShardRestarted):
                     raise error from None
             self._recover(shard)
-        raise RuntimeError(f"shard {shard} kept restarting during {method}()")
+            ref = make_ref()
+        raise RuntimeError(f"shard {shard} kept restarting during {what}()")
 
     def _whole_table(self, name: str) -> np.ndarray:
         table = self.tables[name]
@@ -396,19 +402,10 @@ class ParameterServer:
         return self._shard_actors[shard].pull.remote(self.client_id, self.seq, worker_id, pieces, self.pull_timeout,
                                                      self._incarnations[shard])
 
-    def _get_pulled(self, shard, ref, worker_id, pieces, attempts: int = 8):
-        for _ in range(attempts):
-            try:
-                return ray.get(ref)
-            except ACTOR_LOST:
-                pass
-            except Exception as error:  # noqa: BLE001
-                error = unwrap(error)
-                if not isinstance(error, ShardRestarted):
-                    raise error from None
-            self._recover(shard)
-            ref = self._pull_ref(shard, worker_id, pieces)
-        raise RuntimeError(f"shard {shard} failed {attempts} times while pulling")
+    def _get_pulled(self, shard, ref, worker_id, pieces):
+        first = [ref]  # the pull already in flight is used once, then re-asked after each recovery
+        return self._get_recovering(
+            shard, lambda: first.pop() if first else self._pull_ref(shard, worker_id, pieces), "pull")
 
     def push_pull(self, grads: Mapping[str, np.ndarray], worker_id: int = 0, epoch: int = 0, rows=None) -> dict:
         """A push and the pull after it, fused into one call per shard (the worker loop's step)."""
