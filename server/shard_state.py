@@ -24,6 +24,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from ..updaters.base import reference_step
 from ..updaters.groups import ParamGroup
 from . import transport
 from .layout import Piece
@@ -31,6 +32,14 @@ from .validation import CONSISTENCY_MODES, NAN_POLICIES
 
 DEFAULT_FACTORS = (1.0, math.inf)
 TICK = "tick"  # ``present`` of a clock-only message (a worker step with nothing to push)
+
+
+def all_finite(array: np.ndarray) -> bool:
+    """No NaN or Inf in ``array``, in one pass with no temporary: a NaN or Inf makes the sum non-finite; a sum
+    that overflows although every value is finite is rechecked exactly (rare)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = np.add.reduce(array, dtype=np.float32 if array.dtype == np.float16 else None)
+    return math.isfinite(total) or bool(np.isfinite(array).all())
 
 
 @dataclass
@@ -77,6 +86,12 @@ class ShardState:
         self.ranges = self._ranges()
         self.state = {key: self.groups[r.group].updater.init(self.params[r.dtype][r.start:r.stop])
                       for key, r in self.ranges.items()}
+        # the kernel of each range, chosen once (fused when the arrays allow it; None: the reference path).
+        # Every slice of a range (a partial push) is as contiguous per slot as the range itself.
+        self.kernels = {key: self.groups[r.group].updater.select_kernel(
+            self.params[r.dtype][r.start:r.stop], self.params[r.dtype][r.start:r.stop], self.state[key])
+            for key, r in self.ranges.items()}
+        self.full_sizes = {dtype: int(buf.size) for dtype, buf in self.params.items()}
         self.iterations = np.zeros(len(self.pieces), dtype=np.int64)
         self.piece_slices = {}
         for piece in self.pieces:
@@ -177,22 +192,30 @@ class ShardState:
         return None
 
     def _check_payload(self, payload, present_idx) -> str | None:
-        expected: dict[str, int] = {}
-        for i in present_idx:
-            piece = self.pieces[int(i)]
-            expected[piece.dtype] = expected.get(piece.dtype, 0) + piece.size
-        got = {dtype: int(a.size) for dtype, a in payload.items()}
-        if got != expected:
-            return f"shard {self.shard_index}: payload sizes {got} do not match the layout {expected}"
+        if len(present_idx) == len(self.pieces):
+            expected = self.full_sizes
+        else:
+            expected = {}
+            for i in present_idx:
+                piece = self.pieces[int(i)]
+                expected[piece.dtype] = expected.get(piece.dtype, 0) + piece.size
+        if len(payload) != len(expected):
+            return self._size_mismatch(payload, expected)
         for dtype, array in payload.items():
             if not isinstance(array, np.ndarray) or array.dtype != np.dtype(dtype) or array.ndim != 1:
                 return (f"shard {self.shard_index}: payload[{dtype!r}] must be a 1-D {dtype} array, got "
                         f"{getattr(array, 'dtype', type(array).__name__)} with shape {getattr(array, 'shape', None)}")
+            if array.size != expected.get(dtype):
+                return self._size_mismatch(payload, expected)
         for dtype, array in payload.items():
-            if not np.isfinite(array).all():
+            if not all_finite(array):
                 bad = self._first_nonfinite_name(dtype, array, present_idx)
                 return f"non-finite value (NaN or Inf) in the gradient of {bad!r}"
         return None
+
+    def _size_mismatch(self, payload, expected) -> str:
+        got = {dtype: int(getattr(a, "size", -1)) for dtype, a in payload.items()}
+        return f"shard {self.shard_index}: payload sizes {got} do not match the layout {expected}"
 
     def _first_nonfinite_name(self, dtype, array, present_idx) -> str:
         cursor = 0
@@ -200,7 +223,7 @@ class ShardState:
             piece = self.pieces[int(i)]
             if piece.dtype != dtype:
                 continue
-            if not np.isfinite(array[cursor:cursor + piece.size]).all():
+            if not all_finite(array[cursor:cursor + piece.size]):
                 return piece.name
             cursor += piece.size
         return "?"
@@ -329,20 +352,22 @@ class ShardState:
         self.iterations[indices] += 1
 
     def _kernel(self, dtype, group_index, start, stop, grads, iteration, epoch, key_factors) -> None:
+        """One kernel call on ``buffer[start:stop]`` of one range. Shapes and dtypes were checked with the
+        payload and the arrays are the shard's own, so ``Updater.apply``'s per-call checks are skipped."""
+        key = (dtype, group_index)
         group = self.groups[group_index]
-        r = self.ranges[(dtype, group_index)]
-        state = self.state[(dtype, group_index)][:, start - r.start:stop - r.start]
-        if not state.flags.c_contiguous and state.shape[0] > 1:
-            view = np.ascontiguousarray(state)
-            self._run(group, self.params[dtype][start:stop], grads, view, iteration, epoch, key_factors)
-            state[...] = view
-        else:
-            self._run(group, self.params[dtype][start:stop], grads, state, iteration, epoch, key_factors)
-
-    @staticmethod
-    def _run(group, params, grads, state, iteration, epoch, key_factors) -> None:
+        r = self.ranges[key]
+        state = self.state[key]
+        if start != r.start or stop != r.stop:
+            state = state[:, start - r.start:stop - r.start]  # each slot stays contiguous: no copy
+        params = self.params[dtype][start:stop]
         adjustments = group.adjustments(iteration, epoch, *key_factors)
-        group.updater.apply(params, grads, state, iteration, epoch, adjustments=adjustments)
+        scalars = group.updater.rule_scalars(iteration, epoch)
+        kernel = self.kernels[key]
+        if kernel is None:
+            reference_step(group.updater, params, grads, state, scalars, adjustments)
+        else:
+            kernel(params, grads, state, scalars, adjustments)
 
     # -- reads ---------------------------------------------------------------------------------------------
     def clock_gap(self) -> int:
@@ -363,12 +388,16 @@ class ShardState:
         slowest = min(self.clocks.get(w, 0) for w in range(self.num_workers))
         return clock - slowest <= self.staleness
 
-    def read(self, piece_indices: Sequence[int] | None = None, worker_id: int | None = None) -> dict:
-        """A copy of the parameters (whole buffers, or the given pieces packed in order)."""
+    def read(self, piece_indices: Sequence[int] | None = None, worker_id: int | None = None,
+             copy: bool = True) -> dict:
+        """The parameters: whole buffers, or the given pieces packed in order (always a new array).
+
+        Whole buffers are copies, unless ``copy=False``: then they are the LIVE buffers, which the next push
+        changes in place. The shard actor hands those to Ray, whose serialization is then the only copy."""
         if worker_id is not None:
             self.pulled_version[worker_id] = self.version
         if piece_indices is None:
-            out = {dtype: buf.copy() for dtype, buf in self.params.items()}
+            out = {dtype: buf.copy() for dtype, buf in self.params.items()} if copy else dict(self.params)
         else:
             parts: dict[str, list] = {}
             for i in piece_indices:

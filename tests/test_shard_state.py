@@ -475,3 +475,59 @@ def test_staleness_counts_the_updates_applied_since_the_pushing_worker_last_pull
     push(1)
     assert shard.state.counters["max_staleness"] == largest == 3
     assert shard.state.stats()["clocks"] == {0: 2, 1: 4}
+
+
+# -- the fast paths: finiteness from one sum, live reads, per-slot state ---------------------------------------
+
+
+def test_finite_gradients_whose_sum_overflows_are_accepted_and_applied():
+    """The one-pass check sums the payload; a sum that overflows although every value is finite is rechecked."""
+    params = {"w": np.zeros(4, dtype=np.float32)}
+    shard = Shard(params, Sgd(learning_rate=1e-30))
+    grads = {"w": np.full(4, 3e38, dtype=np.float32)}  # float32 sum: inf
+    assert shard.push(grads, 1) == []
+    reference = Reference(params, as_groups(Sgd(learning_rate=1e-30)))
+    reference.apply(grads)
+    np.testing.assert_array_equal(shard.params()["w"], reference.params["w"])
+    assert shard.state.counters["nonfinite_rejected"] == 0
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_beside_an_overflowing_sum_is_still_rejected(bad):
+    params = {"w": np.zeros(4, dtype=np.float32)}
+    shard = Shard(params, Sgd(learning_rate=1e-30))
+    grads = {"w": np.array([3e38, 3e38, bad, 1.0], dtype=np.float32)}
+    before = shard.snapshot()
+    errors = shard.push(grads, 1)
+    assert len(errors) == 1 and "non-finite" in errors[0] and "'w'" in errors[0]
+    assert_unchanged(before, shard.snapshot())
+
+
+def test_read_copy_false_returns_the_live_buffers_and_copy_true_a_snapshot():
+    rng = np.random.default_rng(11)
+    params = {"w": rng.normal(size=6).astype(np.float32)}
+    shard = Shard(params, Sgd(learning_rate=0.5))
+    live = shard.state.read(copy=False)["float32"]
+    copied = shard.state.read()["float32"]
+    before = copied.copy()
+    shard.push({"w": np.ones(6, dtype=np.float32)}, 1)
+    np.testing.assert_array_equal(copied, before)  # the copy is a snapshot
+    np.testing.assert_array_equal(live, before - np.float32(0.5))  # the live buffer moved with the push
+    assert np.shares_memory(live, shard.state.params["float32"])
+
+
+def test_partial_pushes_update_multi_slot_state_in_place():
+    """Adam's two slots are each contiguous but not adjacent; a slice of them is updated without a copy."""
+    rng = np.random.default_rng(12)
+    params = {"a": rng.normal(size=(6, 3)).astype(np.float32), "b": rng.normal(size=5).astype(np.float32)}
+    shard = Shard(params, Adam(learning_rate=0.05))
+    (key,) = shard.state.state
+    state = shard.state.state[key]
+    assert all(state[k].flags.c_contiguous for k in range(2)) and not state.flags.c_contiguous
+    reference = Reference(params, as_groups(Adam(learning_rate=0.05)))
+    for seq, names in enumerate([["a"], ["b"], ["a", "b"], ["b"]], start=1):
+        grads = _grads(rng, params, names)
+        assert shard.push(grads, seq) == []
+        reference.apply(grads)
+    assert shard.state.state[key] is state  # never re-allocated
+    assert_matches(shard, reference)

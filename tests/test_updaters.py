@@ -15,6 +15,7 @@ import pytest
 
 from rayps.updaters import (ALL_UPDATERS, AdaBelief, AdaDelta, AdaGrad, AdaMax, Adam, AMSGrad, Nadam, Nesterovs,
                             NoOp, RmsProp, Sgd, from_config)
+from rayps.updaters.base import SLOT_GAP_BYTES
 
 try:  # the fused CPU kernels arrive separately; kernel="auto" imports them
     import rayps.updaters.fused_cpu  # noqa: F401
@@ -280,7 +281,11 @@ def test_state_init(cls, dtype):
     slots = _REFERENCE[cls][1]
     assert state.shape == (len(slots), 2, 5)
     assert state.dtype == (np.float32 if dtype == np.float16 else dtype)
-    assert state.flags.c_contiguous
+    for k in range(len(slots)):  # each slot contiguous, the next one SLOT_GAP_BYTES after its end
+        assert state[k].flags.c_contiguous
+        if k:
+            gap = state[k].ctypes.data - (state[k - 1].ctypes.data + state[k - 1].nbytes)
+            assert gap == SLOT_GAP_BYTES
     for (name, init), view in zip(slots, u.state_views(state).values()):
         assert view.shape == params.shape
         assert np.shares_memory(view, state)  # a view, not a copy

@@ -319,8 +319,8 @@ _STEPS: dict = {}
 
 
 def _slot_view(state, k: int):
-    """State slot ``k`` as a 1-D view. Only each slot must be contiguous (base.py passes a C-contiguous state;
-    slots that start at different offsets modulo 4 KiB stream faster, see BENCHMARKS.md)."""
+    """State slot ``k`` as a 1-D view. Only each slot must be contiguous: ``Updater.init`` allocates the slots
+    64 B apart, which streams faster than back to back (BENCHMARKS.md)."""
     slot = state[k]
     if not slot.flags.c_contiguous:
         raise ValueError(f"state slot {k} must be C-contiguous for the fused kernel")
@@ -361,6 +361,9 @@ def _fused_step(name: str, dtype: np.dtype):
             kernel(*args)
             return
         threads = numba.get_num_threads()  # per calling thread in numba: safe under concurrent callers
+        if threads == 1:  # e.g. a shard whose thread was set to one numba thread: nothing to switch
+            kernel(*args)
+            return
         numba.set_num_threads(1)
         try:
             kernel(*args)

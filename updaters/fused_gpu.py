@@ -147,7 +147,7 @@ def kernel_for(updater, param_dtype):
             if adjustments.weight_decay:
                 _elementwise_kernel(cupy, name, compute)(compute(0.0), adjust[4], p)
             return
-        slots = [state[k].reshape(-1) for k in range(state.shape[0])]  # base.py passes C-contiguous state
+        slots = [state[k].reshape(-1) for k in range(state.shape[0])]  # each slot is C-contiguous (base.py checks)
         rule_scalars = tuple(compute(x) for x in _KERNEL_SCALARS[name](scalars))
         _elementwise_kernel(cupy, name, compute)(grads.reshape(-1), *rule_scalars, *adjust, p,
                                                  *slots)

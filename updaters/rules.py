@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from .base import Updater, _array_module, resolve
 
 
 def _bias_corrected_alpha(learning_rate: float, beta1: float, beta2: float, epsilon: float, t: int) -> float:
-    """ND4J's ``alpha_t = lr * sqrt(1 - beta2^t) / (1 - beta1^t)``, replaced by epsilon when NaN, 0 or inf."""
-    beta1_t = beta1 ** t
-    beta2_t = beta2 ** t
-    with np.errstate(all="ignore"):
-        alpha = float(np.float64(learning_rate) * np.sqrt(np.float64(1.0 - beta2_t)) / np.float64(1.0 - beta1_t))
+    """ND4J's ``alpha_t = lr * sqrt(1 - beta2^t) / (1 - beta1^t)``, replaced by epsilon when NaN, 0 or inf.
+
+    Python floats are IEEE doubles with a correctly rounded ``sqrt``: the same value as the float64 NumPy
+    expression, without its per-call cost (this runs once per step on every shard)."""
+    denominator = 1.0 - beta1 ** t
+    if denominator == 0.0:
+        return epsilon
+    alpha = learning_rate * math.sqrt(1.0 - beta2 ** t) / denominator
     if math.isnan(alpha) or alpha == 0.0 or math.isinf(alpha):
         alpha = epsilon
     return alpha
