@@ -31,7 +31,7 @@ from common import human_bytes, machine, median, repeat, start_ray, table  # noq
 
 from rayps.server.client import ParameterServer  # noqa: E402
 from rayps.server.row_tables import RowTable  # noqa: E402
-from rayps.server.sparse_rows import HashedUniformInit  # noqa: E402
+from rayps.server.row_index import HashedUniformInit  # noqa: E402
 from rayps.updaters import Adam, Sgd  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS-sparse.md")

@@ -198,3 +198,20 @@ def decode_array(record, what: str) -> np.ndarray:
     if count * np.dtype(dtype).itemsize != len(data):
         raise CheckpointError(f"{what}: {len(data)} bytes do not hold shape {shape} of {dtype}")
     return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
+
+
+def encode_ints(array: np.ndarray) -> dict:
+    """An int64 vector as a msgpack-able record (``encode_array`` is for float data only)."""
+    return {"dtype": "int64", "shape": [int(len(array))], "data": np.asarray(array, dtype="<i8").tobytes()}
+
+
+def decode_ints(record, what: str) -> np.ndarray:
+    """``encode_ints``' record back, every field checked."""
+    if not isinstance(record, dict) or record.get("dtype") != "int64":
+        raise CheckpointError(f"{what}: expected an int64 vector record")
+    shape, data = record.get("shape"), record.get("data")
+    if not (isinstance(shape, list) and len(shape) == 1 and isinstance(shape[0], int) and shape[0] >= 0):
+        raise CheckpointError(f"{what}: shape {shape!r} is not [length]")
+    if not isinstance(data, bytes) or len(data) != 8 * shape[0]:
+        raise CheckpointError(f"{what}: data does not hold {shape[0]} int64 values")
+    return np.frombuffer(data, dtype="<i8").astype(np.int64)

@@ -6,17 +6,16 @@ so it works into any shard count (resharding), and checks everything it reads (s
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
 
 from ..updaters.groups import ParamGroup, assign_groups
-import hashlib
-
 from . import checkpoint as ckpt
-from .checkpoint import CheckpointError, decode_array, encode_array
+from .checkpoint import CheckpointError, decode_array, decode_ints, encode_array
+from .row_index import HashedUniformInit
 from .row_tables import RowTable
-from .sparse_rows import HashedUniformInit, decode_ints
 
 
 def manifest_for(ps) -> dict:

@@ -4,7 +4,7 @@
     ps.push_rows("emb", ids, grads)      # duplicates summed; cost proportional to the rows touched
     ps.pull_rows("emb", ids)             # (len(ids), 16)
 
-Rows are spread over every shard by a multiplicative hash (``sparse_rows.row_owner``), so one hot table uses
+Rows are spread over every shard by a multiplicative hash (``row_index.row_owner``), so one hot table uses
 all shards. A table is given either as a ``RowTable`` spec (never materialized: rows start from ``initial``,
 zeros by default, and cost memory only once pushed) or, for small tables, as a dense array of initial values.
 """
@@ -16,7 +16,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .sparse_rows import TABLE_DTYPES, row_owner
+from .row_index import row_owner
+from .sparse_rows import TABLE_DTYPES
 
 
 @dataclass(frozen=True)

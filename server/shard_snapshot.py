@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .checkpoint import BLOB_FORMAT, VERSION, CheckpointError, decode_array, encode_array
-from .sparse_rows import decode_ints, encode_ints
+from .checkpoint import BLOB_FORMAT, VERSION, CheckpointError, decode_array, decode_ints, encode_array, encode_ints
 from .shard_state import ShardState, SyncStep
 
 

@@ -1,11 +1,7 @@
 """Row-sparse tables: ``RowTableShard`` keeps the rows of ONE table ``(num_rows, dim)`` that one shard owns,
 lazily — plain logic, no Ray (the actor wraps it as it wraps ``ShardState``).
 
-* **Ownership** — ``row_owner(ids, num_shards)``: a multiplicative (Fibonacci) hash, ``h = id * 2^64/phi mod
-  2^64``, shard ``= (h >> 32) * num_shards >> 32``. A range split would keep neighbouring ids together, which
-  puts the whole hot head of a power-law table (the smallest ids of every field) on one shard; the hash
-  spreads consecutive ids evenly (three-distance theorem), so one hot table uses every shard. Deterministic,
-  vectorized, O(len(ids)).
+* **Ownership** — ``row_index.row_owner``: rows are spread over the shards by a multiplicative hash.
 * **Lazy rows** — only rows pushed so far are stored: an open-addressing index ``row id -> slot``
   (``RowIndex``) over growable contiguous arrays ``values (n, dim)``, ``state (slots, n, dim)`` (the dense
   updater's layout over the n stored rows) and ``iterations (n,)``. A row never pushed costs nothing; its
@@ -29,121 +25,13 @@ import numpy as np
 
 from ..updaters.base import NO_ADJUSTMENTS, StepAdjustments, Updater, state_dtype_for
 from ..updaters.groups import ParamGroup
-from .checkpoint import CheckpointError, decode_array, encode_array
+from .checkpoint import CheckpointError, decode_array, decode_ints, encode_array, encode_ints
+from .row_index import RowIndex, row_owner
 
 TABLE_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 SNAPSHOT_FORMAT = "rayps-row-table"
 SNAPSHOT_VERSION = 1
 KERNELS = ("auto", "reference")
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_EMPTY = -1
-
-
-# -- hashing ----------------------------------------------------------------------------------------------
-def mix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64's finalizer of ``x + golden``: a bijection of uint64 with full avalanche (vectorized)."""
-    z = np.asarray(x, dtype=np.uint64) + _GOLDEN
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
-def counter_uniform(seed: int, counters: np.ndarray) -> np.ndarray:
-    """Uniform floats in [0, 1) that depend only on ``(seed, counter)``: float64, the shape of ``counters``."""
-    key = mix64(np.array([seed], dtype=np.uint64))[0]
-    bits = mix64(np.asarray(counters, dtype=np.uint64) ^ key)
-    return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
-
-
-def row_owner(ids, num_shards: int) -> np.ndarray:
-    """The shard (int64) that owns each row id: Fibonacci hashing, see the module docstring."""
-    if isinstance(num_shards, bool) or not isinstance(num_shards, (int, np.integer)) or not 1 <= num_shards < 1 << 31:
-        raise ValueError(f"num_shards must be an integer in [1, 2^31), got {num_shards!r}")
-    h = np.asarray(ids).astype(np.uint64) * _GOLDEN  # wraps mod 2^64
-    return (((h >> np.uint64(32)) * np.uint64(num_shards)) >> np.uint64(32)).astype(np.int64)
-
-
-class HashedUniformInit:
-    """``initial(row_ids)``: row r, column j is ``scale * (2u - 1)``, u = ``counter_uniform(seed, r * dim + j)``.
-
-    Reproducible per row without storing the table (any shard count, any order). Picklable; ``to_config``.
-    """
-
-    def __init__(self, dim: int, scale: float = 0.01, seed: int = 0):
-        self.dim, self.scale, self.seed = int(dim), float(scale), int(seed)
-
-    def __call__(self, row_ids) -> np.ndarray:
-        ids = np.asarray(row_ids, dtype=np.uint64)
-        counters = ids[:, None] * np.uint64(self.dim) + np.arange(self.dim, dtype=np.uint64)
-        return self.scale * (2.0 * counter_uniform(self.seed, counters) - 1.0)
-
-    def to_config(self) -> dict:
-        return {"type": "HashedUniformInit", "dim": self.dim, "scale": self.scale, "seed": self.seed}
-
-    def __repr__(self):
-        return f"HashedUniformInit(dim={self.dim}, scale={self.scale}, seed={self.seed})"
-
-
-# -- the index ----------------------------------------------------------------------------------------------
-class RowIndex:
-    """Open-addressing hash map (linear probing, load <= 1/2) from int64 row id to int64 slot, vectorized:
-    each probe round is one NumPy pass over the ids still unresolved."""
-
-    def __init__(self, capacity: int = 64):
-        capacity = 1 << max(6, int(capacity - 1).bit_length())
-        self.keys = np.full(capacity, _EMPTY, dtype=np.int64)
-        self.vals = np.zeros(capacity, dtype=np.int64)
-        self.size = 0
-
-    @property
-    def nbytes(self) -> int:
-        return self.keys.nbytes + self.vals.nbytes
-
-    def _home(self, ids: np.ndarray) -> np.ndarray:
-        return (mix64(ids) & np.uint64(len(self.keys) - 1)).astype(np.int64)
-
-    def lookup(self, ids: np.ndarray) -> np.ndarray:
-        """Slot of each id, -1 where absent (ids: int64 >= 0, duplicates allowed)."""
-        result = np.full(len(ids), -1, dtype=np.int64)
-        pos = self._home(ids)
-        pending = np.arange(len(ids))
-        mask = len(self.keys) - 1
-        while pending.size:
-            found = self.keys[pos[pending]]
-            hit = found == ids[pending]
-            result[pending[hit]] = self.vals[pos[pending[hit]]]
-            pending = pending[~hit & (found != _EMPTY)]
-            pos[pending] = (pos[pending] + 1) & mask
-        return result
-
-    def insert(self, ids: np.ndarray, slots: np.ndarray) -> None:
-        """Add ids that are unique and absent, with their slots."""
-        if 2 * (self.size + len(ids)) > len(self.keys):  # grow, then re-place the stored ids
-            old = self.keys != _EMPTY
-            old_ids, old_slots = self.keys[old], self.vals[old]
-            grown = RowIndex(2 * (self.size + len(ids)) + 1)
-            grown._place(old_ids, old_slots)
-            self.keys, self.vals, self.size = grown.keys, grown.vals, grown.size
-        self._place(ids, slots)
-
-    def _place(self, ids: np.ndarray, slots: np.ndarray) -> None:
-        pos = self._home(ids)
-        pending = np.arange(len(ids))
-        mask = len(self.keys) - 1
-        while pending.size:
-            target = pos[pending]
-            free = self.keys[target] == _EMPTY
-            cells, first = np.unique(target[free], return_index=True)  # one winner per free cell
-            winners = pending[free][first]
-            self.keys[cells] = ids[winners]
-            self.vals[cells] = slots[winners]
-            placed = np.zeros(len(ids), dtype=bool)
-            placed[winners] = True
-            pending = pending[~placed[pending]]
-            pos[pending] = (pos[pending] + 1) & mask
-        self.size += len(ids)
-
-
 # -- the table shard ---------------------------------------------------------------------------------------
 class RowTableShard:
     """The rows of table ``name`` (``num_rows x dim``, ``dtype``) owned by shard ``shard_index`` of ``num_shards``.
@@ -477,31 +365,5 @@ def _nonzero(value) -> bool:
     return isinstance(value, np.ndarray) or value != 0
 
 
-def encode_ints(array: np.ndarray) -> dict:
-    """An int64 vector as a msgpack-able record (``encode_array`` is for float data only)."""
-    return {"dtype": "int64", "shape": [int(len(array))], "data": np.asarray(array, dtype="<i8").tobytes()}
-
-
-def decode_ints(record, what: str) -> np.ndarray:
-    """``encode_ints``' record back, every field checked."""
-    if not isinstance(record, dict) or record.get("dtype") != "int64":
-        raise CheckpointError(f"{what}: expected an int64 vector record")
-    shape, data = record.get("shape"), record.get("data")
-    if not (isinstance(shape, list) and len(shape) == 1 and isinstance(shape[0], int) and shape[0] >= 0):
-        raise CheckpointError(f"{what}: shape {shape!r} is not [length]")
-    if not isinstance(data, bytes) or len(data) != 8 * shape[0]:
-        raise CheckpointError(f"{what}: data does not hold {shape[0]} int64 values")
-    return np.frombuffer(data, dtype="<i8").astype(np.int64)
-
-
-def split_by_owner(ids, num_shards: int) -> list[np.ndarray]:
-    """For a client: the positions in ``ids`` that go to each shard (``ids[positions[s]]`` for shard s)."""
-    owners = row_owner(ids, num_shards)
-    order = np.argsort(owners, kind="stable")
-    bounds = np.searchsorted(owners[order], np.arange(num_shards + 1))
-    return [order[bounds[s]:bounds[s + 1]] for s in range(num_shards)]
-
-
 InitialRows = Callable[[np.ndarray], np.ndarray]
-__all__ = ["HashedUniformInit", "InitialRows", "RowIndex", "RowTableShard", "counter_uniform", "decode_ints",
-           "encode_ints", "mix64", "row_owner", "split_by_owner"]
+__all__ = ["InitialRows", "RowTableShard", "TABLE_DTYPES"]

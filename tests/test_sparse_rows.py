@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from rayps.server.checkpoint import CheckpointError, pack
-from rayps.server.sparse_rows import (HashedUniformInit, RowIndex, RowTableShard, counter_uniform, row_owner,
-                                      split_by_owner)
+from rayps.server.row_index import HashedUniformInit, RowIndex, counter_uniform, row_owner, split_by_owner
+from rayps.server.sparse_rows import RowTableShard
 from rayps.updaters import L2, AdaGrad, Adam, Nesterovs, ParamGroup, RmsProp, Sgd, WeightDecay
 from rayps.updaters.schedules import ExponentialSchedule
 from rayps.worker.ctr import power_law_ranks

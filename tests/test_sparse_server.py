@@ -19,7 +19,7 @@ ROWS, DIM = 5000, 4
 def _server(updater, tmp_path=None, num_shards=3, **kwargs):
     from rayps.server import ParameterServer
     from rayps.server.row_tables import RowTable
-    from rayps.server.sparse_rows import HashedUniformInit
+    from rayps.server.row_index import HashedUniformInit
 
     table = RowTable(ROWS, DIM, initial=HashedUniformInit(DIM, 0.1, seed=3))
     params = {"emb": table, "w": np.zeros(3, np.float32)}
@@ -116,7 +116,7 @@ def test_a_killed_shard_restores_its_rows_and_save_restore_reshards_them(tmp_pat
     restored = ParameterServer.restore(tmp_path / "saved", num_shards=2)
     try:
         np.testing.assert_array_equal(restored.pull_rows("emb", probe), got)
-        from rayps.server.sparse_rows import HashedUniformInit
+        from rayps.server.row_index import HashedUniformInit
 
         untouched = np.array([4000, 4999])  # rows never pushed come back from the saved initializer
         np.testing.assert_array_equal(restored.pull_rows("emb", untouched),

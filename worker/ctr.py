@@ -31,7 +31,7 @@ from typing import Mapping
 
 import numpy as np
 
-from ..server.sparse_rows import HashedUniformInit, counter_uniform
+from ..server.row_index import HashedUniformInit, counter_uniform
 
 CTR_DATASET = "synthetic-ctr"
 COMBINERS = ("sum", "mean")
