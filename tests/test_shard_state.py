@@ -517,9 +517,9 @@ def test_read_copy_false_returns_the_live_buffers_and_copy_true_a_snapshot():
 
 
 def test_partial_pushes_update_multi_slot_state_in_place():
-    """Adam's two slots are each contiguous but not adjacent; a slice of them is updated without a copy."""
+    """Adam's two slots (over a page: spaced apart) are each contiguous; a slice of them is updated in place."""
     rng = np.random.default_rng(12)
-    params = {"a": rng.normal(size=(6, 3)).astype(np.float32), "b": rng.normal(size=5).astype(np.float32)}
+    params = {"a": rng.normal(size=(600, 3)).astype(np.float32), "b": rng.normal(size=500).astype(np.float32)}
     shard = Shard(params, Adam(learning_rate=0.05))
     (key,) = shard.state.state
     state = shard.state.state[key]

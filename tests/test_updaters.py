@@ -15,7 +15,7 @@ import pytest
 
 from rayps.updaters import (ALL_UPDATERS, AdaBelief, AdaDelta, AdaGrad, AdaMax, Adam, AMSGrad, Nadam, Nesterovs,
                             NoOp, RmsProp, Sgd, from_config)
-from rayps.updaters.base import SLOT_GAP_BYTES
+from rayps.updaters.base import PAGE_BYTES, SLOT_GAP_BYTES
 
 try:  # the fused CPU kernels arrive separately; kernel="auto" imports them
     import rayps.updaters.fused_cpu  # noqa: F401
@@ -281,15 +281,34 @@ def test_state_init(cls, dtype):
     slots = _REFERENCE[cls][1]
     assert state.shape == (len(slots), 2, 5)
     assert state.dtype == (np.float32 if dtype == np.float16 else dtype)
-    for k in range(len(slots)):  # each slot contiguous, the next one SLOT_GAP_BYTES after its end
-        assert state[k].flags.c_contiguous
-        if k:
-            gap = state[k].ctypes.data - (state[k - 1].ctypes.data + state[k - 1].nbytes)
-            assert gap == SLOT_GAP_BYTES
+    assert state.flags.c_contiguous  # below a page: one block
     for (name, init), view in zip(slots, u.state_views(state).values()):
         assert view.shape == params.shape
         assert np.shares_memory(view, state)  # a view, not a copy
         np.testing.assert_array_equal(view, np.full(params.shape, init(custom), dtype=state.dtype), err_msg=name)
+
+
+@pytest.mark.parametrize("cls", [Nesterovs, Adam, AMSGrad])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+def test_state_slots_of_large_params_are_spaced_apart_and_each_contiguous(cls, dtype):
+    """Slot k starts (k + 1) * SLOT_GAP_BYTES after the params modulo a page, one gap after the slot before."""
+    params = np.zeros((64, 1024), dtype=dtype)
+    state = cls().init(params)
+    assert state.shape == (len(cls.state_keys),) + params.shape
+    for k in range(state.shape[0]):
+        assert state[k].flags.c_contiguous
+        assert (state[k].ctypes.data - params.ctypes.data) % PAGE_BYTES == (k + 1) * SLOT_GAP_BYTES % PAGE_BYTES
+        if k:
+            assert state[k].ctypes.data - (state[k - 1].ctypes.data + state[k - 1].nbytes) == SLOT_GAP_BYTES
+    reference_params = params.astype(np.float64) + 1.0
+    params[...] = reference_params
+    grads = np.full(params.shape, 0.5, dtype=dtype)
+    contiguous = np.ascontiguousarray(cls().init(params))
+    expected = params.copy()
+    cls().apply(expected, grads, contiguous, 0, kernel="reference")
+    cls().apply(params, grads, state, 0)
+    np.testing.assert_array_equal(params, expected)
+    np.testing.assert_array_equal(state, contiguous)
 
 
 @pytest.mark.parametrize("cls", [AdaGrad, RmsProp])

@@ -28,6 +28,7 @@ CONFIG_VERSION = 1
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 KERNEL_CHOICES = ("auto", "reference", "fused")
 SLOT_GAP_BYTES = 64  # between NumPy state slots: one cache line, so slots do not alias modulo 4 KiB
+PAGE_BYTES = 4096
 
 
 class StepAdjustments(NamedTuple):
@@ -176,20 +177,21 @@ class Updater:
 
         dtype: the params' dtype, except float16 params, whose state is float32.
 
-        Layout: NumPy state slots are allocated ``SLOT_GAP_BYTES`` apart instead of back to back. With ``n`` a
-        multiple of 1024, back-to-back slots (and NumPy's params and grads) all start at the same address
-        modulo 4 KiB and the kernel's streams contend; 64 B apart, fused Adam on 16M float32 goes from 1.07x
-        to 0.88x the time of ``torch.optim.Adam(fused=True)`` (BENCHMARKS.md). The state is therefore not
-        C-contiguous as a whole; ``state[k]`` is. CuPy state stays one contiguous block.
+        Layout (NumPy, slots of at least a page): the slots are not back to back. Slot ``k`` starts
+        ``(k + 1) * SLOT_GAP_BYTES`` after the params' address modulo 4 KiB, and each slot ends a gap before the
+        next. Back to back, with ``n`` a multiple of 1024 every stream (params, grads, every slot) starts at the
+        same address modulo 4 KiB and they contend: fused Adam on 16M float32 ran at 1.42x the time of
+        ``torch.optim.Adam(fused=True)`` with the first slot on the params' offset and 0.93x with it 64 B
+        further (same run; BENCHMARKS.md). So the state is not C-contiguous as a whole; ``state[k]`` is. CuPy
+        state, and state smaller than a page, is one contiguous block.
         """
         _check_float_array("params", params)
         xp = _array_module(params)
         dtype = state_dtype_for(params.dtype)
         slots, shape = len(self.state_keys), tuple(params.shape)
-        if xp is np and slots > 1:
-            size = int(np.prod(shape, dtype=np.int64))
-            stride = size + SLOT_GAP_BYTES // dtype.itemsize
-            state = np.empty(slots * stride, dtype=dtype).reshape(slots, stride)[:, :size].reshape((slots,) + shape)
+        size = int(np.prod(shape, dtype=np.int64))
+        if xp is np and slots and size * dtype.itemsize >= PAGE_BYTES:
+            state = _spaced_slots(slots, size, dtype, params.ctypes.data).reshape((slots,) + shape)
         else:
             state = xp.empty((slots,) + shape, dtype=dtype)
         for slot, value in enumerate(self.state_initial_values()):
@@ -263,6 +265,17 @@ class Updater:
                              "that are each C-contiguous (as init makes them), and numba; "
                              "use kernel='auto' to fall back to the reference path")
         return fused
+
+
+def _spaced_slots(slots: int, size: int, dtype: np.dtype, params_address: int) -> np.ndarray:
+    """A ``(slots, size)`` view whose slot ``k`` starts ``(k + 1) * SLOT_GAP_BYTES`` after ``params_address``
+    modulo ``PAGE_BYTES`` (see ``Updater.init``)."""
+    gap = SLOT_GAP_BYTES // dtype.itemsize
+    stride = size + gap
+    buffer = np.empty(slots * stride + (PAGE_BYTES + SLOT_GAP_BYTES) // dtype.itemsize, dtype=dtype)
+    wanted = (params_address + SLOT_GAP_BYTES - buffer.ctypes.data) % PAGE_BYTES
+    start = wanted // dtype.itemsize  # addresses are itemsize-aligned, so this is exact
+    return buffer[start:start + slots * stride].reshape(slots, stride)[:, :size]
 
 
 def reference_step(updater: Updater, params, grads, state, scalars, adjustments: StepAdjustments) -> None:
