@@ -23,6 +23,7 @@ import urllib.request
 import uuid
 
 import pytest
+from process_tools import processes_naming
 
 RAY_CLI = os.path.join(os.path.dirname(sys.executable), "ray")
 HEAD_START_SECONDS = 180
@@ -56,21 +57,6 @@ def _dashboard_answers(url, token):
 def _tail(path, chars=3000):
     with open(path, encoding="utf-8", errors="replace") as handle:
         return handle.read()[-chars:]
-
-
-def _session_processes(marker):
-    """Process ids whose command line names ``marker`` (this head's temp dir): what killing its group missed."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                if marker.encode() in handle.read():
-                    found.append(int(entry))
-        except OSError:
-            continue
-    return found
 
 
 def _token_environment(ray_cli, root):
@@ -145,7 +131,7 @@ def _stop_head(head, marker):
             continue
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        left = _session_processes(marker)
+        left = processes_naming(marker)
         if not left:
             return
         for pid in left:

@@ -26,6 +26,7 @@ import tempfile
 import time
 
 import numpy as np
+from process_tools import processes_naming
 
 PUSHES = 40
 KILL_AFTER = 20  # pushes applied before the node goes
@@ -183,20 +184,6 @@ def _clean_run():
         clean.shutdown()
 
 
-def _processes_naming(marker):
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                if marker.encode() in handle.read():
-                    found.append(int(entry))
-        except OSError:
-            continue
-    return found
-
-
 def _run_scenario(work_dir):
     """Run ``scenario`` in a subprocess with a Ray temp dir of its own; returns (exit code, stderr).
 
@@ -216,7 +203,7 @@ def _run_scenario(work_dir):
         _, stderr = process.communicate()
         stderr = f"timed out after {SCENARIO_TIMEOUT_SECONDS}s\n{stderr}"
     finally:
-        for pid in _processes_naming(root):
+        for pid in processes_naming(root):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
