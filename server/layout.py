@@ -148,6 +148,50 @@ class ParameterLayout:
                     target[...] = flat
             cursor[piece.dtype] = start + piece.size
 
+    def assemble(self, received: Mapping[int, Mapping[str, np.ndarray]], names: Sequence[str], copy: bool = True,
+                 packed: Mapping[int, Sequence[int]] | None = None) -> dict[str, np.ndarray]:
+        """The whole arrays ``names`` from shards' flat buffers (``received``: shard -> dtype -> flat array).
+        ``packed``: shard -> the piece indices its buffers hold, packed in that order (a partial pull, as
+        ``pack`` lays them out); any other shard's buffers hold every piece at its layout offset.
+
+        ``copy=True``: fresh writeable arrays the caller owns. ``copy=False``: read-only arrays; where a
+        parameter is one piece, a view into the received buffer (no copy), else a freshly assembled array."""
+        offsets = {shard: self.packed_offsets(shard, indices) for shard, indices in (packed or {}).items()
+                   if indices is not None}
+        out = {}
+        for name in names:
+            pieces = self.pieces_of[name]
+            if len(pieces) == 1:
+                piece = pieces[0]
+                start = offsets[piece.shard][piece.index] if piece.shard in offsets else piece.offset
+                view = received[piece.shard][piece.dtype][start:start + piece.size].reshape(self.shapes[name])
+                if copy:
+                    out[name] = view.copy()
+                else:
+                    view.flags.writeable = False  # this view only: the received buffer is Ray's (read-only) anyway
+                    out[name] = view
+                continue
+            array = np.empty(self.shapes[name], dtype=self.dtypes[name])
+            for piece in pieces:
+                start = offsets[piece.shard][piece.index] if piece.shard in offsets else piece.offset
+                array[piece.row_start:piece.row_stop] = \
+                    received[piece.shard][piece.dtype][start:start + piece.size].reshape(piece.shape)
+            if not copy:
+                array.flags.writeable = False
+            out[name] = array
+        return out
+
+    def packed_offsets(self, shard: int, piece_indices: Sequence[int]) -> dict[int, int]:
+        """piece index -> its offset in buffers that hold only ``piece_indices``, packed in that order."""
+        pieces = self.shard_pieces[shard]
+        cursor: dict[str, int] = {}
+        offsets = {}
+        for index in piece_indices:
+            piece = pieces[index]
+            offsets[index] = cursor.get(piece.dtype, 0)
+            cursor[piece.dtype] = offsets[index] + piece.size
+        return offsets
+
     def describe(self) -> list[dict]:
         """Per shard: bytes and piece count (for stats and docs)."""
         return [{"shard": s, "bytes": int(sum(p.size * np.dtype(p.dtype).itemsize for p in pieces)),

@@ -53,16 +53,16 @@ def check_initial_params(params) -> dict[str, np.ndarray]:
     return checked
 
 
-def check_gradients(grads, shapes: Mapping[str, tuple], dtypes: Mapping[str, str]) -> dict[str, np.ndarray]:
-    """Structure checks of one push (keys, types, shapes, dtypes). Finiteness is checked by the shard,
-    which owns the NaN policy, in the same pass that reads the payload."""
+def check_gradients(grads, shapes: Mapping[str, tuple], dtypes: Mapping[str, str]) -> Mapping[str, np.ndarray]:
+    """Structure checks of one push (keys, types, shapes, dtypes); returns ``grads`` itself (no copy). The
+    client checks finiteness next, in one pass per array (``push_plan.all_finite``), before anything is sent."""
     if not isinstance(grads, Mapping):
         raise TypeError(f"grads must be a mapping of parameter name -> array, got {type(grads).__name__}")
     if not grads:
         raise ValueError("grads is empty: push at least one parameter's gradient")
-    checked = {}
     for name, value in grads.items():
-        if name not in shapes:
+        shape = shapes.get(name)
+        if shape is None:
             known = list(shapes)
             hint = known if len(known) <= 10 else known[:10] + ["..."]
             raise ValueError(f"grads: unknown parameter {name!r}; known parameters: {hint}")
@@ -71,7 +71,6 @@ def check_gradients(grads, shapes: Mapping[str, tuple], dtypes: Mapping[str, str
         if value.dtype.kind != "f":
             raise TypeError(f"grads[{name!r}] must have a float dtype like its parameter ({dtypes[name]}), "
                             f"got {value.dtype}")
-        if tuple(value.shape) != tuple(shapes[name]):
-            raise ValueError(f"grads[{name!r}] has shape {tuple(value.shape)}, expected {tuple(shapes[name])}")
-        checked[name] = value
-    return checked
+        if value.shape != shape and tuple(value.shape) != tuple(shape):
+            raise ValueError(f"grads[{name!r}] has shape {tuple(value.shape)}, expected {tuple(shape)}")
+    return grads

@@ -1,5 +1,7 @@
 """ParameterLayout (no Ray): deterministic, balanced by bytes, large tensors split by rows, each (dtype, group)
-contiguous in its shard's buffer, and pack/unpack_into round trips for full and partial key sets.
+contiguous in its shard's buffer, pack/unpack_into round trips for full and partial key sets, and assemble
+(the pull side): copy=True arrays writeable and independent of the received buffers, copy=False arrays
+read-only, views where a parameter is one piece.
 
 The balance check holds the layout to references computed here: Graham's list-scheduling bound (a shard's load
 is at most the mean load plus the largest piece) and, for small cases, 4/3 of the optimum found by brute force
@@ -202,3 +204,74 @@ def test_pack_reads_non_contiguous_sources_and_unpack_ignores_names_not_asked_fo
         layout.unpack_into(shard, buffers, out, present)
     np.testing.assert_array_equal(out["W0"], arrays["W0"])
     np.testing.assert_array_equal(out["big"], arrays["big"])
+
+
+# -- assemble: the pull side of the client (copy=True / copy=False) ----------------------------------------------
+
+ASSEMBLE_SHAPES = {"W": (40, 5), "b": (5,), "h": (7,), "s": (), "m": (3, 2)}
+ASSEMBLE_DTYPES = {"W": "float32", "b": "float32", "h": "float64", "s": "float64", "m": "float32"}
+
+
+def _arrays_of(seed):
+    rng = np.random.default_rng(seed)
+    return {n: np.asarray(rng.standard_normal(s)).astype(ASSEMBLE_DTYPES[n]) for n, s in ASSEMBLE_SHAPES.items()}
+
+
+def _received(layout, params, read_only=True):
+    """What the shards would send for a whole pull: their flat buffers (read-only, like Ray's)."""
+    received = {}
+    for shard in range(layout.num_shards):
+        buffers, _ = layout.pack(shard, params)
+        for array in buffers.values():
+            array.flags.writeable = not read_only
+        received[shard] = buffers
+    return received
+
+
+@pytest.mark.parametrize("num_shards", [1, 2, 3])
+def test_assemble_copy_true_gives_writeable_independent_arrays(num_shards):
+    layout = ParameterLayout.build(ASSEMBLE_SHAPES, ASSEMBLE_DTYPES, num_shards)
+    params = _arrays_of(5)
+    received = _received(layout, params)
+    out = layout.assemble(received, layout.names, copy=True)
+    for name, array in out.items():
+        np.testing.assert_array_equal(array, params[name], strict=True)
+        assert array.flags.writeable
+        assert not any(np.shares_memory(array, b) for buffers in received.values() for b in buffers.values())
+
+
+@pytest.mark.parametrize("num_shards", [1, 2, 3])
+@pytest.mark.parametrize("read_only", [True, False])
+def test_assemble_copy_false_gives_read_only_arrays_viewing_single_pieces(num_shards, read_only):
+    layout = ParameterLayout.build(ASSEMBLE_SHAPES, ASSEMBLE_DTYPES, num_shards)
+    params = _arrays_of(6)
+    received = _received(layout, params, read_only)
+    out = layout.assemble(received, layout.names, copy=False)
+    for name, array in out.items():
+        np.testing.assert_array_equal(array, params[name], strict=True)
+        assert not array.flags.writeable, name
+        pieces = layout.pieces_of[name]
+        viewing = any(np.shares_memory(array, b) for buffers in received.values() for b in buffers.values())
+        assert viewing is (len(pieces) == 1), name
+        with pytest.raises(ValueError, match="read-only"):
+            array[...] = 0
+    for buffers in received.values():  # the received buffers themselves keep their flags
+        assert all(b.flags.writeable is (not read_only) for b in buffers.values())
+
+
+@pytest.mark.parametrize("num_shards", [1, 2, 3])
+@pytest.mark.parametrize("copy", [True, False])
+def test_assemble_of_a_partial_pull_reads_pieces_packed_in_order(num_shards, copy):
+    layout = ParameterLayout.build(ASSEMBLE_SHAPES, ASSEMBLE_DTYPES, num_shards)
+    params = _arrays_of(7)
+    wanted = ["m", "W", "s"]
+    packed, received = {}, {}
+    for shard in layout.shards_of(wanted):
+        pieces = [p.index for p in layout.shard_pieces[shard] if p.name in wanted]
+        packed[shard] = pieces
+        received[shard] = layout.pack(shard, {n: params[n] for n in wanted})[0]
+    out = layout.assemble(received, wanted, copy, packed)
+    assert list(out) == wanted
+    for name in wanted:
+        np.testing.assert_array_equal(out[name], params[name], strict=True)
+        assert out[name].flags.writeable is copy

@@ -1,0 +1,186 @@
+"""``PushPlan``: how one push's gradients become one message per shard — routing worked out once per layout,
+applied on every push with few Python steps and no copy that is not needed.
+
+Per shard and dtype the payload is ONE flat array (``ParameterLayout.pack``'s layout); with ``raw_small``, one
+of at most ``wire.SMALL_WIRE_BYTES`` goes as its raw bytes instead (a copy that owns its data, and ~40 µs
+cheaper per array in Ray's serialization; server/wire.py). Otherwise:
+
+* when it is a single piece whose source is C-contiguous and of the parameter's dtype, it is a VIEW of the
+  caller's array (``grads[name].reshape(-1)[start:stop]``): Ray copies arguments when ``.remote()`` is called,
+  so the caller may change its arrays once ``push`` returns. When the client keeps its pushes for replay
+  (``own_payloads``: a ``checkpoint_dir``), the payload must own its data, so the view is copied;
+* otherwise the pieces are packed into a buffer: a fresh one when the payload is kept for replay, else one
+  reused buffer per (shard, dtype) of the full push (no allocation, no page faults for large messages).
+
+Checks run first, over the whole push, so a bad push reaches no shard (atomic across shards): structure
+(``validation.check_gradients``), then ONE finiteness pass per array without a temporary — a reduction whose
+result is finite only if every element is (``all_finite``); an overflowing sum of finite values is rechecked
+exactly. A non-finite gradient raises naming ``grads['name']`` (nan_policy "reject") or turns the push into
+clock ticks (payload ``None``, "skip").
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import numpy as np
+
+from ..updaters.groups import assign_groups
+from .layout import ParameterLayout
+from .row_tables import check_rows, route
+from .validation import check_gradients
+from .wire import SMALL_WIRE_BYTES
+
+
+def all_finite(array: np.ndarray) -> bool:
+    """True when no element is NaN or +-Inf: one summing pass (a NaN or Inf makes the sum non-finite); only
+    when the sum is not finite, the exact elementwise check (an overflowing sum of finite values). Call it under
+    ``np.errstate(over="ignore", invalid="ignore")`` (once per push) to keep such sums quiet."""
+    if array.dtype == np.float16:  # float16 sums overflow at 65504: accumulate in float32 (buffered, no temporary)
+        total = np.add.reduce(array, axis=None, dtype=np.float32)
+    else:
+        total = np.add.reduce(array, axis=None)
+    return math.isfinite(total) or bool(np.isfinite(array).all())
+
+
+class PushPlan:
+    """Builds ``(shard, payload, present, factors, rows)`` per shard from a push (see the module docstring)."""
+
+    def __init__(self, layout: ParameterLayout, groups, tables: Mapping, nan_policy: str, own_payloads: bool,
+                 raw_small: bool = False):
+        self.layout = layout
+        self.raw_small = raw_small  # small payload parts as raw bytes (server/wire.py); not for encoders
+        self.tables = dict(tables)
+        self.groups = tuple(groups)
+        self.nan_policy = nan_policy
+        self.own_payloads = own_payloads
+        self.num_shards = layout.num_shards
+        self.normalizes = any(g.gradient_normalization != "None" for g in self.groups)
+        self.group_of = assign_groups(self.groups, list(layout.names) + list(self.tables)) if self.normalizes else {}
+        self.shard_names = [frozenset(p.name for p in pieces) for pieces in layout.shard_pieces]
+        # per shard: ((dtype, numpy dtype, elements, ((name, flat start, flat stop, piece), ...)), ...)
+        self.full_parts = [self._parts(pieces) for pieces in layout.shard_pieces]
+        self.scratch: dict[tuple[int, str], np.ndarray] = {}
+
+    @staticmethod
+    def _parts(pieces) -> tuple:
+        by_dtype: dict[str, list] = {}
+        for piece in pieces:
+            row_elements = piece.size // max(piece.row_stop - piece.row_start, 1) if piece.shape else piece.size
+            start = piece.row_start * row_elements if piece.shape else 0
+            by_dtype.setdefault(piece.dtype, []).append((piece.name, start, start + piece.size, piece))
+        return tuple((dtype, np.dtype(dtype), sum(p[3].size for p in members), tuple(members))
+                     for dtype, members in by_dtype.items())
+
+    # -- the messages --------------------------------------------------------------------------------------
+    def messages(self, grads, rows=None) -> list:
+        """Per shard ``(shard, payload, present, factors, rows)``; raises (changing nothing) on a bad push."""
+        if self.tables and isinstance(grads, Mapping):
+            for name in grads:
+                if name in self.tables:
+                    raise ValueError(f"grads[{name!r}]: {name!r} is a row-sparse table: use "
+                                     f"push_rows({name!r}, ids, grads) or push(..., rows=...)")
+        if not (rows and isinstance(grads, Mapping) and not grads):
+            check_gradients(grads, self.layout.shapes, self.layout.dtypes)
+        shard_rows, nonfinite = self._route_rows(rows)
+        with np.errstate(over="ignore", invalid="ignore"):  # the finiteness sums may overflow: rechecked exactly
+            for name, value in grads.items():
+                if not all_finite(value):
+                    nonfinite = name
+                    break
+        if nonfinite is not None:
+            if self.nan_policy == "reject":
+                raise ValueError(f"grads[{nonfinite!r}] contains NaN or Inf (nan_policy='reject'; "
+                                 f"use nan_policy='skip' to drop such pushes)")
+            return [(shard, None, None, None, None) for shard in range(self.num_shards)]
+        factors = self._normalization_factors(grads) if self.normalizes else None
+        full = len(grads) == len(self.layout.names)
+        messages = []
+        for shard in range(self.num_shards):
+            if full:
+                payload, present = self._payload(shard, self.full_parts[shard], grads, not self.own_payloads), None
+            else:
+                payload, present = self._partial(shard, grads)
+            shard_factors = None
+            if factors:
+                names = self.shard_names[shard]
+                shard_factors = {name: value for name, value in factors.items() if name in names}
+            messages.append((shard, payload, present, shard_factors, shard_rows[shard]))
+        return messages
+
+    def _payload(self, shard: int, parts, grads, reuse: bool) -> dict:
+        payload = {}
+        for dtype, np_dtype, size, members in parts:
+            raw = self.raw_small and size * np_dtype.itemsize <= SMALL_WIRE_BYTES  # bytes own their data
+            if len(members) == 1:
+                name, start, stop, _ = members[0]
+                source = grads[name]
+                if source.dtype == np_dtype and source.flags.c_contiguous:
+                    view = source.reshape(-1)[start:stop]
+                    payload[dtype] = view.tobytes() if raw else view.copy() if self.own_payloads else view
+                    continue
+            if reuse or raw:
+                buffer = self._scratch(shard, dtype, np_dtype, size)
+            else:
+                buffer = np.empty(size, dtype=np_dtype)
+            cursor = 0
+            for name, start, stop, piece in members:
+                source = grads[name]
+                end = cursor + stop - start
+                if source.flags.c_contiguous:
+                    np.copyto(buffer[cursor:end], source.reshape(-1)[start:stop], casting="same_kind")
+                else:
+                    rows = source[piece.row_start:piece.row_stop] if source.ndim else source
+                    np.copyto(buffer[cursor:end].reshape(piece.shape), rows, casting="same_kind")
+                cursor = end
+            payload[dtype] = buffer.tobytes() if raw else buffer
+        return payload
+
+    def _scratch(self, shard: int, dtype: str, np_dtype, size: int) -> np.ndarray:
+        buffer = self.scratch.get((shard, dtype))
+        if buffer is None or buffer.size != size:
+            buffer = self.scratch[(shard, dtype)] = np.empty(size, dtype=np_dtype)
+        return buffer
+
+    def _partial(self, shard: int, grads) -> tuple[dict, list[int]]:
+        """A push of only some parameters: the present pieces, packed in layout order (fresh buffers), and their
+        indices (None when they are all of this shard's pieces, as ``ParameterLayout.pack`` says it)."""
+        pieces = self.layout.shard_pieces[shard]
+        present = [p for p in pieces if p.name in grads]
+        payload = self._payload(shard, self._parts(present), grads, False) if present else {}
+        return payload, None if len(present) == len(pieces) else [p.index for p in present]
+
+    # -- rows and normalization ----------------------------------------------------------------------------
+    def _route_rows(self, rows) -> tuple[list, str | None]:
+        """Per shard: {table: (ids, grads)} of the rows it owns; and the first table with non-finite grads."""
+        per_shard = [None] * self.num_shards
+        if not rows:
+            return per_shard, None
+        if not isinstance(rows, Mapping):
+            raise TypeError(f"rows must map a table name to (ids, grads), got {type(rows).__name__}")
+        per_shard = [{} for _ in range(self.num_shards)]
+        nonfinite = None
+        for name, part in rows.items():
+            if name not in self.tables:
+                kind = "dense: use push()" if name in self.layout.shapes else "not a parameter"
+                raise ValueError(f"push_rows: {name!r} is {kind}")
+            if not isinstance(part, tuple) or len(part) != 2:
+                raise TypeError(f"rows[{name!r}] must be a tuple (ids, grads)")
+            ids, grads = check_rows(name, self.tables[name], *part)
+            if nonfinite is None:
+                with np.errstate(over="ignore", invalid="ignore"):
+                    if not all_finite(grads):
+                        nonfinite = name
+            grads = grads.astype(self.tables[name].dtype, copy=False)
+            for shard, positions in enumerate(route(ids, self.num_shards)):
+                per_shard[shard][name] = (ids[positions], grads[positions])
+        return per_shard, nonfinite
+
+    def _normalization_factors(self, grads) -> dict[str, tuple[float, float]]:
+        factors = {}
+        for index, group in enumerate(self.groups):
+            members = {n: g for n, g in grads.items() if self.group_of[n] == index}
+            if members and group.gradient_normalization != "None":
+                factors.update(group.normalization_factors(members))
+        return factors
