@@ -68,6 +68,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--seed", type=_non_negative_int, default=0)
     parser.add_argument("--n-fetch", type=_positive_int, default=1, help="pull every N steps (DistBelief n_fetch)")
     parser.add_argument("--n-push", type=_positive_int, default=1, help="push every N steps (DistBelief n_push)")
+    parser.add_argument("--prefetch", action="store_true",
+                        help="each worker's push/pull runs in the background while it computes the next gradient "
+                             "(one step staler; with --consistency sync: delayed BSP, see worker/loop.py)")
     parser.add_argument("--cpus-per-shard", type=_non_negative_float, default=None,
                         help="Ray CPUs reserved per shard (default: the cluster's CPUs shared out)")
     parser.add_argument("--cpus-per-worker", type=_non_negative_float, default=None,
@@ -188,6 +191,9 @@ def run(args) -> int:
     import numpy as np  # noqa: PLC0415
 
     if args.dataset == "synthetic-ctr":  # the CTR workload: deploy/ctr_command.py, worker/ctr_training.py
+        if args.prefetch:
+            raise UsageError("--prefetch: not available with --dataset synthetic-ctr (its worker loop pulls rows "
+                             "per batch)")
         return ctr_command.run_ctr(args)
     args.epochs = 20 if args.epochs is None else args.epochs
     args.batch_size = 32 if args.batch_size is None else args.batch_size
@@ -249,16 +255,19 @@ def run(args) -> int:
     started = time.perf_counter()
     try:
         print(f"rayps train: {args.model} {model!r} on {data.name} ({data.num_train} train / {data.num_test} test), "
-              f"{type(updater).__name__}, {args.workers} workers x {args.shards} shards, {args.consistency}",
+              f"{type(updater).__name__}, {args.workers} workers x {args.shards} shards, {args.consistency}"
+              f"{', prefetch' if args.prefetch else ''}",
               file=sys.stderr)
         result = train(ps, model, data, num_workers=args.workers, epochs=args.epochs, batch_size=args.batch_size,
-                       seed=args.seed, n_fetch=args.n_fetch, n_push=args.n_push, cpus_per_worker=per_worker,
+                       seed=args.seed, n_fetch=args.n_fetch, n_push=args.n_push, prefetch=args.prefetch,
+                       cpus_per_worker=per_worker,
                        progress=None if args.quiet else ProgressBar(), first_epoch=first_epoch,
                        on_epoch_end=on_epoch_end, placement=placement)
     finally:
         ps.shutdown()
         placement.remove()
     result["updater"] = type(updater).__name__
+    result["prefetch"] = args.prefetch
     result["total_seconds"] = time.perf_counter() - started
     print(summary_table(result))
     if args.json_out:

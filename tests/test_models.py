@@ -159,3 +159,20 @@ def test_sgd_on_digits_reaches_90_percent():
                 params[name] -= np.float32(0.5) * grads[name]
             steps += 1
     assert model.accuracy(params, data.x_test, data.y_test) >= 0.9
+
+
+@pytest.mark.parametrize("hidden", [(), (16,), (8, 8)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_accuracy_and_loss_equal_accuracy_and_the_loss_of_loss_and_grads(hidden, dtype):
+    rng = np.random.default_rng(3)
+    model = build_model("mlp", 5, 4, hidden=hidden) if hidden else build_model("softmax", 5, 4)
+    params = model.init_params(seed=1, dtype=dtype)
+    x, y = rng.normal(size=(30, 5)), rng.integers(0, 4, size=30)
+    accuracy, loss = model.accuracy_and_loss(params, x, y)
+    assert accuracy == model.accuracy(params, x, y)
+    assert loss == model.loss_and_grads(params, x, y)[0]
+    read_only = {n: a.copy() for n, a in params.items()}
+    for array in read_only.values():
+        array.flags.writeable = False  # what ParameterServer.pull(copy=False) hands out
+    assert model.accuracy_and_loss(read_only, x, y) == (accuracy, loss)
+    assert model.loss_and_grads(read_only, x, y)[0] == loss

@@ -18,11 +18,11 @@ from .loop import WorkerLoop
 @ray.remote(max_concurrency=4)  # threads: clock() and stop() are answered while run_epoch() runs
 class WorkerActor:
     def __init__(self, client, grad_fn, x, y, worker_id, num_workers, batch_size, seed, n_fetch, n_push,
-                 first_epoch=0):
+                 first_epoch=0, prefetch=False):
         if isinstance(x, list):  # [ObjectRef]: the data set stays in the object store, read zero-copy here
             x, y = ray.get(x[0]), ray.get(y[0])
         self.loop = WorkerLoop(client, grad_fn, x, y, worker_id, num_workers, batch_size, seed, n_fetch, n_push,
-                               first_epoch)
+                               first_epoch, prefetch)
         self.stop_requested = threading.Event()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -188,6 +188,19 @@ class DenseClassifier:
         y = self._check_labels(y, predicted.shape[0])
         return float(np.mean(predicted == y))
 
+    def accuracy_and_loss(self, params: Mapping[str, np.ndarray], x, y) -> tuple[float, float]:
+        """``accuracy(params, x, y)`` and the loss of ``loss_and_grads`` from ONE forward pass and no backward
+        pass: what an evaluation needs (the same numbers, a third of the work)."""
+        dtype = self._check_params(params)
+        x = self._check_inputs(x, dtype)
+        y = self._check_labels(y, x.shape[0])
+        logits, _ = self._forward(params, x)
+        accuracy = float(np.mean(logits.argmax(axis=1) == y))
+        logits -= logits.max(axis=1, keepdims=True)  # the same operations as loss_and_grads, so the same loss
+        sum_exp = np.exp(logits).sum(axis=1, keepdims=True)
+        log_probs_true = logits[np.arange(x.shape[0]), y] - np.log(sum_exp[:, 0])
+        return accuracy, float(-log_probs_true.mean(dtype=np.float64))
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(layer_sizes={self.layer_sizes})"
 

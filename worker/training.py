@@ -4,6 +4,8 @@
 
 ``model`` is a rayps model (``build_model``), a ``TorchModule``, or a plain ``grad_fn(params, batch) ->
 (loss, grads)``; with a bare ``grad_fn``, pass ``evaluate(params) -> (accuracy, loss)`` to get test figures.
+The parameters a gradient function gets are read-only (views of the buffers the server sent, where the server
+offers that: ``ParameterServer.pull(copy=False)``): it must not write into them.
 Returns the same dict as ``rayps train --json-out``.
 """
 
@@ -19,6 +21,7 @@ import ray
 from ..server.remote_errors import unwrap
 from .actor import WorkerActor
 from .data import Dataset
+from .loop import accepts_copy
 from .models import grad_fn_for
 
 RESULT_KEYS = ("test_accuracy", "final_loss", "samples_per_second", "wall_seconds", "updates_applied", "workers",
@@ -26,6 +29,8 @@ RESULT_KEYS = ("test_accuracy", "final_loss", "samples_per_second", "wall_second
 
 
 def _model_parts(model) -> tuple[Callable, Callable | None]:
+    if hasattr(model, "accuracy_and_loss"):  # the built-in models: one forward pass
+        return grad_fn_for(model), model.accuracy_and_loss
     if hasattr(model, "loss_and_grads"):
         def evaluate(params, x, y):
             loss, _ = model.loss_and_grads(params, x, y)
@@ -41,18 +46,22 @@ def train(ps, model, data: Dataset, num_workers: int = 4, epochs: int = 20, batc
           n_fetch: int = 1, n_push: int = 1, cpus_per_worker: float = 0.0, evaluate=None,
           progress: Callable[[dict], None] | None = None, first_epoch: int = 0,
           on_epoch_end: Callable[[int, object], None] | None = None, max_worker_restarts: int = 3,
-          placement=None) -> dict:
+          placement=None, prefetch: bool = False) -> dict:
     """Run epochs ``first_epoch .. epochs-1`` with ``num_workers`` worker actors against ``ps``; evaluate after
     each epoch (``on_epoch_end(epoch, ps)`` runs then, e.g. to save a checkpoint). A worker that dies is
     restarted by Ray (up to ``max_worker_restarts`` times) and resumes its partition; an error raised by the
-    gradient function stops the run and is raised here."""
+    gradient function stops the run and is raised here. ``prefetch``: each worker's server calls run on a
+    background thread while it computes its next gradient, one step staler (``worker/loop.py``)."""
     for field, value, minimum in (("num_workers", num_workers, 1), ("epochs", epochs, 1),
                                   ("batch_size", batch_size, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"{field} must be an integer >= {minimum}, got {value!r}")
+    if not isinstance(prefetch, bool):
+        raise ValueError(f"prefetch must be True or False, got {prefetch!r}")
     if num_workers > data.num_train:
         raise ValueError(f"num_workers ({num_workers}) exceeds the training samples ({data.num_train})")
     grad_fn, model_evaluate = _model_parts(model)
+    user_evaluate = evaluate
     evaluate = evaluate or (lambda params: model_evaluate(params, data.x_test, data.y_test) if model_evaluate
                             else (math.nan, math.nan))
     # put once; passed nested in a list, so a restarted worker fetches them again (a top-level object-store
@@ -62,8 +71,10 @@ def train(ps, model, data: Dataset, num_workers: int = 4, epochs: int = 20, batc
         raise ValueError(f"first_epoch must be in [0, epochs={epochs}), got {first_epoch}")
     workers = [WorkerActor.options(**{"num_cpus": cpus_per_worker, "max_restarts": max_worker_restarts,
                                       **(placement.worker_options(w) if placement is not None else {})}).remote(
-        ps, grad_fn, [x_ref], [y_ref], w, num_workers, batch_size, seed, n_fetch, n_push, first_epoch)
+        ps, grad_fn, [x_ref], [y_ref], w, num_workers, batch_size, seed, n_fetch, n_push, first_epoch, prefetch)
         for w in range(num_workers)]
+    # the built-in evaluation only reads the parameters: read-only views, no copy (a user's evaluate gets its own)
+    read_only = {"copy": False} if user_evaluate is None and accepts_copy(ps.pull) else {}
     started = time.perf_counter()
     samples, history, worker_restarts = 0, [], 0
     try:
@@ -71,7 +82,7 @@ def train(ps, model, data: Dataset, num_workers: int = 4, epochs: int = 20, batc
             reports, restarted = _run_epoch(workers, epoch, max_worker_restarts)
             worker_restarts += restarted
             samples += sum(r.samples for r in reports)
-            params = ps.pull()
+            params = ps.pull(**read_only)  # evaluation only reads them
             accuracy, test_loss = evaluate(params)
             wall = time.perf_counter() - started
             row = {"epoch": epoch + 1, "epochs": epochs,
