@@ -11,6 +11,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import threading
 import time
 from typing import Callable, Sequence
 
@@ -24,9 +27,16 @@ def start_ray(num_cpus: int = DEFAULT_NUM_CPUS, object_store_memory: int = OBJEC
     """One local Ray for the whole script (``ray.init(num_cpus=2)``, no dashboard)."""
     import ray  # noqa: PLC0415
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING",
-                 object_store_memory=object_store_memory)
+    for attempt in range(3):  # on a loaded machine the raylet may time out starting once
+        if ray.is_initialized():
+            return
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING",
+                     object_store_memory=object_store_memory)
+        except Exception:  # noqa: BLE001 - retried, then re-raised
+            ray.shutdown()
+            if attempt == 2:
+                raise
 
 
 def machine() -> dict:
@@ -182,6 +192,70 @@ def _plain_formatter():
     formatter = ScalarFormatter()
     formatter.set_scientific(False)
     return formatter
+
+
+# -- py-spy on the driver and every actor process of this driver ----------------------------------------------
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8") as handle:
+                ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, stack = [], [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            out.append(child)
+            stack.append(child)
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def attach_pyspy(out_dir: str, seconds: int, start: threading.Event, expected: dict, idle: bool = False
+                 ) -> threading.Thread:
+    """Once ``start`` is set, record every actor process of this driver (and the driver) for ``seconds`` s
+    (CPU samples only; with ``idle``, waiting threads too)."""
+    names = tuple(expected)
+    os.makedirs(out_dir, exist_ok=True)
+    pyspy = os.path.join(os.path.dirname(sys.executable), "py-spy")
+
+    def run():
+        start.wait()
+        deadline = time.time() + 60
+        while True:  # actors start late on a busy machine: wait until every expected one has its title
+            targets = {"driver": os.getpid()}
+            counts: dict[str, int] = {}
+            for pid in _descendants(os.getpid()):
+                line = _cmdline(pid)
+                for name in names:
+                    if line.startswith(f"ray::{name}"):
+                        counts[name] = counts.get(name, 0) + 1
+                        targets[f"{name}{counts[name] - 1}"] = pid
+            if all(counts.get(n, 0) >= expected.get(n, 1) for n in names) or time.time() > deadline:
+                break
+            time.sleep(0.5)
+        procs = [subprocess.Popen([pyspy, "record", "-p", str(pid), "-d", str(seconds), "-r", "250", "-f", "raw",
+                                   "--nonblocking", *(["--idle", "--threads"] if idle else []), "-o", os.path.join(out_dir, f"{label}.txt")],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                 for label, pid in targets.items()]
+        for proc in procs:
+            proc.wait()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
 
 
 # -- py-spy raw ("collapsed") stacks -> percentages ----------------------------------------------------------

@@ -22,7 +22,11 @@ a ``rayps.updaters`` rule applied per parameter (the docs use ``torch.optim.SGD`
 of the workers' gradients (the docs sum them — with a mean, one learning rate means the same step size in both
 systems and in rayps' BSP mode); workers draw their minibatches from rayps' per-epoch partitions
 (``worker.loop.epoch_batches``) instead of an endless loader, so an epoch is the same set of samples in both
-systems, and the driver evaluates on the test set after every epoch, as ``rayps.worker.train`` does.
+systems, and the driver evaluates on the test set after every epoch, as ``rayps.worker.train`` does. The PS
+actor's numba pool gets as many threads as the actor has CPUs (at least 1), the rule rayps' shards follow
+(``ParameterServer(cpus_per_shard=...)``), so that both run the same kernels the same way and the ratio is not won
+by a setting either could use (docs/profile.md section 1: a 2-thread pool on a busy 2-core machine waits at
+barriers).
 
     python benchmarks/textbook_ps.py --mode async --hidden 128 --epochs 20
 """
@@ -32,6 +36,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 import time
 
 import numpy as np
@@ -50,10 +55,8 @@ class TextbookParameterServer:
     """One actor, all the weights, one optimizer step per ``apply_gradients`` call."""
 
     def __init__(self, params: dict, updater, numba_threads: int | None = None):
-        if numba_threads:  # experiment only: the fused kernels on fewer threads
-            import numba  # noqa: PLC0415
-
-            numba.set_num_threads(numba_threads)
+        self.numba_threads = numba_threads
+        self.pinned_thread = None  # numba's pool size is a per-thread setting: set on the thread that applies
         self.params = {name: np.array(value, copy=True) for name, value in params.items()}
         self.updater = updater
         self.state = {name: updater.init(value) for name, value in self.params.items()}
@@ -62,6 +65,11 @@ class TextbookParameterServer:
 
     def apply_gradients(self, *gradients):
         """Combine the gradients (mean), step every parameter, return the new weights."""
+        if self.numba_threads and self.pinned_thread != threading.get_ident():
+            self.pinned_thread = threading.get_ident()
+            import numba  # noqa: PLC0415
+
+            numba.set_num_threads(min(self.numba_threads, numba.config.NUMBA_NUM_THREADS))
         for name, param in self.params.items():
             if len(gradients) == 1:
                 combined = gradients[0][name]
@@ -114,12 +122,15 @@ class TextbookWorker:
 def train_textbook(model, data, updater, num_workers: int = 4, epochs: int = 20, batch_size: int = 32,
                    seed: int = 0, mode: str = "async", cpus_per_actor: float | None = None,
                    params: dict | None = None, numba_threads: int | None = None) -> dict:
-    """Train with the textbook PS; returns the keys of ``rayps.worker.train`` that the comparison needs."""
+    """Train with the textbook PS; returns the keys of ``rayps.worker.train`` that the comparison needs.
+    ``numba_threads``: the PS's numba pool (default: its CPUs, at least 1)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if cpus_per_actor is None:
         total = float(ray.cluster_resources().get("CPU", 0.0))
         cpus_per_actor = min(1.0, total / (num_workers + 1)) if total else 0.0
+    if numba_threads is None:
+        numba_threads = max(1, int(cpus_per_actor))
     params = model.init_params(seed=seed, dtype=np.float32) if params is None else params
     x_ref, y_ref = ray.put(data.x_train), ray.put(data.y_train)
     ps = TextbookParameterServer.options(num_cpus=cpus_per_actor).remote(params, updater, numba_threads)
@@ -140,8 +151,7 @@ def train_textbook(model, data, updater, num_workers: int = 4, epochs: int = 20,
             weights = ray.get(current_weights)
             reports = ray.get([w.epoch_report.remote() for w in workers])
             samples += sum(n for report in reports for _, n in report)
-            accuracy = model.accuracy(weights, data.x_test, data.y_test)
-            test_loss, _ = model.loss_and_grads(weights, data.x_test, data.y_test)
+            accuracy, test_loss = _evaluate(model, weights, data.x_test, data.y_test)
             wall = time.perf_counter() - started
             losses = [(loss, n) for report in reports for loss, n in report]
             history.append({"epoch": epoch + 1, "epochs": epochs, "test_accuracy": float(accuracy),
@@ -155,6 +165,14 @@ def train_textbook(model, data, updater, num_workers: int = 4, epochs: int = 20,
     return {"test_accuracy": last["test_accuracy"], "final_loss": last["train_loss"], "test_loss": last["test_loss"],
             "samples_per_second": last["samples_per_second"], "wall_seconds": last["wall_seconds"],
             "workers": num_workers, "mode": mode, "epochs": epochs, "history": history}
+
+
+def _evaluate(model, weights, x, y) -> tuple[float, float]:
+    """Test accuracy and loss as ``rayps.worker.train`` computes them (one forward pass where the model can)."""
+    if hasattr(model, "accuracy_and_loss"):
+        return model.accuracy_and_loss(weights, x, y)
+    loss, _ = model.loss_and_grads(weights, x, y)
+    return model.accuracy(weights, x, y), loss
 
 
 def _sync_epoch(ps, workers, current_weights, steps: int):
