@@ -21,7 +21,6 @@ clock ticks (payload ``None``, "skip").
 
 from __future__ import annotations
 
-import math
 from typing import Mapping
 
 import numpy as np
@@ -29,19 +28,8 @@ import numpy as np
 from ..updaters.groups import assign_groups
 from .layout import ParameterLayout
 from .row_tables import check_rows, route
-from .validation import check_gradients
+from .validation import all_finite, check_gradients
 from .wire import SMALL_WIRE_BYTES
-
-
-def all_finite(array: np.ndarray) -> bool:
-    """True when no element is NaN or +-Inf: one summing pass (a NaN or Inf makes the sum non-finite); only
-    when the sum is not finite, the exact elementwise check (an overflowing sum of finite values). Call it under
-    ``np.errstate(over="ignore", invalid="ignore")`` (once per push) to keep such sums quiet."""
-    if array.dtype == np.float16:  # float16 sums overflow at 65504: accumulate in float32 (buffered, no temporary)
-        total = np.add.reduce(array, axis=None, dtype=np.float32)
-    else:
-        total = np.add.reduce(array, axis=None)
-    return math.isfinite(total) or bool(np.isfinite(array).all())
 
 
 class PushPlan:

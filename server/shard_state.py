@@ -28,18 +28,10 @@ from ..updaters.base import reference_step
 from ..updaters.groups import ParamGroup
 from . import transport
 from .layout import Piece
-from .validation import CONSISTENCY_MODES, NAN_POLICIES
+from .validation import CONSISTENCY_MODES, NAN_POLICIES, all_finite
 
 DEFAULT_FACTORS = (1.0, math.inf)
 TICK = "tick"  # ``present`` of a clock-only message (a worker step with nothing to push)
-
-
-def all_finite(array: np.ndarray) -> bool:
-    """No NaN or Inf in ``array``, in one pass with no temporary: a NaN or Inf makes the sum non-finite; a sum
-    that overflows although every value is finite is rechecked exactly (rare)."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        total = np.add.reduce(array, dtype=np.float32 if array.dtype == np.float16 else None)
-    return math.isfinite(total) or bool(np.isfinite(array).all())
 
 
 @dataclass
@@ -207,10 +199,11 @@ class ShardState:
                         f"{getattr(array, 'dtype', type(array).__name__)} with shape {getattr(array, 'shape', None)}")
             if array.size != expected.get(dtype):
                 return self._size_mismatch(payload, expected)
-        for dtype, array in payload.items():
-            if not all_finite(array):
-                bad = self._first_nonfinite_name(dtype, array, present_idx)
-                return f"non-finite value (NaN or Inf) in the gradient of {bad!r}"
+        with np.errstate(over="ignore", invalid="ignore"):  # overflowing sums are rechecked exactly
+            for dtype, array in payload.items():
+                if not all_finite(array):
+                    bad = self._first_nonfinite_name(dtype, array, present_idx)
+                    return f"non-finite value (NaN or Inf) in the gradient of {bad!r}"
         return None
 
     def _size_mismatch(self, payload, expected) -> str:

@@ -5,6 +5,7 @@ Every error names the key or field and what was expected; nothing is sent or cha
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -55,7 +56,7 @@ def check_initial_params(params) -> dict[str, np.ndarray]:
 
 def check_gradients(grads, shapes: Mapping[str, tuple], dtypes: Mapping[str, str]) -> Mapping[str, np.ndarray]:
     """Structure checks of one push (keys, types, shapes, dtypes); returns ``grads`` itself (no copy). The
-    client checks finiteness next, in one pass per array (``push_plan.all_finite``), before anything is sent."""
+    client checks finiteness next, in one pass per array (``all_finite``), before anything is sent."""
     if not isinstance(grads, Mapping):
         raise TypeError(f"grads must be a mapping of parameter name -> array, got {type(grads).__name__}")
     if not grads:
@@ -74,3 +75,14 @@ def check_gradients(grads, shapes: Mapping[str, tuple], dtypes: Mapping[str, str
         if value.shape != shape and tuple(value.shape) != tuple(shape):
             raise ValueError(f"grads[{name!r}] has shape {tuple(value.shape)}, expected {tuple(shape)}")
     return grads
+
+
+def all_finite(array: np.ndarray) -> bool:
+    """True when no element is NaN or +-Inf: one summing pass (a NaN or Inf makes the sum non-finite); only
+    when the sum is not finite, the exact elementwise check (an overflowing sum of finite values). Call it under
+    ``np.errstate(over="ignore", invalid="ignore")`` (once per push) to keep such sums quiet."""
+    if array.dtype == np.float16:  # float16 sums overflow at 65504: accumulate in float32 (buffered, no temporary)
+        total = np.add.reduce(array, axis=None, dtype=np.float32)
+    else:
+        total = np.add.reduce(array, axis=None)
+    return math.isfinite(total) or bool(np.isfinite(array).all())

@@ -16,7 +16,8 @@ import pytest
 
 from rayps.server import ParameterLayout
 from rayps.server import wire
-from rayps.server.push_plan import PushPlan, all_finite
+from rayps.server.push_plan import PushPlan
+from rayps.server.validation import all_finite
 from rayps.server.row_tables import RowTable
 from rayps.updaters import Sgd
 from rayps.updaters.groups import as_groups
