@@ -28,7 +28,8 @@ from ..updaters.base import reference_step
 from ..updaters.groups import ParamGroup
 from . import transport
 from .layout import Piece
-from .validation import CONSISTENCY_MODES, NAN_POLICIES, all_finite
+from .payload_checks import check_payload, check_rows
+from .validation import CONSISTENCY_MODES, NAN_POLICIES
 
 DEFAULT_FACTORS = (1.0, math.inf)
 TICK = "tick"  # ``present`` of a clock-only message (a worker step with nothing to push)
@@ -173,53 +174,10 @@ class ShardState:
         return problem
 
     def _check_rows(self, rows) -> str | None:
-        for name, (ids, grads) in (rows or {}).items():
-            table = self.row_tables.get(name)
-            if table is None:
-                return f"shard {self.shard_index}: {name!r} is not a row-sparse table here"
-            try:
-                table._check_grads(grads, table.check_ids(ids, "push_rows ids"))
-            except (TypeError, ValueError) as error:
-                return f"non-finite {error}" if "finite" in str(error) else str(error)
-        return None
+        return check_rows(self.shard_index, self.row_tables, rows)
 
     def _check_payload(self, payload, present_idx) -> str | None:
-        if len(present_idx) == len(self.pieces):
-            expected = self.full_sizes
-        else:
-            expected = {}
-            for i in present_idx:
-                piece = self.pieces[int(i)]
-                expected[piece.dtype] = expected.get(piece.dtype, 0) + piece.size
-        if len(payload) != len(expected):
-            return self._size_mismatch(payload, expected)
-        for dtype, array in payload.items():
-            if not isinstance(array, np.ndarray) or array.dtype != np.dtype(dtype) or array.ndim != 1:
-                return (f"shard {self.shard_index}: payload[{dtype!r}] must be a 1-D {dtype} array, got "
-                        f"{getattr(array, 'dtype', type(array).__name__)} with shape {getattr(array, 'shape', None)}")
-            if array.size != expected.get(dtype):
-                return self._size_mismatch(payload, expected)
-        with np.errstate(over="ignore", invalid="ignore"):  # overflowing sums are rechecked exactly
-            for dtype, array in payload.items():
-                if not all_finite(array):
-                    bad = self._first_nonfinite_name(dtype, array, present_idx)
-                    return f"non-finite value (NaN or Inf) in the gradient of {bad!r}"
-        return None
-
-    def _size_mismatch(self, payload, expected) -> str:
-        got = {dtype: int(getattr(a, "size", -1)) for dtype, a in payload.items()}
-        return f"shard {self.shard_index}: payload sizes {got} do not match the layout {expected}"
-
-    def _first_nonfinite_name(self, dtype, array, present_idx) -> str:
-        cursor = 0
-        for i in present_idx:
-            piece = self.pieces[int(i)]
-            if piece.dtype != dtype:
-                continue
-            if not all_finite(array[cursor:cursor + piece.size]):
-                return piece.name
-            cursor += piece.size
-        return "?"
+        return check_payload(self.shard_index, self.pieces, self.full_sizes, payload, present_idx)
 
     # -- sync mode -----------------------------------------------------------------------------------------
     def _accumulate(self, clock, worker_id, payload, present_idx, epoch, rows=None) -> None:
