@@ -39,18 +39,23 @@ def start_ray(num_cpus: int = DEFAULT_NUM_CPUS, object_store_memory: int = OBJEC
                 raise
 
 
-def machine() -> dict:
-    """What ran the numbers (for the results file)."""
-    import numpy as np  # noqa: PLC0415
-    import ray  # noqa: PLC0415
-
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (``platform.processor()`` where there is none)."""
     cpu = platform.processor() or "?"
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
             cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
     except OSError:
         pass
-    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": cpu, "cores": os.cpu_count(),
+    return cpu
+
+
+def machine() -> dict:
+    """What ran the numbers (for the results file)."""
+    import numpy as np  # noqa: PLC0415
+    import ray  # noqa: PLC0415
+
+    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": cpu_name(), "cores": os.cpu_count(),
             "python": platform.python_version(), "numpy": np.__version__, "ray": ray.__version__,
             "platform": platform.platform()}
 

@@ -248,18 +248,8 @@ def measure_experiment(nbytes: int, shards: int, repeats: int, quick: bool) -> d
                 raise
             print(f"  rayps-lean skipped: its patches target the internals of commit 5bb9686 ({error})")
             systems.pop(name).shutdown()
-    samples = {name: {mode: [] for mode in MODES} for name in systems}
-    try:
-        for _ in range(repeats):
-            for name, system in systems.items():
-                for mode, seconds in time_modes(system, grad, m).items():
-                    samples[name][mode].append(seconds)
-    finally:
-        for system in systems.values():
-            system.shutdown()
     row = {"bytes": nbytes, "shards": shards}
-    for name in systems:
-        row[name] = {mode: median(values) for mode, values in samples[name].items()}
+    row.update(time_systems(systems, grad, m, repeats, warm_up=False))
     return row
 
 
@@ -330,16 +320,14 @@ def time_modes(system, grad: np.ndarray, m: int) -> dict[str, float]:
     return out
 
 
-def measure(nbytes: int, shards: int, repeats: int, quick: bool, rayps_factory=Rayps) -> dict:
-    """Bare and rayps for one (size, shards): repeats alternate between the two systems."""
-    n = nbytes // 4
-    grad = np.random.default_rng(0).standard_normal(n).astype(np.float32)
-    m = messages_per_repeat(nbytes, quick)
-    systems = {"bare": Bare(shards, n), "rayps": rayps_factory(shards, n)}
+def time_systems(systems: dict, grad: np.ndarray, m: int, repeats: int, warm_up: bool) -> dict:
+    """name -> mode -> median seconds per message; the systems alternate repeat by repeat (same load for all),
+    and are shut down at the end."""
     samples = {name: {mode: [] for mode in MODES} for name in systems}
     try:
-        for name, system in systems.items():  # warm-up: JIT of the update kernel, worker imports, caches
-            time_modes(system, grad, min(m, 5))
+        if warm_up:  # JIT of the update kernel, worker imports, caches
+            for system in systems.values():
+                time_modes(system, grad, min(m, 5))
         for _ in range(repeats):
             for name, system in systems.items():
                 for mode, seconds in time_modes(system, grad, m).items():
@@ -347,9 +335,17 @@ def measure(nbytes: int, shards: int, repeats: int, quick: bool, rayps_factory=R
     finally:
         for system in systems.values():
             system.shutdown()
+    return {name: {mode: median(values) for mode, values in samples[name].items()} for name in systems}
+
+
+def measure(nbytes: int, shards: int, repeats: int, quick: bool, rayps_factory=Rayps) -> dict:
+    """Bare and rayps for one (size, shards): repeats alternate between the two systems."""
+    n = nbytes // 4
+    grad = np.random.default_rng(0).standard_normal(n).astype(np.float32)
+    m = messages_per_repeat(nbytes, quick)
+    systems = {"bare": Bare(shards, n), "rayps": rayps_factory(shards, n)}
     row = {"bytes": nbytes, "shards": shards, "messages_per_repeat": m}
-    for name in systems:
-        row[name] = {mode: median(values) for mode, values in samples[name].items()}
+    row.update(time_systems(systems, grad, m, repeats, warm_up=True))
     return row
 
 

@@ -30,11 +30,15 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before numba/torch load their OpenMP runtimes
 
 import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import cpu_name  # noqa: E402
 
 from rayps.updaters import ALL_UPDATERS, fused_cpu  # noqa: E402
 from rayps.updaters.base import NO_ADJUSTMENTS  # noqa: E402
@@ -213,13 +217,7 @@ def run(size: int, repeats: int, threads: int, names=None) -> dict:
 def machine(threads: int) -> dict:
     import numba  # noqa: PLC0415
 
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"date": datetime.date.today().isoformat(), "cpu": cpu, "cores": os.cpu_count(), "threads": threads,
+    return {"date": datetime.date.today().isoformat(), "cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads,
             "numba": numba.__version__, "numba_threading_layer": _threading_layer(), "numpy": np.__version__,
             "python": platform.python_version()}
 

@@ -15,20 +15,26 @@ import ray
 from .loop import WorkerLoop
 
 
-@ray.remote(max_concurrency=4)  # threads: clock() and stop() are answered while run_epoch() runs
-class WorkerActor:
-    def __init__(self, client, grad_fn, x, y, worker_id, num_workers, batch_size, seed, n_fetch, n_push,
-                 first_epoch=0, prefetch=False):
-        if isinstance(x, list):  # [ObjectRef]: the data set stays in the object store, read zero-copy here
+class LoopActor:
+    """What every worker actor shares: the loop it runs (``run_epoch``, ``stop``, ``clock``), its data fetched
+    from the object store, and the resume after Ray restarted the process."""
+
+    @staticmethod
+    def fetch(x, y):
+        """``x, y`` as arrays: nested ``[ObjectRef]``s are fetched here, so a restarted actor fetches them again
+        (a top-level object-store argument of a restartable actor is one Ray warns about, ray-project/ray#53727)."""
+        if isinstance(x, list):
             x, y = ray.get(x[0]), ray.get(y[0])
-        self.loop = WorkerLoop(client, grad_fn, x, y, worker_id, num_workers, batch_size, seed, n_fetch, n_push,
-                               first_epoch, prefetch)
+        return x, y
+
+    def adopt(self, loop) -> None:
+        self.loop = loop
         self.stop_requested = threading.Event()
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # Ray's property warns about its own internal use of a deprecated API
             warnings.simplefilter("ignore")
             self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
         if self.restarted:
-            self.loop.resume()
+            loop.resume()
 
     def run_epoch(self, epoch: int):
         return self.loop.run_epoch(epoch, should_stop=self.stop_requested.is_set)
@@ -38,3 +44,12 @@ class WorkerActor:
 
     def clock(self) -> int:
         return self.loop.clock
+
+
+@ray.remote(max_concurrency=4)  # threads: clock() and stop() are answered while run_epoch() runs
+class WorkerActor(LoopActor):
+    def __init__(self, client, grad_fn, x, y, worker_id, num_workers, batch_size, seed, n_fetch, n_push,
+                 first_epoch=0, prefetch=False):
+        x, y = self.fetch(x, y)  # the data set stays in the object store, read zero-copy here
+        self.adopt(WorkerLoop(client, grad_fn, x, y, worker_id, num_workers, batch_size, seed, n_fetch, n_push,
+                              first_epoch, prefetch))

@@ -26,15 +26,14 @@ Evaluation (after every epoch, on the driver): test logloss and AUC from the row
 from __future__ import annotations
 
 import math
-import threading
 import time
-import warnings
 from typing import Callable
 
 import numpy as np
 import ray
 
 from ..server.row_tables import RowTable
+from .actor import LoopActor
 from .ctr import EmbeddingBagLogistic, auc, logloss
 from .loop import EpochReport, WorkerLoop, epoch_batches
 
@@ -114,30 +113,14 @@ class CtrWorkerLoop(WorkerLoop):
 
 
 @ray.remote(max_concurrency=4)  # threads: clock() and stop() are answered while run_epoch() runs
-class CtrWorkerActor:
+class CtrWorkerActor(LoopActor):
     """``CtrWorkerLoop`` on a Ray actor; the ids and labels arrive by reference (zero-copy from the store),
     nested in a list like ``WorkerActor``'s (a top-level object-store argument of a restartable actor is one
     Ray warns about, ray-project/ray#53727)."""
 
     def __init__(self, client, model, x, y, worker_id, num_workers, batch_size, seed, first_epoch=0):
-        if isinstance(x, list):  # [ObjectRef] (as WorkerActor): fetched here, so a restarted actor fetches again
-            x, y = ray.get(x[0]), ray.get(y[0])
-        self.loop = CtrWorkerLoop(client, model, x, y, worker_id, num_workers, batch_size, seed, first_epoch)
-        self.stop_requested = threading.Event()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            restarted = ray.get_runtime_context().was_current_actor_reconstructed
-        if restarted:
-            self.loop.resume()
-
-    def run_epoch(self, epoch: int):
-        return self.loop.run_epoch(epoch, should_stop=self.stop_requested.is_set)
-
-    def stop(self) -> None:
-        self.stop_requested.set()
-
-    def clock(self) -> int:
-        return self.loop.clock
+        x, y = self.fetch(x, y)
+        self.adopt(CtrWorkerLoop(client, model, x, y, worker_id, num_workers, batch_size, seed, first_epoch))
 
 
 def evaluate_ctr(ps, model: EmbeddingBagLogistic, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
