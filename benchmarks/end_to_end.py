@@ -19,6 +19,8 @@ run it on (the 2-shard row shows it).
 Systems (each run ``--repeats`` times, interleaved; medians reported):
 
 * ``textbook sync`` / ``textbook async``: ``benchmarks/textbook_ps.py`` (Ray docs' pattern);
+* ``ray floor``: ``benchmarks/ray_floor.py``, the same epochs with one bare actor round trip per step and no
+  update (it learns nothing): the ceiling of "pull and push every step" through Ray actor calls;
 * rayps at the textbook's semantics — pull and push every step (``n_fetch = n_push = 1``: one fused
   ``push_pull`` per shard per step), float32, no prefetch: async and sync (BSP), and async with 2 shards;
 * rayps with its knobs: ``prefetch`` (the next gradient computed while the step's call is in flight: one step
@@ -57,6 +59,7 @@ import ray
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import attach_pyspy, machine, median, pyspy_summary, start_ray, table, write_json  # noqa: E402
 from textbook_ps import train_textbook  # noqa: E402
+from ray_floor import train_floor  # noqa: E402
 
 from rayps.deploy.train_command import DEFAULT_LEARNING_RATES, build_updater  # noqa: E402
 from rayps.server.client import ParameterServer  # noqa: E402
@@ -72,6 +75,8 @@ QUICK_EPOCHS = {"small": 5, "wide": 2}
 # n_push, prefetch, compression, lr_scale (x the learning rate; used only with n_push > 1, see the docstring)
 TEXTBOOK = [("textbook sync", "textbook", {"mode": "sync"}),
             ("textbook async", "textbook", {"mode": "async"})]
+# the ceiling of one bare Ray actor round trip per step (benchmarks/ray_floor.py): samples/s only, it learns nothing
+RAY_FLOOR = [("ray floor (1 bare call/step, no update)", "floor", {})]
 RAYPS_TEXTBOOK_SEMANTICS = [
     ("rayps async", "rayps", {"consistency": "async"}),
     ("rayps sync", "rayps", {"consistency": "sync"}),
@@ -142,6 +147,9 @@ def run_one(system: str, options: dict, model, data, updater, params, workers, e
     if system == "textbook":
         result = train_textbook(model, data, updater, workers, epochs, batch_size, seed, mode=options["mode"],
                                 params=params)
+    elif system == "floor":
+        result = train_floor(model, data, params, workers, epochs, batch_size, seed,
+                             cpus_per_actor=cpu_share(workers + 1))
     else:
         options = {k: v for k, v in options.items() if k != "lr_scale"}
         options.setdefault("shards", shards)
@@ -204,11 +212,13 @@ def report(model_name: str, rows: list[dict], params: int, epochs: int, ceiling:
     for r in rows:
         consistency = r["options"].get("mode") or r["options"].get("consistency", "async")
         same = tb["sync" if consistency == "sync" else "async"]
+        accuracy = [f"{r['accuracy']:.4f}", f"{(r['accuracy'] - (same or r)['accuracy']) * 100:+.1f}",
+                    f"{r['accuracy_min']:.3f}-{r['accuracy_max']:.3f}"]
+        if r["system"] == "floor":
+            accuracy = ["-", "- (learns nothing)", "-"]
         body.append([r["label"], r["steady"], r["overall"],
                      r["steady"] / tb["async"]["steady"] if tb["async"] else nan,
-                     r["steady"] / tb["sync"]["steady"] if tb["sync"] else nan,
-                     f"{r['accuracy']:.4f}", f"{(r['accuracy'] - (same or r)['accuracy']) * 100:+.1f}",
-                     f"{r['accuracy_min']:.3f}-{r['accuracy_max']:.3f}"])
+                     r["steady"] / tb["sync"]["steady"] if tb["sync"] else nan, *accuracy])
     title = (f"### {model_name}: MLP {MODELS[model_name]['hidden']} ({params:,} parameters), {epochs} epochs, "
              f"rayps {shards} shard(s) unless marked — steady samples/s (median); compute ceiling "
              f"{ceiling['samples_per_second']:,.0f} samples/s (one gradient: "
@@ -355,7 +365,7 @@ def main(argv=None) -> int:
     parser.add_argument("--profile-inprocess", default=None, metavar="DIR",
                         help="pyinstrument the worker loop + shard logic in one process (no Ray) instead")
     args = parser.parse_args(argv)
-    configs = TEXTBOOK + RAYPS_TEXTBOOK_SEMANTICS + RAYPS_KNOBS
+    configs = TEXTBOOK + RAY_FLOOR + RAYPS_TEXTBOOK_SEMANTICS + RAYPS_KNOBS
     if args.experiments:
         print("end_to_end.py: --experiments is retired (the patched rows' fixes are in rayps now); ignored",
               file=sys.stderr)

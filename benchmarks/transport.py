@@ -30,6 +30,7 @@ import argparse
 import collections
 import os
 import sys
+import threading
 import time
 
 import numpy as np
@@ -128,7 +129,7 @@ class Rayps:
         self.ps.shutdown()
 
 
-# -- experiments: what the profile's fixes buy, without touching server/ (subclasses and patches) ------------
+# -- experiments: other floors (an async actor; bare Ray plus the update kernel) ------------------------------
 @ray.remote
 class BareAsyncSink(BareSink.__ray_actor_class__):
     """The floor as an *async* actor (rayps' ShardActor is one): isolates asyncio's per-call cost."""
@@ -153,101 +154,50 @@ class BareAsync(Bare):
         ray.get([a.ping.remote() for a in self.actors])
 
 
-def _finite(array) -> bool:
-    """All finite, from one reduction with no temporary: a NaN/Inf makes the sum non-finite; an overflowing
-    sum of finite values is rechecked exactly."""
-    total = np.add.reduce(array, dtype=np.float64) if array.dtype != np.float64 else array.sum()
-    return bool(np.isfinite(total)) or bool(np.isfinite(array).all())
+@ray.remote
+class BareApplySink(BareSink.__ray_actor_class__):
+    """The floor of push+apply: receives its part and runs the same fused Sgd kernel on it, in place, on one
+    numba thread (as a rayps shard with <= 1 CPU does), with no check and no bookkeeping. What no parameter
+    server that applies the update can beat: bare Ray's copy plus the kernel's own memory traffic."""
 
+    def __init__(self, size: int):
+        super().__init__(size)
+        self.updater = Sgd(learning_rate=1e-6)
+        self.state = self.updater.init(self.array)
+        self.iteration = 0
+        self.pinned = None
 
-def _lean_shard_class():
-    from rayps.server import shard_state  # noqa: PLC0415
-    from rayps.server.shard_actor import ShardActor  # noqa: PLC0415
-
-    class LeanShard(ShardActor.__ray_actor_class__):
-        """ShardActor with: numba kernels on 1 thread (the shard gets <= 1 CPU), no Prometheus metrics calls,
-        and the payload's finiteness from one float64 sum instead of ``np.isfinite(a).all()``."""
-
-        def __init__(self, *args, **kwargs):
+    def push(self, array) -> None:
+        if self.pinned != threading.get_ident():  # numba's pool size is per calling thread
             import numba  # noqa: PLC0415
 
             numba.set_num_threads(1)
-            original = shard_state.ShardState._check_payload
-
-            def check_payload(state, payload, present_idx):
-                if all(_finite(a) for a in payload.values()):
-                    sizes = {d: int(a.size) for d, a in payload.items()}
-                    if len(present_idx) == len(state.pieces) and sizes == {d: b.size for d, b in state.params.items()}:
-                        return None
-                return original(state, payload, present_idx)
-
-            shard_state.ShardState._check_payload = check_payload
-            super().__init__(*args, **kwargs)
-            if hasattr(self, "metrics"):
-                self.metrics = _NoMetrics()
-
-    return ray.remote(LeanShard)
+            self.pinned = threading.get_ident()
+        self.updater.apply(self.array, array, self.state, self.iteration, kernel="fused")
+        self.iteration += 1
 
 
-class _NoMetrics:
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
-
-
-class LeanParameterServer(ParameterServer):
-    """Client with: no client-side finiteness pass (the shard checks), and a zero-copy payload when a shard's
-    part of a parameter is one contiguous row range (else packed into a reused per-shard buffer)."""
-
-    def _messages(self, grads):
-        from rayps.server.validation import check_gradients  # noqa: PLC0415
-
-        grads = check_gradients(grads, self.layout.shapes, self.layout.dtypes)
-        messages = []
-        for shard in range(self.layout.num_shards):
-            pieces = self.layout.shard_pieces[shard]
-            if len(pieces) == 1 and pieces[0].name in grads and grads[pieces[0].name].flags.c_contiguous:
-                piece = pieces[0]
-                source = grads[piece.name]
-                view = (source[piece.row_start:piece.row_stop] if source.ndim else source).reshape(-1)
-                messages.append((shard, {piece.dtype: view}, None, None))
-            else:
-                payload, present = self.layout.pack(shard, grads)
-                messages.append((shard, payload, present, None))
-        return messages
-
-
-class Lean(Rayps):
-    def __init__(self, num_shards: int, num_elements: int):
-        from rayps.server import client  # noqa: PLC0415
-
-        original = client.ShardActor
-        client.ShardActor = _lean_shard_class()
-        try:
-            self.ps = LeanParameterServer({"w": np.zeros(num_elements, dtype=np.float32)},
-                                          updater=Sgd(learning_rate=1e-6), num_shards=num_shards,
-                                          consistency="async", num_workers=1)
-        finally:
-            client.ShardActor = original
+class BareApply(Bare):
+    def __init__(self, num_actors: int, num_elements: int, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT):
+        self.bounds = np.linspace(0, num_elements, num_actors + 1).round().astype(int)
+        self.actors = [BareApplySink.options(num_cpus=0).remote(int(b - a))
+                       for a, b in zip(self.bounds[:-1], self.bounds[1:])]
+        self.max_in_flight = max_in_flight
+        self.in_flight = [collections.deque() for _ in self.actors]
+        ray.get([a.ping.remote() for a in self.actors])
 
 
 EXPERIMENT_SIZES = [1024, 64 * 1024, 1024 ** 2, 16 * 1024 ** 2, 64 * 1024 ** 2]
-EXPERIMENT_SYSTEMS = {"bare": Bare, "bare_async": BareAsync, "rayps": Rayps, "lean": Lean}
+EXPERIMENT_SYSTEMS = {"bare": Bare, "bare_async": BareAsync, "bare_apply": BareApply, "rayps": Rayps}
 
 
 def measure_experiment(nbytes: int, shards: int, repeats: int, quick: bool) -> dict:
     n = nbytes // 4
     grad = np.random.default_rng(0).standard_normal(n).astype(np.float32)
     m = messages_per_repeat(nbytes, quick)
-    systems = {}
-    for name, factory in EXPERIMENT_SYSTEMS.items():
-        try:
-            systems[name] = factory(shards, n)
-            time_modes(systems[name], grad, min(m, 5))  # warm-up; also proves the patches fit this rayps
-        except (TypeError, AttributeError, ValueError) as error:
-            if name != "lean":
-                raise
-            print(f"  rayps-lean skipped: its patches target the internals of commit 5bb9686 ({error})")
-            systems.pop(name).shutdown()
+    systems = {name: factory(shards, n) for name, factory in EXPERIMENT_SYSTEMS.items()}
+    for system in systems.values():
+        time_modes(system, grad, min(m, 5))  # warm-up (kernel JIT/cache load, worker imports)
     row = {"bytes": nbytes, "shards": shards}
     row.update(time_systems(systems, grad, m, repeats, warm_up=False))
     return row
@@ -259,16 +209,14 @@ def experiment_report(rows: list[dict]) -> str:
         for mode in MODES:
             body.append([human_bytes(r["bytes"]), r["shards"], mode[:-2], rate(r["bytes"], r["bare"][mode])]
                         + [r[name][mode] / r["bare"][mode] if name in r else float("nan")
-                           for name in ("bare_async", "rayps", "lean")])
-    return table(["size", "shards", "mode", "bare (sync actor)", "bare async actor / bare", "rayps / bare",
-                  "rayps-lean / bare"], body,
+                           for name in ("bare_async", "bare_apply", "rayps")])
+    return table(["size", "shards", "mode", "bare (sync actor)", "bare async actor / bare",
+                  "bare + Sgd kernel / bare", "rayps / bare"], body,
                  title="### experiments: time ratios vs the bare sync actor (lower is better), same run")
 
 
 def profile_push(out_dir: str, nbytes: int, shards: int, seconds: int) -> None:
     """py-spy (CPU samples) on the driver and every shard while the driver pushes ``nbytes`` messages."""
-    import threading  # noqa: PLC0415
-
     from common import pyspy_summary  # noqa: PLC0415
     from end_to_end import attach_pyspy  # noqa: PLC0415
 
@@ -393,7 +341,8 @@ def main(argv=None) -> int:
                         help="instead: py-spy the driver and shards pushing the first --sizes size over the "
                              "first --shards count for 15 s")
     parser.add_argument("--experiments", action="store_true",
-                        help="instead: bare sync vs bare async actor vs rayps vs rayps-lean (patched), 2 shards")
+                        help="instead: bare sync actor vs bare async actor vs bare + the Sgd kernel (the floor "
+                             "of push+apply) vs rayps")
     args = parser.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 5)
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else (QUICK_SIZES if args.quick else SIZES)
