@@ -187,6 +187,12 @@ class ShardActor:
     def _restarted(self) -> ShardRestarted:
         return ShardRestarted(f"shard {self.state.shard_index} restarted since this client last heard from it")
 
+    def _check_incarnation(self, incarnation) -> None:
+        """A read must not answer a client that knew an earlier process (its pushes may be lost): ShardRestarted
+        makes it recover (replay) and ask again. ``None``: the client has no acknowledgement yet."""
+        if incarnation is not None and incarnation != self.incarnation:
+            raise self._restarted()
+
     def _pin_kernel_threads(self) -> None:
         """numba's pool size is per calling thread: set it on the push thread (a shard gets ``kernel_threads``
         CPUs; more threads than that make every small update wait at a barrier, docs/profile.md section 1)."""
@@ -283,16 +289,14 @@ class ShardActor:
         ``reply`` (whole buffers, or the pieces packed in order) if this pull may be answered now, else None
         (then the client asks ``wait_pull``)."""
         client_id, after_seq, worker_id, piece_indices, incarnation = request
-        if incarnation is not None and incarnation != self.incarnation:
-            raise self._restarted()
+        self._check_incarnation(incarnation)
         return self._read_if_ready(client_id, after_seq, worker_id, piece_indices)
 
     @ray.method(concurrency_group="wait")
     def wait_pull(self, request, timeout=None):
         """``pull`` that blocks until the pull may be answered (or ``timeout`` seconds: TimeoutError); a copy."""
         client_id, after_seq, worker_id, piece_indices, incarnation = request
-        if incarnation is not None and incarnation != self.incarnation:
-            raise self._restarted()
+        self._check_incarnation(incarnation)
         with self.changed:
             self._wait(lambda: self.state.pull_ready(client_id, after_seq, worker_id), timeout, worker_id)
             return reply(self.state.read(piece_indices, worker_id))
@@ -329,8 +333,7 @@ class ShardActor:
         """``request = [client_id, after_seq, name, ids, incarnation]``: rows ``ids`` of table ``name`` (all owned
         here) after this client's pushes up to ``after_seq``, or None if they are not applied yet."""
         client_id, after_seq, name, ids, incarnation = request
-        if incarnation is not None and incarnation != self.incarnation:
-            raise self._restarted()
+        self._check_incarnation(incarnation)
         with self.lock:
             if not self.state.pull_ready(client_id, after_seq, None):
                 return None
@@ -340,8 +343,7 @@ class ShardActor:
     def wait_pull_rows(self, request, timeout=None):
         """``pull_rows`` that blocks until this client's pushes up to ``after_seq`` are applied."""
         client_id, after_seq, name, ids, incarnation = request
-        if incarnation is not None and incarnation != self.incarnation:
-            raise self._restarted()
+        self._check_incarnation(incarnation)
         with self.changed:
             self._wait(lambda: self.state.pull_ready(client_id, after_seq, None), timeout, None)
             return self.state.read_rows(name, ids)

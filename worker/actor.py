@@ -53,3 +53,13 @@ class WorkerActor(LoopActor):
         x, y = self.fetch(x, y)  # the data set stays in the object store, read zero-copy here
         self.adopt(WorkerLoop(client, grad_fn, x, y, worker_id, num_workers, batch_size, seed, n_fetch, n_push,
                               first_epoch, prefetch))
+
+
+def start_workers(actor_class, num_workers: int, cpus_per_worker: float, max_restarts: int, placement,
+                  args_of) -> list:
+    """One ``actor_class`` actor per worker id ``w``, built with ``args_of(w)``, with its CPU share, Ray's
+    restarts and (with a ``placement``) its node; ``train`` and ``train_ctr`` start their workers here."""
+    def options(w: int) -> dict:
+        return {"num_cpus": cpus_per_worker, "max_restarts": max_restarts,
+                **(placement.worker_options(w) if placement is not None else {})}
+    return [actor_class.options(**options(w)).remote(*args_of(w)) for w in range(num_workers)]

@@ -33,7 +33,7 @@ import numpy as np
 import ray
 
 from ..server.row_tables import RowTable
-from .actor import LoopActor
+from .actor import LoopActor, start_workers
 from .ctr import EmbeddingBagLogistic, auc, logloss
 from .loop import EpochReport, WorkerLoop, epoch_batches
 
@@ -142,7 +142,7 @@ def train_ctr(ps, model: EmbeddingBagLogistic, data, num_workers: int = 2, epoch
     """Train ``model`` on ``data`` (a ``CtrDataset``) with ``num_workers`` CTR worker actors against ``ps``;
     evaluate after each epoch. Returns a result dict like ``train()``'s, with ``test_auc`` and ``test_logloss``
     in place of the accuracy."""
-    from .training import _run_epoch  # noqa: PLC0415 - the same epoch driver (restarts, errors) as train()
+    from .training import _run_epoch, mean_train_loss  # noqa: PLC0415 - the same epoch driver as train()
 
     for field, value in (("num_workers", num_workers), ("epochs", epochs), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -150,9 +150,8 @@ def train_ctr(ps, model: EmbeddingBagLogistic, data, num_workers: int = 2, epoch
     if num_workers > data.num_train:
         raise ValueError(f"num_workers ({num_workers}) exceeds the training samples ({data.num_train})")
     x_ref, y_ref = ray.put(data.x_train), ray.put(data.y_train)
-    workers = [CtrWorkerActor.options(**{"num_cpus": cpus_per_worker, "max_restarts": max_worker_restarts,
-                                         **(placement.worker_options(w) if placement is not None else {})}).remote(
-        ps, model, [x_ref], [y_ref], w, num_workers, batch_size, seed) for w in range(num_workers)]
+    workers = start_workers(CtrWorkerActor, num_workers, cpus_per_worker, max_worker_restarts, placement,
+                            lambda w: (ps, model, [x_ref], [y_ref], w, num_workers, batch_size, seed))
     started = time.perf_counter()
     samples, train_seconds, history, worker_restarts = 0, 0.0, [], 0
     try:
@@ -164,10 +163,7 @@ def train_ctr(ps, model: EmbeddingBagLogistic, data, num_workers: int = 2, epoch
             samples += sum(r.samples for r in reports)
             test_auc, test_logloss = evaluate_ctr(ps, model, data.x_test, data.y_test)
             wall = time.perf_counter() - started
-            weights = [r.samples for r in reports]
-            row = {"epoch": epoch + 1, "epochs": epochs,
-                   "train_loss": float(np.average([r.mean_loss for r in reports], weights=weights))
-                   if sum(weights) else math.nan,
+            row = {"epoch": epoch + 1, "epochs": epochs, "train_loss": mean_train_loss(reports),
                    "test_logloss": test_logloss, "test_auc": test_auc,
                    "samples_per_second": samples / wall if wall > 0 else 0.0, "wall_seconds": wall,
                    "bytes_pushed": ps.stats()["bytes_pushed"]}

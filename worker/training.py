@@ -19,7 +19,7 @@ import numpy as np
 import ray
 
 from ..server.remote_errors import unwrap
-from .actor import WorkerActor
+from .actor import WorkerActor, start_workers
 from .data import Dataset
 from .loop import accepts_copy
 from .models import grad_fn_for
@@ -69,10 +69,9 @@ def train(ps, model, data: Dataset, num_workers: int = 4, epochs: int = 20, batc
     x_ref, y_ref = ray.put(data.x_train), ray.put(data.y_train)
     if not 0 <= first_epoch < epochs:
         raise ValueError(f"first_epoch must be in [0, epochs={epochs}), got {first_epoch}")
-    workers = [WorkerActor.options(**{"num_cpus": cpus_per_worker, "max_restarts": max_worker_restarts,
-                                      **(placement.worker_options(w) if placement is not None else {})}).remote(
-        ps, grad_fn, [x_ref], [y_ref], w, num_workers, batch_size, seed, n_fetch, n_push, first_epoch, prefetch)
-        for w in range(num_workers)]
+    workers = start_workers(WorkerActor, num_workers, cpus_per_worker, max_worker_restarts, placement,
+                            lambda w: (ps, grad_fn, [x_ref], [y_ref], w, num_workers, batch_size, seed, n_fetch,
+                                       n_push, first_epoch, prefetch))
     # the built-in evaluation only reads the parameters: read-only views, no copy (a user's evaluate gets its own)
     read_only = {"copy": False} if user_evaluate is None and accepts_copy(ps.pull) else {}
     started = time.perf_counter()
@@ -86,7 +85,7 @@ def train(ps, model, data: Dataset, num_workers: int = 4, epochs: int = 20, batc
             accuracy, test_loss = evaluate(params)
             wall = time.perf_counter() - started
             row = {"epoch": epoch + 1, "epochs": epochs,
-                   "train_loss": float(np.average([r.mean_loss for r in reports], weights=[r.samples for r in reports])),
+                   "train_loss": mean_train_loss(reports),
                    "test_loss": float(test_loss), "test_accuracy": float(accuracy),
                    "samples_per_second": samples / wall if wall > 0 else 0.0, "wall_seconds": wall,
                    "bytes_pushed": ps.stats()["bytes_pushed"]}  # encoded bytes, all shards (one call per epoch)
@@ -110,6 +109,12 @@ def train(ps, model, data: Dataset, num_workers: int = 4, epochs: int = 20, batc
         "first_epoch": first_epoch, "worker_restarts": worker_restarts, "shard_restarts": stats["restarts"],
         "history": history,
     }
+
+
+def mean_train_loss(reports) -> float:
+    """The epoch's training loss: the workers' mean losses weighted by their samples (NaN without samples)."""
+    weights = [r.samples for r in reports]
+    return float(np.average([r.mean_loss for r in reports], weights=weights)) if sum(weights) else math.nan
 
 
 def _run_epoch(workers, epoch: int, max_worker_restarts: int = 3) -> tuple[list, int]:
