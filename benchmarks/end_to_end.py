@@ -21,6 +21,9 @@ Systems (each run ``--repeats`` times, interleaved; medians reported):
 * ``textbook sync`` / ``textbook async``: ``benchmarks/textbook_ps.py`` (Ray docs' pattern);
 * ``ray floor``: ``benchmarks/ray_floor.py``, the same epochs with one bare actor round trip per step and no
   update (it learns nothing): the ceiling of "pull and push every step" through Ray actor calls;
+* ``socket PS``: ``benchmarks/socket_ps.py``, the same epochs with each step's push and pull over a TCP
+  socket to one server actor applying rayps' kernel (no Ray call per step; no recovery, no checks): what a
+  data plane outside Ray's task path could give;
 * rayps at the textbook's semantics — pull and push every step (``n_fetch = n_push = 1``: one fused
   ``push_pull`` per shard per step), float32, no prefetch: async and sync (BSP), and async with 2 shards;
 * rayps with its knobs: ``prefetch`` (the next gradient computed while the step's call is in flight: one step
@@ -60,6 +63,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import attach_pyspy, machine, median, pyspy_summary, start_ray, table, write_json  # noqa: E402
 from textbook_ps import train_textbook  # noqa: E402
 from ray_floor import train_floor  # noqa: E402
+from socket_ps import train_socket_ps  # noqa: E402
 
 from rayps.deploy.train_command import DEFAULT_LEARNING_RATES, build_updater  # noqa: E402
 from rayps.server.client import ParameterServer  # noqa: E402
@@ -77,6 +81,8 @@ TEXTBOOK = [("textbook sync", "textbook", {"mode": "sync"}),
             ("textbook async", "textbook", {"mode": "async"})]
 # the ceiling of one bare Ray actor round trip per step (benchmarks/ray_floor.py): samples/s only, it learns nothing
 RAY_FLOOR = [("ray floor (1 bare call/step, no update)", "floor", {})]
+# a data plane outside Ray's task path (benchmarks/socket_ps.py): TCP frames, rayps' kernel, no recovery
+SOCKET_PS = [("socket PS (async, TCP, no recovery)", "socket", {})]
 RAYPS_TEXTBOOK_SEMANTICS = [
     ("rayps async", "rayps", {"consistency": "async"}),
     ("rayps sync", "rayps", {"consistency": "sync"}),
@@ -147,6 +153,9 @@ def run_one(system: str, options: dict, model, data, updater, params, workers, e
     if system == "textbook":
         result = train_textbook(model, data, updater, workers, epochs, batch_size, seed, mode=options["mode"],
                                 params=params)
+    elif system == "socket":
+        result = train_socket_ps(model, data, updater, params, workers, epochs, batch_size, seed,
+                                 cpus_per_actor=cpu_share(workers + 1))
     elif system == "floor":
         result = train_floor(model, data, params, workers, epochs, batch_size, seed,
                              cpus_per_actor=cpu_share(workers + 1))
@@ -365,7 +374,7 @@ def main(argv=None) -> int:
     parser.add_argument("--profile-inprocess", default=None, metavar="DIR",
                         help="pyinstrument the worker loop + shard logic in one process (no Ray) instead")
     args = parser.parse_args(argv)
-    configs = TEXTBOOK + RAY_FLOOR + RAYPS_TEXTBOOK_SEMANTICS + RAYPS_KNOBS
+    configs = TEXTBOOK + RAY_FLOOR + SOCKET_PS + RAYPS_TEXTBOOK_SEMANTICS + RAYPS_KNOBS
     if args.experiments:
         print("end_to_end.py: --experiments is retired (the patched rows' fixes are in rayps now); ignored",
               file=sys.stderr)
