@@ -187,8 +187,8 @@ def test_a_killed_worker_restarts_and_resumes_its_partition(tmp_path):
     model = build_model("softmax", data.num_features, data.num_classes)
     ps = ParameterServer(model.init_params(0), updater=Adam(learning_rate=0.01), num_shards=1, num_workers=2)
 
-    def slow_grad_fn(params, batch):  # 10 ms slower per batch, so the worker can be killed mid-epoch
-        time.sleep(0.01)
+    def slow_grad_fn(params, batch):  # 30 ms slower per batch (~3 s an epoch): killed mid-epoch even under load
+        time.sleep(0.03)
         return model.loss_and_grads(params, *batch)
 
     workers = [WorkerActor.options(num_cpus=0, max_restarts=2).remote(
