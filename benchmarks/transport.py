@@ -70,11 +70,14 @@ class BareSink:
 
 
 class Bare:
-    """k ``BareSink`` actors driven like a ``ParameterServer`` (same in-flight bound)."""
+    """k ``SINK`` actors (``BareSink``) driven like a ``ParameterServer`` (same in-flight bound)."""
+
+    SINK = BareSink
+    SINK_OPTIONS: dict = {}
 
     def __init__(self, num_actors: int, num_elements: int, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT):
         self.bounds = np.linspace(0, num_elements, num_actors + 1).round().astype(int)
-        self.actors = [BareSink.options(num_cpus=0).remote(int(b - a))
+        self.actors = [self.SINK.options(num_cpus=0, **self.SINK_OPTIONS).remote(int(b - a))
                        for a, b in zip(self.bounds[:-1], self.bounds[1:])]
         self.max_in_flight = max_in_flight
         self.in_flight = [collections.deque() for _ in self.actors]
@@ -145,13 +148,8 @@ class BareAsyncSink(BareSink.__ray_actor_class__):
 
 
 class BareAsync(Bare):
-    def __init__(self, num_actors: int, num_elements: int, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT):
-        self.bounds = np.linspace(0, num_elements, num_actors + 1).round().astype(int)
-        self.actors = [BareAsyncSink.options(num_cpus=0, max_concurrency=1000).remote(int(b - a))
-                       for a, b in zip(self.bounds[:-1], self.bounds[1:])]
-        self.max_in_flight = max_in_flight
-        self.in_flight = [collections.deque() for _ in self.actors]
-        ray.get([a.ping.remote() for a in self.actors])
+    SINK = BareAsyncSink
+    SINK_OPTIONS = {"max_concurrency": 1000}
 
 
 @ray.remote
@@ -178,13 +176,7 @@ class BareApplySink(BareSink.__ray_actor_class__):
 
 
 class BareApply(Bare):
-    def __init__(self, num_actors: int, num_elements: int, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT):
-        self.bounds = np.linspace(0, num_elements, num_actors + 1).round().astype(int)
-        self.actors = [BareApplySink.options(num_cpus=0).remote(int(b - a))
-                       for a, b in zip(self.bounds[:-1], self.bounds[1:])]
-        self.max_in_flight = max_in_flight
-        self.in_flight = [collections.deque() for _ in self.actors]
-        ray.get([a.ping.remote() for a in self.actors])
+    SINK = BareApplySink
 
 
 EXPERIMENT_SIZES = [1024, 64 * 1024, 1024 ** 2, 16 * 1024 ** 2, 64 * 1024 ** 2]
