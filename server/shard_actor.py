@@ -296,10 +296,16 @@ class ShardActor:
     def wait_pull(self, request, timeout=None):
         """``pull`` that blocks until the pull may be answered (or ``timeout`` seconds: TimeoutError); a copy."""
         client_id, after_seq, worker_id, piece_indices, incarnation = request
+        return self._read_when_ready(client_id, after_seq, worker_id, incarnation, timeout,
+                                     lambda: reply(self.state.read(piece_indices, worker_id)))
+
+    def _read_when_ready(self, client_id, after_seq, worker_id, incarnation, timeout, read):
+        """The blocking reads: ``read()`` (lock held) once this client's pushes up to ``after_seq`` are applied
+        and the consistency model lets ``worker_id`` read."""
         self._check_incarnation(incarnation)
         with self.changed:
             self._wait(lambda: self.state.pull_ready(client_id, after_seq, worker_id), timeout, worker_id)
-            return reply(self.state.read(piece_indices, worker_id))
+            return read()
 
     def _wait(self, ready, timeout, worker_id) -> None:
         """Lock held: wait on ``changed`` until ``ready()``; in sync mode, past ``sync_timeout`` without any
@@ -343,10 +349,8 @@ class ShardActor:
     def wait_pull_rows(self, request, timeout=None):
         """``pull_rows`` that blocks until this client's pushes up to ``after_seq`` are applied."""
         client_id, after_seq, name, ids, incarnation = request
-        self._check_incarnation(incarnation)
-        with self.changed:
-            self._wait(lambda: self.state.pull_ready(client_id, after_seq, None), timeout, None)
-            return self.state.read_rows(name, ids)
+        return self._read_when_ready(client_id, after_seq, None, incarnation, timeout,
+                                     lambda: self.state.read_rows(name, ids))
 
     def table_rows(self, name):
         """Every stored row of table ``name`` on this shard, and its updater state: ``(ids, values, state,
