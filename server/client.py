@@ -5,20 +5,30 @@
     ps.flush()                       # every push this handle issued is applied (errors raised here)
     ps.pull(names=None)              # caller-owned arrays; sees this handle's earlier pushes
     ps.pull(copy=False)              # read-only arrays, views of the received buffers where possible
-    ps.push_pull(grads, worker_id=0) # a push and the pull after it: one call per shard (the worker's step)
+    ps.push_pull(grads, worker_id=0) # a push and the pull after it: one message per shard (the worker's step)
     ps.save(path); ParameterServer.restore(path, num_shards=None)
     ps.stats(); ps.shutdown()
 
-The handle is serializable: a worker actor that receives it gets its own client identity (a fresh
-``client_id`` and sequence counter) and talks to the shard actors directly, never through the driver.
+Ray is the control plane: it places and restarts the shard actors and tells clients where each shard's
+data-plane socket is. Pushes, pulls and replays travel on that socket (ZeroMQ, server/protocol.py), straight
+between the client and the shard, authenticated with the run's credentials, made here per run
+(``encrypt=True``: CURVE encryption too; server/credentials.py).
+
+The handle is serializable (through Ray only: it carries the run's credentials): a worker actor that receives
+it gets its own client identity (a fresh ``client_id`` and sequence counter) and its own connections.
 
 A push is checked whole before anything is sent (``PushPlan``: a bad or non-finite push reaches no shard) and
-travels as ONE Ray argument per shard; its arrays are views of the caller's where a shard's part is one
-contiguous piece (Ray copies them at ``.remote()``, so the caller may reuse its arrays once ``push`` returns).
+travels as ONE message per shard: a small header and the arrays as they are (views of the caller's where a
+shard's part is one contiguous piece). ``push`` returns at once and keeps owned copies (the caller may reuse its
+arrays); ``push_pull`` blocks until the reply, so it sends the caller's arrays without copying them.
 
 With ``checkpoint_dir``, shards checkpoint every ``checkpoint_every`` updates and Ray restarts a dead shard,
 which restores its checkpoint; the handle keeps each push until a checkpoint holds it and replays what a
 restarted shard lacks, so no update is lost or applied twice (``ShardLinks``).
+
+Where the data plane listens: ``data_host`` (else ``RAYPS_DATA_HOST``; else 127.0.0.1 when this handle started
+an embedded local Ray, whose processes all run on this machine; else each shard's node address as Ray knows
+it), at a port of ``data_ports`` (else ``RAYPS_DATA_PORTS``, default 47000-47999).
 """
 
 from __future__ import annotations
@@ -33,17 +43,22 @@ import ray
 from ..updaters.groups import as_groups, assign_groups
 from . import checkpoint as ckpt
 from . import persistence
-from . import transport, wire
+from . import transport
+from .credentials import RunCredentials
+from .data_server import parse_ports
 from .layout import ParameterLayout
+from .protocol import PullRequest, PushMessage, RowsRequest
 from .push_plan import PushPlan
 from .remote_errors import unwrap
 from .row_tables import check_rows, route, split_sparse
-from .shard_actor import ShardActor, ShardRestarted
-from .shard_links import ACTOR_LOST, ShardLinks
+from .shard_actor import ShardActor
+from .shard_links import ShardLinks
 from .shard_state import TICK
 from .validation import check_initial_params, check_server_config
 
-DEFAULT_MAX_IN_FLIGHT = 4  # pushes per shard not yet acknowledged before push() waits
+DEFAULT_MAX_IN_FLIGHT = 8  # pushes per shard not yet acknowledged before push() waits
+DEFAULT_DATA_PORTS = "47000-47999"
+_embedded = {"started": False}  # did this process start the Ray it runs on (an embedded local one)?
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -55,15 +70,21 @@ def ensure_ray(address: str | None = None) -> None:
         ray.init(address=address, logging_level="WARNING")
     else:  # "local": always a new embedded instance, never a cluster that happens to run on this machine
         ray.init(address="local", logging_level="WARNING", include_dashboard=False)
+        _embedded["started"] = True
+
+
+def data_plane_host(data_host: str | None) -> str | None:
+    """The address shards bind (None: each shard's node address); see the module docstring."""
+    host = data_host or os.environ.get("RAYPS_DATA_HOST") or None
+    if host is None and _embedded["started"]:
+        host = "127.0.0.1"
+    if host is not None and (not isinstance(host, str) or host in ("0.0.0.0", "*", "::")):
+        raise ValueError(f"data_host must be one address of this node (not every interface), got {host!r}")
+    return host
 
 
 def _nbytes(payload) -> int:
     return int(sum(a.nbytes for a in payload.values())) if payload else 0
-
-
-def _message_nbytes(payload, rows) -> int:
-    """Bytes of one shard's push as sent: payload parts (raw, array or encoded) plus the rows' ids and grads."""
-    return wire.nbytes(payload) + transport.message_nbytes(None, rows)
 
 
 class ParameterServer:
@@ -75,7 +96,8 @@ class ParameterServer:
                  checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 100,
                  sync_timeout: float | None = None, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
                  pull_timeout: float | None = 300.0, recovery_timeout: float = 120.0,
-                 placement=None, sparse=None, compression: str = "none", _named_state=None, _named_rows=None):
+                 placement=None, sparse=None, compression: str = "none", encrypt: bool = False,
+                 data_host: str | None = None, data_ports=None, _named_state=None, _named_rows=None):
         from ..updaters import Adam  # noqa: PLC0415
 
         check_server_config(num_shards, consistency, staleness, num_workers, nan_policy)
@@ -98,10 +120,16 @@ class ParameterServer:
                        "num_workers": num_workers, "nan_policy": nan_policy,
                        "compression": transport.check_mode(compression)}  # push encoding: server/transport.py
         self.checkpoint_dir = None if checkpoint_dir is None else os.path.abspath(checkpoint_dir)
+        if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be an integer >= 1 (pushes per shard), got {max_in_flight!r}")
         self.max_in_flight = int(max_in_flight)
         self.pull_timeout = pull_timeout
         self.recovery_timeout = recovery_timeout
+        ports = parse_ports(data_ports if data_ports is not None else
+                            os.environ.get("RAYPS_DATA_PORTS", DEFAULT_DATA_PORTS))
+        self.credentials = RunCredentials.new(encrypt)
         ensure_ray(address)
+        host = data_plane_host(data_host)
         if self.checkpoint_dir:
             ckpt.write_manifest(self.checkpoint_dir, persistence.manifest_for(self))
         # no max_concurrency here: the actor's default group must stay ONE thread (shard_actor.py)
@@ -118,11 +146,12 @@ class ParameterServer:
             self._shard_actors.append(ShardActor.options(**shard_options).remote(
                 shard, self.layout.shard_pieces[shard], self.groups, self._init_refs[-2], consistency, staleness,
                 num_workers, nan_policy, self.checkpoint_dir, checkpoint_every, self._init_refs[-1], sync_timeout,
-                self._init_refs[0], self._init_refs[1], kernel_threads))
+                self._init_refs[0], self._init_refs[1], kernel_threads, credentials=self.credentials,
+                data_host=host, data_ports=ports))
         self._owner = True
         self._new_identity()
         try:  # constructor errors surface here
-            self._links.incarnations = ray.get([actor.ping.remote() for actor in self._shard_actors])
+            ray.get([actor.ping.remote() for actor in self._shard_actors])
         except Exception as error:  # noqa: BLE001
             self.shutdown()
             raise unwrap(error) from None
@@ -131,12 +160,11 @@ class ParameterServer:
     def _new_identity(self) -> None:
         self.client_id = uuid.uuid4().hex
         self.seq = 0
-        self._links = ShardLinks(self._shard_actors, self.client_id, self.max_in_flight, self.recovery_timeout,
-                                 replay=bool(self.checkpoint_dir))
-        # a kept push must own its arrays; encoded ones (compression) always do
+        self._links = ShardLinks(self._shard_actors, self.client_id, self.credentials, self.max_in_flight,
+                                 self.recovery_timeout, replay=bool(self.checkpoint_dir))
+        # a push kept for replay must own its arrays; encoded ones (compression) always do
         own = bool(self.checkpoint_dir) and self.config["compression"] == "none"
-        self._plan = PushPlan(self.layout, self.groups, self.tables, self.config["nan_policy"], own_payloads=own,
-                              raw_small=self.config["compression"] == "none")
+        self._plan = PushPlan(self.layout, self.groups, self.tables, self.config["nan_policy"], own_payloads=own)
         self.bytes_pushed = 0
         self.bytes_pulled = 0
         self._encoders = {}  # shard -> ThresholdEncoder (compression="threshold"): this identity's residuals
@@ -152,6 +180,14 @@ class ParameterServer:
         self.__dict__.update(state)
         self._new_identity()
 
+    def route_data_plane(self, route, resend_after: float | None = None) -> None:
+        """Connect this handle's data plane through ``route(shard, endpoint) -> endpoint`` (a proxy: fault
+        injection in tests, a tunnel); ``resend_after``: seconds of silence before unanswered messages to an
+        alive shard are sent again (default 5). Call before this handle's first push or pull."""
+        self._links.route = route
+        if resend_after is not None:
+            self._links.resend_after = float(resend_after)
+
     @property
     def shard_actors(self) -> list:
         return list(self._shard_actors)
@@ -166,10 +202,11 @@ class ParameterServer:
         return self._links.recoveries
 
     # -- push --------------------------------------------------------------------------------------------
-    def _messages(self, grads: Mapping[str, np.ndarray], rows=None) -> list:
+    def _messages(self, grads: Mapping[str, np.ndarray], rows=None, own: bool = False) -> list:
         """Per shard: (shard, payload, present, factors, rows), encoded for transport. Every check runs before
-        anything is sent, so a bad push changes no shard (``PushPlan``)."""
-        messages = self._plan.messages(grads, rows)
+        anything is sent, so a bad push changes no shard (``PushPlan``). ``own``: arrays the caller may change
+        while the message is still on its way are copied."""
+        messages = self._plan.messages(grads, rows, own=own)
         if self.config["compression"] == "none":
             return messages
         return transport.encode_messages(messages, self.config["compression"], self._encoders)
@@ -177,23 +214,23 @@ class ParameterServer:
     def push(self, grads: Mapping[str, np.ndarray], worker_id: int = 0, epoch: int = 0, rows=None) -> None:
         """Send ``grads`` (and ``rows``: table -> (ids, row grads)) to the shards and return at once; errors
         surface on ``flush()``/``pull()``. One push is one clock tick of ``worker_id``. The caller may change
-        its arrays once this returns."""
-        messages = self._messages(grads, rows)  # validates everything before anything is sent
+        its arrays once this returns (the push keeps its own copies while it is in flight)."""
+        messages = self._messages(grads, rows, own=True)  # validates everything before anything is sent
         self.seq = seq = self.seq + 1
-        client_id, links = self.client_id, self._links
         for shard, payload, present, factors, shard_rows in messages:
-            links.send(shard, seq, [client_id, seq, worker_id, payload, present, factors, epoch, shard_rows, False])
-            self.bytes_pushed += _message_nbytes(payload, shard_rows)
+            self._links.push(shard, PushMessage(0, self.client_id, seq, worker_id, epoch, payload, present, factors,
+                                                shard_rows))
+            self.bytes_pushed += transport.message_nbytes(payload, shard_rows)
 
     def tick(self, worker_id: int = 0, epoch: int = 0) -> None:
         """Advance ``worker_id``'s clock on every shard without a gradient (a step with nothing to push);
         keeps SSP and BSP accounting aligned."""
         self.seq = seq = self.seq + 1
         for shard in range(self.layout.num_shards):
-            self._links.send(shard, seq, [self.client_id, seq, worker_id, {}, TICK, None, epoch, None, False])
+            self._links.push(shard, PushMessage(0, self.client_id, seq, worker_id, epoch, {}, TICK))
 
     def flush(self) -> None:
-        """Block until every push issued by this handle is applied; raise the first error among them."""
+        """Block until every push issued by this handle is acknowledged; raise the first error among them."""
         self._links.flush()
 
     # -- pull --------------------------------------------------------------------------------------------
@@ -218,82 +255,35 @@ class ParameterServer:
             for shard in shards:
                 pieces = None if whole else [p.index for p in self.layout.shard_pieces[shard] if p.name in wanted_set]
                 requests[shard] = pieces
-        refs = {shard: self._pull_ref(shard, False, worker_id, pieces) for shard, pieces in requests.items()}
-        self.flush()  # surfaces push errors and replays to restarted shards (the pulls are on their way)
+        rids = {shard: self._links.request(shard, PullRequest(0, self.client_id, self.seq, worker_id, pieces,
+                                                               timeout=self.pull_timeout))
+                for shard, pieces in requests.items()}
         out = {n: self._whole_table(n) for n in table_names}
-        if refs:
-            received = self._receive(refs, requests, worker_id)
+        if rids:
+            replies = self._links.wait(list(rids.values()))
+            received = {shard: replies[rid].params for shard, rid in rids.items()}
+            self.bytes_pulled += sum(_nbytes(buffers) for buffers in received.values())
             out.update(self.layout.assemble(received, wanted, copy, requests))
+        self.flush()  # surfaces the problems of this handle's pushes
         return out
-
-    def _pull_ref(self, shard: int, wait: bool, worker_id, pieces):
-        """``pull`` (answers at once, or None) or ``wait_pull`` (blocks until it can answer) of ``shard``."""
-        request = [self.client_id, self.seq, worker_id, pieces, self._links.incarnations[shard]]
-        if wait:
-            return self._shard_actors[shard].wait_pull.remote(request, self.pull_timeout)
-        return self._shard_actors[shard].pull.remote(request)
-
-    def _receive(self, refs: dict, requests: dict, worker_id) -> dict:
-        """shard -> buffers (dtype -> flat array) for the pulls ``refs`` (see ``ShardLinks.read``)."""
-        answers = self._links.read(refs, lambda shard: self._pull_ref(shard, True, worker_id, requests[shard]), "pull")
-        received = {shard: wire.buffers_of(answer, self._reply_dtypes(shard, requests[shard]))
-                    for shard, answer in answers.items()}
-        self.bytes_pulled += sum(_nbytes(buffers) for buffers in received.values())
-        return received
-
-    def _reply_dtypes(self, shard: int, pieces) -> list[str]:
-        """The dtypes a read of ``pieces`` (None: all) of ``shard`` holds."""
-        if pieces is None:
-            return list(self.layout.buffer_sizes[shard])
-        return list({self.layout.shard_pieces[shard][i].dtype for i in pieces})
 
     def push_pull(self, grads: Mapping[str, np.ndarray], worker_id: int = 0, epoch: int = 0, rows=None, *,
                   copy: bool = True) -> dict:
-        """A push and the pull after it, fused into one call per shard (the worker loop's step). ``copy`` as in
-        ``pull``."""
-        messages = self._messages(grads, rows)
-        self.flush()
+        """A push and the pull after it, fused into one message per shard (the worker loop's step). ``copy`` as
+        in ``pull``. The push's arrays are sent as they are: this call returns once every shard answered."""
+        messages = self._messages(grads, rows, own=False)
         self.seq = seq = self.seq + 1
-        links, replay = self._links, self._links.replay
-        refs = []
+        links = self._links
+        rids = {}
         for shard, payload, present, factors, shard_rows in messages:
-            message = [self.client_id, seq, worker_id, payload, present, factors, epoch, shard_rows, False]
-            if replay is not None:
-                replay[shard].add(seq, message)
-            refs.append(self._shard_actors[shard].push_pull.remote(message + [links.incarnations[shard]]))
-            self.bytes_pushed += _message_nbytes(payload, shard_rows)
-        received, waiting, errors = {}, {}, []
-        for shard, ref in enumerate(refs):
-            buffers, error, restarted = None, None, False
-            try:
-                answer = ray.get(ref)
-                if type(answer) is list:  # [reply, error, ack]; else the reply alone
-                    buffers, error, ack = answer
-                    restarted = links.note_ack(shard, ack)
-                else:
-                    buffers = answer
-                buffers = wire.buffers_of(buffers, self._reply_dtypes(shard, None))
-            except ACTOR_LOST:
-                restarted = True
-            except Exception as exc:  # noqa: BLE001
-                exc = unwrap(exc)
-                if not isinstance(exc, ShardRestarted):
-                    raise exc from None
-                restarted = True
-            if restarted:  # replay what the restarted shard lacks (this push included), then read
-                links.recover(shard)
-                buffers, error = None, None
-            if error:
-                errors.append(error)
-            if buffers is None:
-                waiting[shard] = self._pull_ref(shard, True, worker_id, None)
-            else:
-                received[shard] = buffers
-                self.bytes_pulled += _nbytes(buffers)
-        if waiting:
-            received.update(self._receive(waiting, dict.fromkeys(waiting), worker_id))
-        if errors:
-            raise ValueError("; ".join(errors))
+            rids[shard] = links.push(shard, PushMessage(0, self.client_id, seq, worker_id, epoch, payload, present,
+                                                        factors, shard_rows, pull_worker=worker_id, pull=True,
+                                                        timeout=self.pull_timeout), wait_reply=True)
+            self.bytes_pushed += transport.message_nbytes(payload, shard_rows)
+        replies = links.wait(list(rids.values()))
+        received = {shard: replies[rid].params for shard, rid in rids.items()}
+        self.bytes_pulled += sum(_nbytes(buffers) for buffers in received.values())
+        links.raise_errors()
         return self.layout.assemble(received, self.layout.names, copy)
 
     def worker_clock(self, worker_id: int) -> int:
@@ -319,26 +309,24 @@ class ParameterServer:
         out = np.empty((len(ids), table.dim), dtype=table.dtype)
         parts = {shard: positions for shard, positions in enumerate(route(ids, self.layout.num_shards))
                  if len(positions)}
-        refs = {shard: self._rows_ref(shard, False, name, ids[positions]) for shard, positions in parts.items()}
-        self.flush()
-        answers = self._links.read(refs, lambda shard: self._rows_ref(shard, True, name, ids[parts[shard]]),
-                                   "pull_rows")
-        for shard, rows in answers.items():
-            out[parts[shard]] = rows
+        rids = {shard: self._links.request(shard, RowsRequest(0, self.client_id, self.seq, name, ids[positions],
+                                                               timeout=self.pull_timeout))
+                for shard, positions in parts.items()}
+        replies = self._links.wait(list(rids.values()))
+        for shard, rid in rids.items():
+            out[parts[shard]] = replies[rid].rows
         self.bytes_pulled += int(out.nbytes)
+        self.flush()
         return out
-
-    def _rows_ref(self, shard: int, wait: bool, name: str, ids):
-        request = [self.client_id, self.seq, name, ids, self._links.incarnations[shard]]
-        if wait:
-            return self._shard_actors[shard].wait_pull_rows.remote(request, self.pull_timeout)
-        return self._shard_actors[shard].pull_rows.remote(request)
 
     def _whole_table(self, name: str) -> np.ndarray:
         table = self.tables[name]
         out = np.empty(table.shape, dtype=table.dtype)
-        for ids, rows in self._ask_all("materialize", name):
-            out[ids] = rows
+        rids = [self._links.request(shard, RowsRequest(0, self.client_id, self.seq, name, None,
+                                                       timeout=self.pull_timeout))
+                for shard in range(self.layout.num_shards)]
+        for reply in self._links.wait(rids).values():
+            out[reply.ids] = reply.rows
         self.bytes_pulled += int(out.nbytes)
         return out
 
@@ -388,7 +376,10 @@ class ParameterServer:
         }
 
     def shutdown(self) -> None:
-        """Kill the shard actors (only the handle that created them does this)."""
+        """Close this handle's connections; kill the shard actors (only the handle that created them)."""
+        links = self.__dict__.get("_links")
+        if links is not None:
+            links.close()
         if not self._owner:
             return
         for actor in self._shard_actors:

@@ -1,16 +1,15 @@
 """``PushPlan``: how one push's gradients become one message per shard — routing worked out once per layout,
 applied on every push with few Python steps and no copy that is not needed.
 
-Per shard and dtype the payload is ONE flat array (``ParameterLayout.pack``'s layout); with ``raw_small``, one
-of at most ``wire.SMALL_WIRE_BYTES`` goes as its raw bytes instead (a copy that owns its data, and ~40 µs
-cheaper per array in Ray's serialization; server/wire.py). Otherwise:
+Per shard and dtype the payload is ONE flat array (``ParameterLayout.pack``'s layout), which the data plane
+sends as one frame without copying it (server/protocol.py):
 
 * when it is a single piece whose source is C-contiguous and of the parameter's dtype, it is a VIEW of the
-  caller's array (``grads[name].reshape(-1)[start:stop]``): Ray copies arguments when ``.remote()`` is called,
-  so the caller may change its arrays once ``push`` returns. When the client keeps its pushes for replay
-  (``own_payloads``: a ``checkpoint_dir``), the payload must own its data, so the view is copied;
-* otherwise the pieces are packed into a buffer: a fresh one when the payload is kept for replay, else one
-  reused buffer per (shard, dtype) of the full push (no allocation, no page faults for large messages).
+  caller's array (``grads[name].reshape(-1)[start:stop]``). A message that may outlive the call (``own``: a
+  pipelined ``push`` returns before its acknowledgement; ``own_payloads``: the client keeps its pushes for
+  replay, with a ``checkpoint_dir``) must own its data, so the view is copied;
+* otherwise the pieces are packed into a buffer: a fresh one when the message must own it, else one reused
+  buffer per (shard, dtype) of the full push (no allocation, no page faults for large messages).
 
 Checks run first, over the whole push, so a bad push reaches no shard (atomic across shards): structure
 (``validation.check_gradients``), then ONE finiteness pass per array without a temporary — a reduction whose
@@ -29,16 +28,13 @@ from ..updaters.groups import assign_groups
 from .layout import ParameterLayout
 from .row_tables import check_rows, route
 from .validation import all_finite, check_gradients
-from .wire import SMALL_WIRE_BYTES
 
 
 class PushPlan:
     """Builds ``(shard, payload, present, factors, rows)`` per shard from a push (see the module docstring)."""
 
-    def __init__(self, layout: ParameterLayout, groups, tables: Mapping, nan_policy: str, own_payloads: bool,
-                 raw_small: bool = False):
+    def __init__(self, layout: ParameterLayout, groups, tables: Mapping, nan_policy: str, own_payloads: bool):
         self.layout = layout
-        self.raw_small = raw_small  # small payload parts as raw bytes (server/wire.py); not for encoders
         self.tables = dict(tables)
         self.groups = tuple(groups)
         self.nan_policy = nan_policy
@@ -62,8 +58,10 @@ class PushPlan:
                      for dtype, members in by_dtype.items())
 
     # -- the messages --------------------------------------------------------------------------------------
-    def messages(self, grads, rows=None) -> list:
-        """Per shard ``(shard, payload, present, factors, rows)``; raises (changing nothing) on a bad push."""
+    def messages(self, grads, rows=None, own: bool = False) -> list:
+        """Per shard ``(shard, payload, present, factors, rows)``; raises (changing nothing) on a bad push.
+        ``own``: the payloads must own their data (see the module docstring)."""
+        own = own or self.own_payloads
         if self.tables and isinstance(grads, Mapping):
             for name in grads:
                 if name in self.tables:
@@ -87,7 +85,7 @@ class PushPlan:
         messages = []
         for shard in range(self.num_shards):
             if full:
-                payload, present = self._payload(shard, self.full_parts[shard], grads, not self.own_payloads), None
+                payload, present = self._payload(shard, self.full_parts[shard], grads, own), None
             else:
                 payload, present = self._partial(shard, grads)
             shard_factors = None
@@ -97,18 +95,17 @@ class PushPlan:
             messages.append((shard, payload, present, shard_factors, shard_rows[shard]))
         return messages
 
-    def _payload(self, shard: int, parts, grads, reuse: bool) -> dict:
+    def _payload(self, shard: int, parts, grads, own: bool) -> dict:
         payload = {}
         for dtype, np_dtype, size, members in parts:
-            raw = self.raw_small and size * np_dtype.itemsize <= SMALL_WIRE_BYTES  # bytes own their data
             if len(members) == 1:
                 name, start, stop, _ = members[0]
                 source = grads[name]
                 if source.dtype == np_dtype and source.flags.c_contiguous:
                     view = source.reshape(-1)[start:stop]
-                    payload[dtype] = view.tobytes() if raw else view.copy() if self.own_payloads else view
+                    payload[dtype] = view.copy() if own else view
                     continue
-            if reuse or raw:
+            if not own:
                 buffer = self._scratch(shard, dtype, np_dtype, size)
             else:
                 buffer = np.empty(size, dtype=np_dtype)
@@ -122,7 +119,7 @@ class PushPlan:
                     rows = source[piece.row_start:piece.row_stop] if source.ndim else source
                     np.copyto(buffer[cursor:end].reshape(piece.shape), rows, casting="same_kind")
                 cursor = end
-            payload[dtype] = buffer.tobytes() if raw else buffer
+            payload[dtype] = buffer
         return payload
 
     def _scratch(self, shard: int, dtype: str, np_dtype, size: int) -> np.ndarray:
@@ -136,7 +133,7 @@ class PushPlan:
         indices (None when they are all of this shard's pieces, as ``ParameterLayout.pack`` says it)."""
         pieces = self.layout.shard_pieces[shard]
         present = [p for p in pieces if p.name in grads]
-        payload = self._payload(shard, self._parts(present), grads, False) if present else {}
+        payload = self._payload(shard, self._parts(present), grads, True) if present else {}
         return payload, None if len(present) == len(pieces) else [p.index for p in present]
 
     # -- rows and normalization ----------------------------------------------------------------------------

@@ -1,173 +1,359 @@
-"""``ShardLinks``: one client identity's side of exactly-once delivery to the shard actors.
+"""``ShardLinks``: one client identity's data-plane connections to the shards, and exactly-once delivery over
+them — the one client-side layer that sends, acknowledges, resends, replays and recovers.
 
-It sends pushes (at most ``max_in_flight`` unacknowledged per shard), reads their acknowledgements
-``[applied, covered, incarnation]``, keeps every push that no finished checkpoint holds yet (``ReplayBuffer``,
-only with a ``checkpoint_dir``), and recovers a restarted shard: it learns the shard's new incarnation and
-last applied sequence number (``recovery_info``), then resends the pushes after it (marked ``replayed``); the
-shard drops any it already has. Reads that must see this client's pushes go through ``get_recovering``: a
-lost or restarted shard is recovered, then asked again.
+One ZeroMQ DEALER socket per shard, connected to the endpoint the shard reports through Ray (``endpoint``:
+address, incarnation, this client's last applied sequence number) and authenticated with the run's
+credentials. Every message is a ``protocol`` type; every request carries a request id (``rid``) and the
+shard incarnation this client knows.
+
+* Pushes: at most ``window`` unacknowledged per shard (a full window blocks the sender until acknowledgements
+  come back: back-pressure, no unbounded queue). An unacknowledged push is kept to be resent; with a
+  checkpoint directory every push is also kept until a finished checkpoint covers it (``ReplayBuffer``).
+* Reads (pull, rows, the pull of a fused push) wait here for their reply; a push's rejected parts (a NaN
+  gradient, a bad row) come back in its acknowledgement and are raised by the next ``flush``/read.
+* Silence: when nothing arrives for ``LOOK_FIRST`` seconds while something is outstanding, the client asks Ray
+  where each such shard is. Same incarnation: the shard is alive; once the silence reaches ``resend_after``
+  (a shard may be busy, e.g. compiling a kernel, so not at once) the messages are taken as lost (a cut
+  connection, a dropped frame): resend what is outstanding (the shard drops pushes it already has and replaces
+  a read that waits). New incarnation: the shard restarted from its checkpoint: connect to its new endpoint and
+  replay every push after the applied sequence number it reports (``replayed``), then resend the reads.
+  Unreachable: wait up to ``recovery_timeout``. Dead for good (no checkpoint directory, so no restart): raise.
 """
 
 from __future__ import annotations
 
-import collections
 import time
+from dataclasses import dataclass, field
 
 import ray
+import zmq
 
-from .remote_errors import unwrap
+from .credentials import RunCredentials
+from .protocol import Ack, PullRequest, PushMessage, Rejection, Reply, from_frames, to_frames
 from .replay import ReplayBuffer
-from .shard_actor import ShardRestarted
 
 ACTOR_LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
-RECOVERY_DEPTH = 8  # nested recoveries (a shard that dies again while it is replayed to) before giving up
+LOOK_FIRST = 0.5  # seconds of silence before the first look at the shards (through Ray), then doubling ...
+LOOK_MAX = 4.0  # ... up to this
+RESEND_AFTER = 5.0  # seconds of silence before an alive shard is sent again what it has not answered
+RECOVERY_DEPTH = 8  # restarts of one shard in a row, with no acknowledgement in between, before giving up
+
+
+class ShardLost(RuntimeError):
+    """A shard is gone and cannot come back (no checkpoint directory), or did not come back in time."""
+
+
+@dataclass
+class Pending:
+    """A request waiting for its reply."""
+
+    shard: int
+    message: object
+    reply: Reply | None = None
+    error: BaseException | None = None
+    acked: bool = False  # a fused push's push part was acknowledged: resend only its pull
+
+    @property
+    def done(self) -> bool:
+        return self.reply is not None or self.error is not None
+
+
+@dataclass
+class Link:
+    socket: zmq.Socket | None = None
+    endpoint: str | None = None
+    incarnation: str | None = None
+    unacked: dict = field(default_factory=dict)  # seq -> PushMessage
+    replay: ReplayBuffer | None = None
+    restarts_in_a_row: int = 0
 
 
 class ShardLinks:
-    def __init__(self, actors, client_id: str, max_in_flight: int, recovery_timeout: float, replay: bool):
+    def __init__(self, actors, client_id: str, credentials: RunCredentials, window: int, recovery_timeout: float,
+                 replay: bool):
         self.actors = actors
         self.client_id = client_id
-        self.max_in_flight = max_in_flight
+        self.credentials = credentials
+        self.window = max(1, int(window))
         self.recovery_timeout = recovery_timeout
-        self.in_flight = [collections.deque() for _ in actors]  # (seq, ref) of unacknowledged pushes
-        self.replay = [ReplayBuffer() for _ in actors] if replay else None
-        self.incarnations = [None] * len(actors)  # learnt from the first acknowledgement
+        self.links = [Link(replay=ReplayBuffer() if replay else None) for _ in actors]
+        self.keeps_replay = replay
+        self.pending: dict[int, Pending] = {}
+        self.errors: list[str] = []
+        self.rid = 0
         self.recoveries = 0
+        self.route = None  # tests: route(shard, endpoint) -> the endpoint to connect to (e.g. a fault proxy)
+        self.resend_after = RESEND_AFTER
+        self.context = zmq.Context.instance()
+        self.poller = zmq.Poller()
+        self.sockets: dict = {}  # socket -> shard
 
-    def send(self, shard: int, seq: int, message: tuple) -> None:
-        """Push ``message`` (``shard_actor.PUSH_FIELDS``) to ``shard``; waits while its window is full."""
-        queue = self.in_flight[shard]
-        if len(queue) >= self.max_in_flight:
-            self.settle(shard, [queue.popleft() for _ in range(len(queue) - self.max_in_flight + 1)])
-        if self.replay is not None:
-            self.replay[shard].add(seq, message)
-        queue.append((seq, self.actors[shard].push.remote(message)))
+    # -- connections -------------------------------------------------------------------------------------------
+    def _discover(self, shard: int, timeout: float):
+        """``[endpoint, incarnation, applied]`` from the shard's actor (Ray)."""
+        return ray.get(self.actors[shard].endpoint.remote(self.client_id), timeout=timeout)
+
+    def _open(self, shard: int, endpoint: str) -> None:
+        link = self.links[shard]
+        if link.socket is not None:
+            self.poller.unregister(link.socket)
+            del self.sockets[link.socket]
+            link.socket.close(linger=0)
+        socket = self.context.socket(zmq.DEALER)
+        socket.linger = 0
+        socket.sndhwm = socket.rcvhwm = 1000
+        self.credentials.configure_client(socket)
+        socket.connect(self.route(shard, endpoint) if self.route is not None else endpoint)
+        link.socket, link.endpoint = socket, endpoint
+        self.poller.register(socket, zmq.POLLIN)
+        self.sockets[socket] = shard
+
+    def connect(self, shard: int) -> None:
+        """First contact with ``shard``: learn its endpoint and incarnation."""
+        endpoint, incarnation, _applied = self._ask_actor(shard, lambda: self._discover(shard, 30))
+        self.links[shard].incarnation = incarnation
+        self._open(shard, endpoint)
+
+    def close(self) -> None:
+        for link in self.links:
+            if link.socket is not None:
+                link.socket.close(linger=0)
+                link.socket = None
+        self.sockets.clear()
+        self.poller = zmq.Poller()
+
+    # -- sending -----------------------------------------------------------------------------------------------
+    def _next_rid(self) -> int:
+        self.rid += 1
+        return self.rid
+
+    def _send(self, shard: int, message) -> None:
+        link = self.links[shard]
+        if link.socket is None:
+            self.connect(shard)
+        message.incarnation = link.incarnation
+        try:
+            link.socket.send_multipart(to_frames(message), copy=False, flags=zmq.NOBLOCK)
+        except zmq.Again:  # the queue to this shard is full: the silence handling resends it
+            pass
+
+    def push(self, shard: int, message: PushMessage, wait_reply: bool = False) -> int:
+        """Send a push (``message.seq`` set by the caller); waits while the shard's window is full. With
+        ``wait_reply`` (a fused push+pull) it is also a request: its rid, for ``wait``."""
+        link = self.links[shard]
+        if len(link.unacked) >= self.window:
+            self.pump(lambda: len(link.unacked) < self.window)
+        message.rid = self._next_rid()
+        link.unacked[message.seq] = message
+        if link.replay is not None:
+            link.replay.add(message.seq, message)
+        if wait_reply:
+            self.pending[message.rid] = Pending(shard, message)
+        self._send(shard, message)
+        return message.rid
+
+    def request(self, shard: int, message) -> int:
+        """Send a read; its rid, for ``wait``."""
+        message.rid = self._next_rid()
+        self.pending[message.rid] = Pending(shard, message)
+        self._send(shard, message)
+        return message.rid
+
+    def wait(self, rids) -> dict[int, Reply]:
+        """rid -> reply for ``rids``; raises the first error among them (TimeoutError, ValueError, ShardLost)."""
+        entries = [self.pending[rid] for rid in rids]
+        try:
+            self.pump(lambda: all(entry.done for entry in entries))
+        finally:
+            for rid in rids:
+                self.pending.pop(rid, None)
+        for entry in entries:
+            if entry.error is not None:
+                raise entry.error
+        return {rid: entry.reply for rid, entry in zip(rids, entries)}
 
     def flush(self) -> None:
-        """Wait for every push in flight; raise the first error among them (after recovering any shard)."""
-        first_error = None
-        for shard, queue in enumerate(self.in_flight):
-            if not queue:
+        """Wait for every push's acknowledgement; raise the problems the shards reported."""
+        self.pump(lambda: not any(link.unacked for link in self.links))
+        self.raise_errors()
+
+    def raise_errors(self) -> None:
+        if self.errors:
+            errors, self.errors = self.errors, []
+            raise ValueError("; ".join(errors))
+
+    # -- receiving ---------------------------------------------------------------------------------------------
+    def pump(self, done) -> None:
+        """Handle replies until ``done()``; on silence, look at the shards (see the module docstring)."""
+        quiet = LOOK_FIRST
+        silent_since = resent_at = None
+        while not done():
+            ready = self.poller.poll(quiet * 1000)
+            if ready:
+                quiet, silent_since, resent_at = LOOK_FIRST, None, None
+                for socket, _ in ready:
+                    self._drain(socket)
                 continue
-            entries = list(queue)
-            queue.clear()
+            now = time.monotonic()
+            silent_since = silent_since or now - quiet
+            resend = now - (resent_at or silent_since) >= self.resend_after
+            self._silence(now - silent_since, resend)
+            if resend:
+                resent_at = now
+            quiet = min(quiet * 2, LOOK_MAX, self.resend_after)
+
+    def _drain(self, socket) -> None:
+        shard = self.sockets.get(socket)
+        while shard is not None:
             try:
-                self.settle(shard, entries)
-            except (ValueError, TypeError) as error:
-                first_error = first_error or error
-        if first_error is not None:
-            raise first_error
+                frames = socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._dispatch(shard, from_frames(frames))
+            if self.sockets.get(socket) is None:  # the link was reopened while dispatching (a recovery)
+                return
 
-    def settle(self, shard: int, entries, depth: int = 0) -> None:
-        """Wait for the acknowledgements of ``entries`` (seq, ref) sent to ``shard``; recover a restarted
-        shard; raise the first push error as its original exception type."""
-        first_error, lost = None, False
-        for _seq, ref in entries:
+    def _dispatch(self, shard: int, message) -> None:
+        link = self.links[shard]
+        if isinstance(message, Rejection):
+            self._rejected(shard, message)
+            return
+        if message.ack is not None:
+            self._acknowledged(shard, link, message.ack)
+        entry = self.pending.get(message.rid)
+        if message.errors:
+            self.errors.extend(message.errors)
+        if entry is None or entry.shard != shard:
+            return  # an answer to a request resent meanwhile, or already given up
+        if message.waiting:
+            entry.acked = True
+        else:
+            entry.reply = message
+
+    def _acknowledged(self, shard: int, link: Link, ack: Ack) -> None:
+        if link.incarnation is None:
+            link.incarnation = ack.incarnation
+        elif ack.incarnation != link.incarnation:
+            return  # from a process this client no longer talks to
+        link.unacked.pop(ack.seq, None)
+        link.restarts_in_a_row = 0
+        if link.replay is not None:
+            link.replay.trim(ack.covered)
+
+    def _rejected(self, shard: int, rejection: Rejection) -> None:
+        entry = self.pending.get(rejection.rid)
+        if rejection.code == "restarted":
+            self._recover(shard, self._ask_actor(shard, lambda: self._discover(shard, 10)))
+        elif rejection.code == "overloaded":
+            return  # the push is resent when the silence handling runs
+        elif entry is not None:
+            entry.error = TimeoutError(rejection.message) if rejection.code == "timeout" else \
+                ValueError(f"shard {shard} rejected the request: {rejection.message}")
+        else:
+            self.errors.append(f"shard {shard} rejected a push: {rejection.message}")
+
+    # -- silence and recovery ----------------------------------------------------------------------------------
+    def _outstanding(self, shard: int) -> bool:
+        return bool(self.links[shard].unacked) or any(e.shard == shard and not e.done for e in self.pending.values())
+
+    def _silence(self, seconds: float, resend: bool) -> None:
+        for shard, link in enumerate(self.links):
+            if not self._outstanding(shard):
+                continue
             try:
-                ack = ray.get(ref)
-            except ACTOR_LOST:
-                lost = True
+                endpoint, incarnation, applied = self._discover(shard, 10)
+            except ray.exceptions.ActorDiedError:  # dead for good (a restartable one is "unavailable")
+                raise ShardLost(self._lost_text(shard)) from None
+            except (*ACTOR_LOST, ray.exceptions.GetTimeoutError):
+                found = None
+            else:
+                found = (endpoint, incarnation, applied)
+            if found is None:
+                if seconds > self.recovery_timeout:
+                    raise ShardLost(f"shard {shard} did not come back within {self.recovery_timeout}s")
                 continue
-            except Exception as error:  # noqa: BLE001 - unwrapped and re-raised below
-                first_error = first_error or unwrap(error)
-                continue
-            lost = self.note_ack(shard, ack) or lost
-        if lost:
-            self.recover(shard, depth)
-        if first_error is not None:
-            raise first_error
+            if found[1] != link.incarnation:
+                self._recover(shard, found)
+            elif resend:
+                self._resend(shard)
 
-    def note_ack(self, shard: int, ack) -> bool:
-        """Trim the replay buffer; True when the ack comes from a new incarnation of the shard (a restart)."""
-        if not ack:
-            return False
-        _applied, covered, incarnation = ack
-        known = self.incarnations[shard]
-        if known is None:
-            self.incarnations[shard] = incarnation
-        elif known != incarnation:
-            return True
-        if self.replay is not None:
-            self.replay[shard].trim(covered)
-        return False
+    def _lost_text(self, shard: int) -> str:
+        if not self.keeps_replay:
+            return (f"shard {shard} was lost and the server has no checkpoint_dir, so its state is gone; start "
+                    f"ParameterServer with checkpoint_dir=... to survive shard failures")
+        return f"shard {shard} died and will not be restarted"
 
-    def recover(self, shard: int, depth: int = 0) -> None:
-        """Wait for a restarted shard, then resend every push its checkpoint lacks."""
-        if self.replay is None:
-            raise RuntimeError(f"shard {shard} was lost and the server has no checkpoint_dir, so its state is "
-                               f"gone; start ParameterServer with checkpoint_dir=... to survive shard failures")
-        if depth > RECOVERY_DEPTH:
-            raise RuntimeError(f"shard {shard} keeps failing during recovery")
-        actor = self.actors[shard]
+    def _resend(self, shard: int) -> None:
+        for seq in sorted(self.links[shard].unacked):
+            self._send(shard, self.links[shard].unacked[seq])
+        for rid, entry in list(self.pending.items()):
+            if entry.shard == shard and not entry.done:
+                self._send(shard, self._read_of(entry))
+
+    @staticmethod
+    def _read_of(entry: Pending):
+        """What to resend for a request: itself, or for a fused push whose push part was acknowledged, its pull."""
+        message = entry.message
+        if isinstance(message, PushMessage) and entry.acked:
+            return PullRequest(message.rid, message.client_id, message.seq, message.pull_worker, None, None,
+                               message.timeout)
+        return message
+
+    def _recover(self, shard: int, found) -> None:
+        """``shard`` restarted from its checkpoint: connect to its new endpoint and replay what it lacks."""
+        endpoint, incarnation, applied = found
+        link = self.links[shard]
+        if link.replay is None:
+            raise ShardLost(self._lost_text(shard))
+        link.restarts_in_a_row += 1
+        if link.restarts_in_a_row > RECOVERY_DEPTH:
+            raise ShardLost(f"shard {shard} kept restarting: {RECOVERY_DEPTH} restarts without an acknowledgement")
+        link.incarnation = incarnation
+        self.recoveries += 1
+        self._open(shard, endpoint)
+        link.unacked = {}
+        for seq, message in link.replay.after(applied):
+            message.replayed = True
+            link.unacked[seq] = message
+            self._send(shard, message)
+        for entry in self.pending.values():
+            if entry.shard == shard and not entry.done:
+                entry.acked = entry.acked or (isinstance(entry.message, PushMessage) and entry.message.seq <= applied)
+                self._send(shard, self._read_of(entry))
+
+    # -- control calls (Ray) -----------------------------------------------------------------------------------
+    def _ask_actor(self, shard: int, call):
+        """``call()`` (a Ray call to ``shard``'s actor), retried while the shard restarts."""
         deadline = time.monotonic() + self.recovery_timeout
         while True:
             try:
-                applied, incarnation = ray.get(actor.recovery_info.remote(self.client_id), timeout=10)
-                break
-            except (*ACTOR_LOST, ray.exceptions.GetTimeoutError) as error:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"shard {shard} did not come back within {self.recovery_timeout}s") from error
-                time.sleep(0.2)
-        self.incarnations[shard] = incarnation
-        self.recoveries += 1
-        resent = [(seq, actor.push.remote(message[:-1] + [True]))  # the last field: replayed
-                  for seq, message in self.replay[shard].after(applied)]
-        self.in_flight[shard] = collections.deque(e for e in self.in_flight[shard] if e[0] <= applied)
-        self.settle(shard, resent, depth + 1)
-
-    def get_recovering(self, shard: int, ref, ask_again, what: str, attempts: int = RECOVERY_DEPTH):
-        """``ray.get(ref)``; after a lost or restarted shard, recover it (replay) and ``ray.get(ask_again())``."""
-        for _ in range(attempts):
-            try:
-                return ray.get(ref)
-            except ACTOR_LOST:
+                return call()
+            except ray.exceptions.ActorDiedError:
+                raise ShardLost(self._lost_text(shard)) from None
+            except (*ACTOR_LOST, ray.exceptions.GetTimeoutError):
                 pass
-            except Exception as error:  # noqa: BLE001
-                error = unwrap(error)
-                if not isinstance(error, ShardRestarted):
-                    raise error from None
-            self.recover(shard)
-            ref = ask_again()
-        raise RuntimeError(f"shard {shard} kept restarting during {what}()")
-
-    def read(self, refs: dict, wait_ref, what: str) -> dict:
-        """shard -> answer of the reads ``refs`` (shard -> ref of a call that answers at once, or None when the
-        read must wait); those that must wait are asked again together with ``wait_ref(shard)`` (a call that
-        blocks until it can answer), and so is a shard that was lost or restarted, once recovered."""
-        answers, waiting = {}, {}
-        for shard, ref in refs.items():
-            answer = self.get_recovering(shard, ref, lambda s=shard: wait_ref(s), what)
-            if answer is None:
-                waiting[shard] = wait_ref(shard)
-            else:
-                answers[shard] = answer
-        for shard, ref in waiting.items():
-            answers[shard] = self.get_recovering(shard, ref, lambda s=shard: wait_ref(s), what)
-        return answers
+            if time.monotonic() > deadline:
+                raise ShardLost(f"shard {shard} did not come back within {self.recovery_timeout}s")
+            time.sleep(0.2)
 
     def ask(self, shard: int, method: str, *args):
-        """A read-only call to one shard, repeated (after the shard's recovery) if the shard restarts."""
-        for _ in range(RECOVERY_DEPTH):
-            try:
-                return ray.get(getattr(self.actors[shard], method).remote(*args))
-            except ACTOR_LOST:
-                if self.replay is None:
-                    raise
-                self.recover(shard)
-        raise RuntimeError(f"shard {shard} kept restarting during {method}()")
+        """A control call to one shard (after pending pushes are acknowledged), retried across restarts."""
+        return self._ask_actor(shard, lambda: ray.get(getattr(self.actors[shard], method).remote(*args)))
 
     def ask_all(self, method: str, *args) -> list:
-        """``ask`` every shard, the calls sent together."""
         refs = [getattr(actor, method).remote(*args) for actor in self.actors]
         out = []
         for shard, ref in enumerate(refs):
             try:
                 out.append(ray.get(ref))
-            except ACTOR_LOST:
-                if self.replay is None:
-                    raise
+            except (*ACTOR_LOST, ray.exceptions.GetTimeoutError):
                 out.append(self.ask(shard, method, *args))
         return out
 
+    @property
+    def incarnations(self) -> list:
+        return [link.incarnation for link in self.links]
+
     def buffered(self) -> int:
-        return sum(len(r) for r in self.replay) if self.replay else 0
+        return sum(len(link.replay) for link in self.links if link.replay is not None)
+

@@ -35,6 +35,27 @@ DEFAULT_FACTORS = (1.0, math.inf)
 TICK = "tick"  # ``present`` of a clock-only message (a worker step with nothing to push)
 
 
+@dataclass(frozen=True)
+class Problem:
+    """Why a push is not applied: ``message`` names the parameter or field; ``nonfinite``: a NaN/Inf gradient
+    (which ``nan_policy="skip"`` turns into a clock tick)."""
+
+    message: str
+    nonfinite: bool = False
+
+
+@dataclass
+class PushOutcome:
+    """What ``ShardState.push`` did: ``duplicate`` (already applied or waiting: dropped), ``held`` (early: it
+    waits in ``pending`` for the pushes before it), ``received`` (pushes taken now: this one and the early
+    ones it released), and the problems of those that were rejected (their clocks moved, nothing applied)."""
+
+    duplicate: bool = False
+    held: bool = False
+    received: int = 0
+    errors: list = field(default_factory=list)
+
+
 @dataclass
 class Range:
     """The pieces of one param group inside one dtype buffer: ``buffer[start:stop]`` (contiguous by layout)."""
@@ -117,26 +138,27 @@ class ShardState:
     # -- messages ------------------------------------------------------------------------------------------
     def push(self, client_id: str, seq: int, worker_id: int, payload: Mapping[str, np.ndarray],
              present: Sequence[int] | None = None, factors: Mapping[str, tuple] | None = None,
-             epoch: int = 0, rows: Mapping[str, tuple] | None = None) -> list[str]:
-        """Receive one push (dense ``payload`` and/or ``rows``: table -> (ids, grads)). Returns the errors of
-        the pushes applied now (normally none)."""
+             epoch: int = 0, rows: Mapping[str, tuple] | None = None) -> PushOutcome:
+        """Receive one push (dense ``payload`` and/or ``rows``: table -> (ids, grads)); see ``PushOutcome``."""
         applied = self.applied_seq.get(client_id, 0)
         if seq <= applied or seq in self.pending.get(client_id, {}):
             self.counters["duplicates_dropped"] += 1
-            return []
+            return PushOutcome(duplicate=True)
         self.pending.setdefault(client_id, {})[seq] = (worker_id, payload, present, factors, epoch, rows)
-        errors = []
+        outcome = PushOutcome()
         queue = self.pending[client_id]
         while applied + 1 in queue:
             applied += 1
             message = queue.pop(applied)
             self.applied_seq[client_id] = applied
-            error = self._receive(*message)
-            if error:
-                errors.append(error)
-        return errors
+            outcome.received += 1
+            problem = self._receive(*message)
+            if problem is not None:
+                outcome.errors.append(problem.message)
+        outcome.held = outcome.received == 0
+        return outcome
 
-    def _receive(self, worker_id, payload, present, factors, epoch, rows=None) -> str | None:
+    def _receive(self, worker_id, payload, present, factors, epoch, rows=None) -> Problem | None:
         self.counters["pushes"] += 1
         if payload is None:  # the client dropped a non-finite push (nan_policy="skip"): only the clock moves
             self.counters["nonfinite_skipped"] += 1
@@ -159,12 +181,13 @@ class ShardState:
         self.counters["max_staleness"] = max(self.counters["max_staleness"], staleness)
         self.counters["max_clock_gap"] = max(self.counters["max_clock_gap"], self.clock_gap())
         present_idx = np.arange(len(self.pieces)) if present is None else np.asarray(present, dtype=np.int64)
-        problem = undecodable or self._check_payload(payload, present_idx) or self._check_rows(rows)
-        if problem:
-            if self.nan_policy == "skip" and problem.startswith("non-finite"):
+        problem = (Problem(undecodable) if undecodable else None) or self._check_payload(payload, present_idx) \
+            or self._check_rows(rows)
+        if problem is not None:
+            if problem.nonfinite and self.nan_policy == "skip":
                 self.counters["nonfinite_skipped"] += 1
                 problem = None
-            elif problem.startswith("non-finite"):
+            elif problem.nonfinite:
                 self.counters["nonfinite_rejected"] += 1
             payload, rows = None, None  # rejected or skipped: nothing is applied, but the clock and seq move on
         if self.consistency == "sync":
@@ -173,11 +196,11 @@ class ShardState:
             self._apply(payload, present_idx, factors, epoch, rows)
         return problem
 
-    def _check_rows(self, rows) -> str | None:
-        return check_rows(self.shard_index, self.row_tables, rows)
+    def _check_rows(self, rows) -> Problem | None:
+        return _problem(check_rows(self.shard_index, self.row_tables, rows))
 
-    def _check_payload(self, payload, present_idx) -> str | None:
-        return check_payload(self.shard_index, self.pieces, self.full_sizes, payload, present_idx)
+    def _check_payload(self, payload, present_idx) -> Problem | None:
+        return _problem(check_payload(self.shard_index, self.pieces, self.full_sizes, payload, present_idx))
 
     # -- sync mode -----------------------------------------------------------------------------------------
     def _accumulate(self, clock, worker_id, payload, present_idx, epoch, rows=None) -> None:
@@ -366,6 +389,10 @@ class ShardState:
         self.counters["bytes_pulled"] += int(rows.nbytes)
         return rows
 
+    def pending_count(self, client_id: str) -> int:
+        """Early pushes of ``client_id`` waiting for the ones before them."""
+        return len(self.pending.get(client_id, ()))
+
     def stats(self) -> dict:
         stats = dict(self.counters)
         stats["row_tables"] = {name: table.stats() for name, table in self.row_tables.items()}
@@ -374,3 +401,8 @@ class ShardState:
                      iterations_min=int(self.iterations.min()) if len(self.iterations) else 0,
                      iterations_max=int(self.iterations.max()) if len(self.iterations) else 0)
         return stats
+
+
+def _problem(found) -> Problem | None:
+    """``payload_checks``' ``(message, nonfinite)`` as a ``Problem``."""
+    return None if found is None else Problem(*found)

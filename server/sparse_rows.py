@@ -145,6 +145,14 @@ class RowTableShard:
                              f"(route ids with row_owner(ids, {self.num_shards}))")
         return ids
 
+    def grads_problem(self, grads, ids: np.ndarray) -> tuple[str, bool] | None:
+        """``(message, nonfinite)`` when ``grads`` cannot be pushed for ``ids``, else None (a shard's check)."""
+        try:
+            self._check_grads(grads, ids)
+        except ValueError as error:
+            return str(error), "non-finite" in str(error)
+        return None
+
     def _check_grads(self, grads, ids: np.ndarray) -> np.ndarray:
         where = f"table {self.name!r}: grads"
         if not isinstance(grads, np.ndarray):

@@ -10,7 +10,7 @@ builds it) and optional *rows* (table -> ``(ids, grads)``). The client handle en
 * ``none``: the payload and rows go as they are.
 * ``fp16`` / ``bf16``: ``worker.compression.cast_transport`` semantics: float16 (finite values saturate at
   +-65504) or bfloat16 as ``uint16`` bit patterns (NumPy has no bfloat16); half the bytes of float32. Row grads
-  are cast the same way (``CastArray``); ids stay int64.
+  are cast the same way (``protocol.CastRows``); ids stay int64.
 * ``threshold``: DL4J threshold encoding with residual accumulation (``worker.compression.ThresholdEncoder``,
   DL4J's AdaptiveThresholdAlgorithm defaults and ResidualClippingPostProcessor(5.0, 5)). The client handle keeps
   ONE encoder PER SHARD (its threshold adapts to that shard's slice of the parameters; with one shard this is
@@ -35,10 +35,11 @@ the ids and (cast) grads of the rows.
 from __future__ import annotations
 
 import zlib
-from typing import Mapping, NamedTuple, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
+from .protocol import CastRows, EncodedPayload
 from ..worker.compression import (COMPRESSIONS, EncodedTensor, ThresholdEncoder, cast_transport, decode_tensor,
                                   restore_transport)
 
@@ -49,29 +50,6 @@ def check_mode(mode) -> str:
     if mode not in COMPRESSIONS:
         raise ValueError(f"compression must be one of {list(COMPRESSIONS)}, got {mode!r}")
     return mode
-
-
-class EncodedPayload(dict):
-    """A shard payload in transport encoding: dtype -> ``EncodedTensor`` (threshold) or the cast array
-    (fp16/bf16), and ``mode``. A dict, so code that sums ``a.nbytes`` over its values counts encoded bytes."""
-
-    def __init__(self, mode: str, arrays: Mapping):
-        super().__init__(arrays)
-        self.mode = mode
-
-    def __reduce__(self):
-        return (EncodedPayload, (self.mode, dict(self)))
-
-
-class CastArray(NamedTuple):
-    """Row grads cast for transport (``fp16``: float16, ``bf16``: uint16 bit patterns)."""
-
-    mode: str
-    data: np.ndarray
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.data.nbytes)
 
 
 # -- client side -----------------------------------------------------------------------------------------------
@@ -101,7 +79,7 @@ def encode_rows(rows, mode: str):
     """A shard's rows part (table -> (ids, grads)) with the grads cast (fp16/bf16); ``none``/``threshold``: as is."""
     if not rows or mode not in CAST_DTYPES:
         return rows
-    return {name: (ids, CastArray(mode, cast_transport({"g": grads}, mode)["g"]))
+    return {name: (ids, CastRows(mode, cast_transport({"g": grads}, mode)["g"]))
             for name, (ids, grads) in rows.items()}
 
 
@@ -115,7 +93,10 @@ def encode_messages(messages: list, mode: str, encoders: dict) -> list:
 
 def message_nbytes(payload, rows=None) -> int:
     """Bytes of one shard's push as sent: payload arrays (encoded) plus the rows' ids and grads."""
-    total = int(sum(a.nbytes for a in payload.values())) if payload else 0
+    if isinstance(payload, EncodedPayload):
+        total = payload.nbytes
+    else:
+        total = int(sum(a.nbytes for a in payload.values())) if payload else 0
     for ids, grads in (rows or {}).values():
         total += int(ids.nbytes) + int(grads.nbytes)
     return total
@@ -140,10 +121,10 @@ def decode_payload(payload, pieces, present):
     if mode not in ("threshold", *CAST_DTYPES):
         raise ValueError(f"unknown transport encoding {mode!r}")
     sizes = expected_sizes(pieces, present)
-    if set(payload) != set(sizes):
-        raise ValueError(f"{mode} payload has dtypes {sorted(payload)}, the layout expects {sorted(sizes)}")
+    if set(payload.parts) != set(sizes):
+        raise ValueError(f"{mode} payload has dtypes {sorted(payload.parts)}, the layout expects {sorted(sizes)}")
     out = {}
-    for dtype, part in payload.items():
+    for dtype, part in payload.parts.items():
         if mode == "threshold":
             if not isinstance(part, EncodedTensor):
                 raise ValueError(f"threshold payload[{dtype!r}] is a {type(part).__name__}, not an EncodedTensor")
@@ -158,13 +139,13 @@ def decode_payload(payload, pieces, present):
 
 
 def decode_rows(rows, tables: Mapping):
-    """Rows with cast grads (``CastArray``) restored to their table's dtype; plain rows as they are."""
+    """Rows with cast grads (``protocol.CastRows``) restored to their table's dtype; plain rows as they are."""
     if not rows or not isinstance(rows, Mapping):
         return rows
     out = {}
     for name, part in rows.items():
         ids, grads = part
-        if isinstance(grads, CastArray):
+        if isinstance(grads, CastRows):
             if grads.mode not in CAST_DTYPES:
                 raise ValueError(f"table {name!r}: unknown row transport cast {grads.mode!r}")
             dtype = tables[name].dtype if name in tables else np.float32

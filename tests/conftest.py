@@ -6,7 +6,12 @@ updaters, the layout, ``ShardState``, ``WorkerLoop``) runs without Ray, so the f
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# the data plane binds loopback in tests: every process of these local clusters runs on this machine
+os.environ.setdefault("RAYPS_DATA_HOST", "127.0.0.1")
 
 
 @pytest.fixture(scope="session")

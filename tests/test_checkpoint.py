@@ -44,7 +44,7 @@ def _shards(params, num_shards, steps=4, seed=1):
         grads = {n: rng.standard_normal(a.shape).astype(a.dtype) for n, a in params.items()}
         for s, shard in enumerate(shards):
             payload, present = layout.pack(s, grads)
-            assert shard.push("client", seq, 0, payload, present) == []
+            assert shard.push("client", seq, 0, payload, present).errors == []
     return layout, shards
 
 

@@ -4,7 +4,7 @@
   gradients, 1..3 shards;
 * it is a view of the caller's array exactly where a shard's part is one C-contiguous piece of the right
   dtype, and owns its data when the plan keeps payloads for replay;
-* small parts travel as raw bytes (server/wire.py) that decode to the same payload;
+* payload arrays travel as frames sent as they are and decode to views of the received frames;
 * the finiteness pass: every NaN/Inf found, overflowing sums of finite values not mistaken for them, the error
   names the key, nan_policy "skip" becomes clock ticks, rows included.
 """
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from rayps.server import ParameterLayout
-from rayps.server import wire
+from rayps.server.protocol import PushMessage, from_frames, to_frames
 from rayps.server.push_plan import PushPlan
 from rayps.server.validation import all_finite
 from rayps.server.row_tables import RowTable
@@ -26,9 +26,9 @@ SHAPES = {"W": (40, 5), "b": (5,), "h": (7,), "s": (), "m": (3, 2)}
 DTYPES = {"W": "float32", "b": "float32", "h": "float64", "s": "float64", "m": "float32"}
 
 
-def _plan(num_shards, own=False, nan_policy="reject", tables=None, raw_small=False):
+def _plan(num_shards, own=False, nan_policy="reject", tables=None):
     layout = ParameterLayout.build(SHAPES, DTYPES, num_shards)
-    return PushPlan(layout, as_groups(Sgd()), tables or {}, nan_policy, own_payloads=own, raw_small=raw_small), layout
+    return PushPlan(layout, as_groups(Sgd()), tables or {}, nan_policy, own_payloads=own), layout
 
 
 def _grads(seed=0):
@@ -70,40 +70,22 @@ def test_payloads_own_their_data_when_kept_for_replay(num_shards):
 
 
 @pytest.mark.parametrize("num_shards", [1, 2])
-def test_small_parts_travel_as_raw_bytes_that_decode_to_the_packed_payload(num_shards):
-    shapes, dtypes = dict(SHAPES, big=(wire.SMALL_WIRE_BYTES // 4 + 1,)), dict(DTYPES, big="float64")  # > 2 x 64 KiB
-    layout = ParameterLayout.build(shapes, dtypes, num_shards)
-    plan = PushPlan(layout, as_groups(Sgd()), {}, "reject", own_payloads=False, raw_small=True)
-    grads = dict(_grads(), big=np.arange(shapes["big"][0], dtype=np.float64))
-    kinds = set()
+def test_payloads_travel_as_frames_that_decode_to_the_packed_payload(num_shards):
+    """Each payload array is one frame sent as it is (the same memory), and decodes to a read-only view of the
+    received frame equal to ``ParameterLayout.pack``."""
+    plan, layout = _plan(num_shards)
+    grads = _grads()
     for shard, payload, present, _, _ in plan.messages(grads):
         expected, _ = layout.pack(shard, grads)
-        decoded = wire.payload_from_wire(payload)
-        assert wire.nbytes(payload) == sum(a.nbytes for a in expected.values())
-        for dtype, part in payload.items():
-            small = expected[dtype].nbytes <= wire.SMALL_WIRE_BYTES
-            assert (type(part) is bytes) is small, (shard, dtype)
-            kinds.add(type(part).__name__)
-            np.testing.assert_array_equal(decoded[dtype], expected[dtype], strict=True)
-            if small:
-                assert not decoded[dtype].flags.writeable  # a view of the received bytes, like Ray's arrays
-    assert kinds == {"bytes", "ndarray"}
-
-
-def test_wire_replies_and_malformed_raw_parts():
-    array = np.arange(6, dtype=np.float32)
-    assert type(wire.reply({"float32": array})) is bytes
-    big = np.zeros(wire.SMALL_WIRE_BYTES // 4 + 1, np.float32)
-    assert wire.reply({"float32": big}) is big
-    both = {"float32": array, "float64": np.ones(2)}
-    assert wire.reply(both) is both and wire.buffers_of(both, ["float32", "float64"]) is both
-    np.testing.assert_array_equal(wire.buffers_of(wire.reply({"float32": array}), ["float32"])["float32"], array)
-    assert wire.buffers_of(big, ["float32"])["float32"] is big
-    assert wire.buffers_of(None, ["float32"]) is None
-    ragged = wire.payload_from_wire({"float32": b"12345"})  # not whole float32 elements: left for the shard
-    assert ragged == {"float32": b"12345"}
-    assert wire.payload_from_wire({"nonsense": b"1234"}) == {"nonsense": b"1234"}
-    assert wire.payload_from_wire(None) is None
+        frames = to_frames(PushMessage(1, "client", 1, 0, 0, payload, present))
+        for array in payload.values():
+            assert any(frame is array for frame in frames[1:])  # no pack copy
+        received = [bytes(frame) if i == 0 else bytearray(frame) for i, frame in enumerate(frames)]
+        decoded = from_frames(received).payload
+        for dtype, part in decoded.items():
+            np.testing.assert_array_equal(part, expected[dtype], strict=True)
+            assert not part.flags.writeable and np.shares_memory(part, np.frombuffer(received[1 + list(
+                decoded).index(dtype)], np.uint8))  # a view of the received frame: no unpack copy
 
 
 def test_reused_pack_buffers_hold_each_push_in_turn():

@@ -1,12 +1,12 @@
-"""``ShardActor`` on a local Ray (the session's ``ray_session``): threads, zero-copy replies, blocking pulls.
+"""``ShardActor`` on a local Ray (the session's ``ray_session``): its data plane, zero-copy replies, waiting pulls.
 
-* Ray serializes a sync method's return value on the executing thread before the group's next task runs:
-  a live-buffer pull followed at once by a push returns the values from before the push (a reply inlined in
-  Ray's answer and one through the object store; small replies are copied to raw bytes by the shard itself);
+* a live-buffer pull followed at once by a push on the same connection returns the values from before the
+  push (small replies are copied by ZeroMQ at once; large ones are sent from the live buffer and tracked);
 * ``pull``/``push_pull`` with ``copy=False`` give read-only arrays with the right values (views where a
   parameter is one piece), ``copy=True`` caller-owned writeable ones, and neither changes under later pushes;
-* a pull that must wait (read-your-writes ahead of the push, BSP gating) blocks in the wait group and is
-  released by the push; the sync dead-worker policy forces the stuck step after ``sync_timeout``;
+* a pull that must wait (read-your-writes ahead of the push, BSP gating) waits on the shard and is released
+  by the push, or times out with a rejection naming it; the sync dead-worker policy forces the stuck step
+  after ``sync_timeout``;
 * a non-finite push is rejected by the client before any shard sees it; gradients changed by the caller
   after ``push`` returns do not change what was sent, with and without a replay buffer (``checkpoint_dir``),
   including what a restarted shard gets replayed.
@@ -23,12 +23,13 @@ import time
 import numpy as np
 import pytest
 
+from rayps.server.protocol import PullRequest, PushMessage, Rejection, RowsRequest, from_frames, to_frames
 from rayps.updaters import Sgd
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 WAIT_SECONDS = 120
-INLINE, PLASMA = 256, 64 * 1024  # float32 elements: 1 KB (inlined in Ray's reply), 256 KB (object store)
-LIVE_INLINE = 20 * 1024  # 80 KB: above wire.SMALL_WIRE_BYTES (sent as the live array), below Ray's inline limit
+INLINE, PLASMA = 256, 64 * 1024  # float32 elements: 1 KB, 256 KB
+LIVE = 256 * 1024  # 1 MB: sent from the live buffer, tracked
 
 
 def _server(params, **kwargs):
@@ -44,26 +45,51 @@ def _request(ps, after_seq=None, worker_id=None):
     return [ps.client_id, ps.seq if after_seq is None else after_seq, worker_id, None, None]
 
 
-@pytest.mark.parametrize("size", [INLINE, LIVE_INLINE, PLASMA], ids=["raw-bytes", "live-inline", "live-object-store"])
-def test_a_live_pull_reply_is_serialized_before_the_next_push_runs(size):
-    """A small reply is copied to bytes by the shard; a larger one is the live buffer, which Ray must have
-    serialized (inline in the reply, or into the object store) before the push behind it changes it."""
-    import ray
+class Member:
+    """A raw data-plane client holding the run's credentials: sends protocol messages, reads replies."""
 
-    from rayps.server.wire import buffers_of
+    def __init__(self, ps, shard=0):
+        import ray
+        import zmq
 
+        endpoint, self.incarnation, _ = ray.get(ps.shard_actors[shard].endpoint.remote(None))
+        self.socket = zmq.Context.instance().socket(zmq.DEALER)
+        self.socket.linger = 0
+        ps.credentials.configure_client(self.socket)
+        self.socket.connect(endpoint)
+
+    def send(self, message):
+        self.socket.send_multipart(to_frames(message), copy=False)
+
+    def receive(self, timeout=WAIT_SECONDS):
+        if not self.socket.poll(timeout * 1000):
+            return None
+        return from_frames(self.socket.recv_multipart(copy=False))
+
+    def close(self):
+        self.socket.close(linger=0)
+
+
+@pytest.mark.parametrize("size", [INLINE, LIVE], ids=["copied-by-zeromq", "live-tracked"])
+def test_a_live_pull_reply_is_sent_before_the_next_push_changes_it(size):
+    """A whole pull is answered from the live buffers (ZeroMQ copies small frames at once; larger ones it sends
+    from the buffer itself, tracked): a push right behind the pull must not change what the pull returns."""
     ps = _server({"w": np.zeros(size, np.float32)})
+    member = Member(ps)
     try:
-        actor = ps.shard_actors[0]
-        step = {"w": np.full(size, -1.0, np.float32)}  # Sgd(1.0): every push adds 1 to every element
+        step = {"float32": np.full(size, -1.0, np.float32)}  # Sgd(1.0): every push adds 1 to every element
         for i in range(12):
-            ref = actor.pull.remote(_request(ps))  # returns the live buffer ...
-            ps.push(step)  # ... and this push is queued right behind it on the same thread
-            got = buffers_of(ray.get(ref), ["float32"])["float32"]
-            np.testing.assert_array_equal(got, np.full(size, i, np.float32))
-        ps.flush()
+            member.send(PullRequest(100 + i, "member", i, None))
+            member.send(PushMessage(200 + i, "member", i + 1, 0, 0, step))
+            replies = {}
+            while len(replies) < 2:
+                reply = member.receive()
+                replies[reply.rid] = reply
+            np.testing.assert_array_equal(replies[100 + i].params["float32"], np.full(size, i, np.float32))
+            assert replies[200 + i].ack.applied == i + 1 and not replies[200 + i].errors
         np.testing.assert_array_equal(ps.pull()["w"], np.full(size, 12, np.float32))
     finally:
+        member.close()
         ps.shutdown()
 
 
@@ -105,29 +131,30 @@ def test_copy_false_pulls_are_read_only_and_copy_true_pulls_are_caller_owned():
         ps.shutdown()
 
 
-def test_a_pull_ahead_of_its_push_waits_in_the_wait_group_and_the_push_releases_it():
-    import ray
-
-    from rayps.server.wire import buffers_of
-
+def test_a_pull_ahead_of_its_push_waits_on_the_shard_and_the_push_releases_it():
     ps = _server({"w": np.zeros(INLINE, np.float32)}, num_shards=1)
+    member = Member(ps)
     try:
-        actor = ps.shard_actors[0]
-        ahead = _request(ps, after_seq=ps.seq + 1)  # read-your-writes for a push not sent yet
-        assert ray.get(actor.pull.remote(ahead)) is None  # the push thread never blocks: "ask wait_pull"
-        waiting = actor.wait_pull.remote(ahead, WAIT_SECONDS)
-        rows_waiting = actor.wait_pull_rows.remote([ps.client_id, ps.seq + 1, "nope", np.arange(1), None],
-                                                   WAIT_SECONDS)
-        for _ in range(3):  # the shard keeps answering on its push thread meanwhile
-            assert ray.get(actor.stats.remote())["pushes"] == 0
-        ready, _ = ray.wait([waiting], timeout=0.2)
-        assert not ready
-        ps.push({"w": np.full(INLINE, -2.0, np.float32)})
-        released = buffers_of(ray.get(waiting, timeout=WAIT_SECONDS), ["float32"])["float32"]
-        np.testing.assert_array_equal(released, np.full(INLINE, 2.0, np.float32))
-        with pytest.raises(ValueError, match="'nope' is not a row-sparse table"):  # released, then it read
-            ray.get(rows_waiting, timeout=WAIT_SECONDS)
+        member.send(PullRequest(1, "member", 1, None, timeout=WAIT_SECONDS))  # read-your-writes for seq 1, unsent
+        member.send(RowsRequest(2, "member", 1, "nope", np.arange(1)))
+        rejected = member.receive()  # an unknown table is refused at once, naming the field
+        assert isinstance(rejected, Rejection) and rejected.rid == 2 and rejected.field == "table"
+        assert "'nope' is not a row-sparse table" in rejected.message
+        for _ in range(3):  # the shard keeps answering control calls meanwhile
+            assert ps.stats()["shards"][0]["pushes"] == 0
+        assert member.receive(timeout=0.2) is None  # the pull waits
+        member.send(PushMessage(3, "member", 1, 0, 0, {"float32": np.full(INLINE, -2.0, np.float32)}))
+        replies = {}
+        while len(replies) < 2:
+            reply = member.receive()
+            replies[reply.rid] = reply
+        assert replies[3].ack.seq == 1 and replies[3].ack.applied == 1
+        np.testing.assert_array_equal(replies[1].params["float32"], np.full(INLINE, 2.0, np.float32))
+        member.send(PullRequest(4, "member", 5, None, timeout=0.2))  # never satisfied: times out, named
+        timed_out = member.receive()
+        assert isinstance(timed_out, Rejection) and timed_out.code == "timeout" and "waited 0.2s" in timed_out.message
     finally:
+        member.close()
         ps.shutdown()
 
 

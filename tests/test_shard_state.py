@@ -61,7 +61,7 @@ class Shard:
 
     def push(self, grads, seq, client="c", worker=0):
         payload, present = self.layout.pack(self.shard, grads)
-        return self.state.push(client, seq, worker, payload, present)
+        return self.state.push(client, seq, worker, payload, present).errors
 
     def params(self):
         """The parameters held by this shard, as whole arrays (NaN where another shard holds the rows)."""
@@ -269,7 +269,7 @@ def test_payload_of_the_wrong_size_is_rejected_and_changes_nothing(damage):
     else:
         payload["float16"] = np.zeros(2, np.float16)
     before = shard.snapshot()
-    errors = shard.state.push("c", 2, 0, payload, present)
+    errors = shard.state.push("c", 2, 0, payload, present).errors
     assert len(errors) == 1 and "payload sizes" in errors[0] and "shard 0" in errors[0]
     assert_unchanged(before, shard.snapshot())
     # the message was consumed (a resend of seq 2 is a duplicate); the next push applies normally
@@ -290,7 +290,7 @@ def test_payload_whose_array_dtype_disagrees_with_its_key_is_rejected_and_change
     payload[key] = payload[key].astype(wrong)  # right size, wrong element type
     before = shard.snapshot()
     try:
-        errors = shard.state.push("c", 1, 0, payload, present)
+        errors = shard.state.push("c", 1, 0, payload, present).errors
     except (TypeError, ValueError) as error:
         errors = [str(error)]
     assert errors and "float" in errors[0]
@@ -333,7 +333,7 @@ def test_non_finite_payload_with_nan_policy_skip_is_dropped_and_counted():
     assert_matches(shard, reference)
     # a push the client already dropped arrives as payload None
     before = shard.snapshot()
-    assert shard.state.push("c", 3, 0, None) == []
+    assert shard.state.push("c", 3, 0, None).errors == []
     assert_unchanged(before, shard.snapshot())
     assert shard.state.counters["nonfinite_skipped"] == 2
 

@@ -134,7 +134,7 @@ def test_row_grads_take_the_cast_modes_only_and_decode_to_the_table_dtype(mode):
     if mode == "threshold":  # no residual per row: rows go as float32
         assert sent is rows and transport.message_nbytes({}, sent) == ids.nbytes + grads.nbytes
     else:
-        assert isinstance(sent["emb"][1], transport.CastArray)
+        assert isinstance(sent["emb"][1], transport.CastRows)
         assert transport.message_nbytes({}, sent) == ids.nbytes + grads.nbytes // 2
         assert decoded["emb"][1].dtype == np.float32
         np.testing.assert_allclose(decoded["emb"][1], grads, rtol=2.0 ** -8)
@@ -161,7 +161,7 @@ def test_a_shard_applies_the_decoded_payload_and_counts_encoded_bytes(mode):
     ((_, payload, present, _, _),) = _messages(layout, grads)
     ((_, sent, _, _, _),) = transport.encode_messages(_messages(layout, grads), mode, {})
     expected = transport.decode_payload(sent, layout.shard_pieces[0], present)
-    assert state.push("c", 1, 0, sent, present) == []
+    assert state.push("c", 1, 0, sent, present).errors == []
     for dtype, array in state.params.items():  # Sgd lr 1: params = -decoded gradient
         np.testing.assert_array_equal(array, -expected[dtype])
     assert state.counters["bytes_pushed"] == transport.message_nbytes(sent) < transport.message_nbytes(payload)
@@ -196,7 +196,7 @@ def _damaged(layout, how):
 def test_a_malformed_encoding_is_rejected_the_state_is_unchanged_and_the_clock_moves(how):
     layout, state = _shard()
     before = {d: a.copy() for d, a in state.params.items()}
-    errors = state.push("c", 1, 0, _damaged(layout, how), None)
+    errors = state.push("c", 1, 0, _damaged(layout, how), None).errors
     assert len(errors) == 1 and "shard 0" in errors[0], errors
     for dtype, array in state.params.items():
         np.testing.assert_array_equal(array, before[dtype])

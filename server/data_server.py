@@ -1,0 +1,179 @@
+"""``DataServer``: a shard's data-plane socket and the one thread that serves it (ZeroMQ, no Ray).
+
+One ROUTER socket, bound on the node's address (never every interface) at the first free port of the
+configured range, authenticated by the run's credentials (server/credentials.py: a ZAP handler polled by
+this same thread). The thread loops: poll; answer ZAP requests; count failed handshakes (the socket monitor:
+outsiders never reach the logic); receive a batch of messages; decode each (``protocol.from_frames``: every
+size checked against the header before a buffer is read) and hand it to ``ShardService`` under the shard's
+lock; send the replies. A frame that does not decode gets a ``Rejection`` naming the field, and the
+connection and the state stay as they were.
+
+Zero copy both ways: a received gradient is a view of the received frame, read by the update kernel; a
+whole-parameter reply is sent from the live buffers (``copy=False``). ZeroMQ copies frames below
+``zmq.COPY_THRESHOLD`` at once; larger ones it reads later, from its I/O thread, so before the next change
+of the state the thread waits for those sends to finish (``MessageTracker``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+
+import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+from .credentials import RunCredentials, ZapHandler
+from .protocol import ProtocolError, PushMessage, Rejection, from_frames, peek_rid, to_frames
+from .shard_service import ShardService
+
+HWM = 1000  # messages queued per peer, each way, before ZeroMQ drops (clients resend) or blocks
+BATCH = 64  # messages handled per poll
+HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+TRACK_BYTES = 65536  # replies with a frame this large are sent without a copy and tracked
+log = logging.getLogger(__name__)
+
+
+def parse_ports(ports) -> tuple[int, int]:
+    """``(low, high)`` from ``"47000-47999"``, ``"47000"``, an int or a pair; ValueError naming the field."""
+    try:
+        if isinstance(ports, str):
+            low, _, high = ports.partition("-")
+            low, high = int(low), int(high or low)
+        elif isinstance(ports, int):
+            low = high = ports
+        else:
+            low, high = (int(p) for p in ports)
+    except (TypeError, ValueError):
+        raise ValueError(f"data_ports must be 'LOW-HIGH', a port or a pair of ports, got {ports!r}") from None
+    if not 1024 <= low <= high <= 65535:
+        raise ValueError(f"data_ports must lie within 1024-65535 with low <= high, got {ports!r}")
+    return low, high
+
+
+def bind_in_range(socket: zmq.Socket, host: str, ports: tuple[int, int]) -> int:
+    """Bind ``socket`` on ``host`` at a free port of ``ports`` (tried from a random start); the port."""
+    low, high = ports
+    count = high - low + 1
+    start = random.randrange(count)
+    for step in range(count):
+        port = low + (start + step) % count
+        try:
+            socket.bind(f"tcp://{host}:{port}")
+            return port
+        except zmq.ZMQError as error:
+            if error.errno != zmq.EADDRINUSE:
+                raise RuntimeError(f"cannot bind the data plane on {host}:{port}: {error}") from None
+    raise RuntimeError(f"data_ports {low}-{high}: every port is in use on {host}; widen RAYPS_DATA_PORTS")
+
+
+class DataServer:
+    def __init__(self, service: ShardService, credentials: RunCredentials, host: str, ports: tuple[int, int],
+                 lock: threading.Lock, on_change=None, on_start=None):
+        self.service = service
+        self.lock = lock
+        self.on_change = on_change  # called (lock held) after a message changed the state
+        self.on_start = on_start  # called first thing on the data-plane thread
+        self.context = zmq.Context(io_threads=1)
+        self.zap = ZapHandler(self.context, credentials)
+        socket = self.socket = self.context.socket(zmq.ROUTER)
+        socket.linger = 0
+        socket.router_handover = 1  # a client that reconnects keeps its identity
+        socket.sndhwm = socket.rcvhwm = HWM
+        credentials.configure_server(socket)
+        self.port = bind_in_range(socket, host, ports)
+        self.endpoint = f"tcp://{host}:{self.port}"
+        self.monitor = socket.get_monitor_socket(HANDSHAKE_FAILED)
+        self.counters = {"handshakes_failed": 0, "malformed_rejected": 0}
+        self.trackers: list = []
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="rayps-data-plane", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stopping = True
+        if self.thread.is_alive() and self.thread is not threading.current_thread():
+            self.thread.join(timeout=5)
+        for socket in (self.socket, self.monitor):
+            socket.close(linger=0)
+        self.zap.close()
+        self.context.term()
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        if self.on_start is not None:
+            self.on_start()
+        poller = zmq.Poller()
+        for socket in (self.socket, self.zap.socket, self.monitor):
+            poller.register(socket, zmq.POLLIN)
+        while not self.stopping:
+            deadline = self.service.next_deadline()
+            timeout = 100 if deadline is None else max(0, min(100, int((deadline - time.monotonic()) * 1000) + 1))
+            ready = dict(poller.poll(timeout))
+            if self.zap.socket in ready:
+                self.zap.handle()
+            if self.monitor in ready:
+                self._handshake_failed()
+            if self.socket in ready:
+                for _ in range(BATCH):
+                    try:
+                        parts = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self._message(parts)
+            deadline = self.service.next_deadline()
+            if deadline is not None and time.monotonic() >= deadline:
+                self._settle_sends()
+                with self.lock:
+                    replies = self.service.expire(time.monotonic())
+                    self._changed()
+                self._send(replies)
+
+    def _message(self, parts) -> None:
+        peer, frames = parts[0].bytes, parts[1:]
+        try:
+            message = from_frames(frames)
+        except ProtocolError as error:
+            self.counters["malformed_rejected"] += 1
+            if self.counters["malformed_rejected"] == 1:
+                log.warning("rayps data plane: rejected a malformed message (%s); further ones are only counted",
+                            error)
+            self._send([(peer, Rejection(peek_rid(frames), "malformed", error.field, str(error)))])
+            return
+        if isinstance(message, PushMessage):
+            self._settle_sends()  # the live buffers of earlier replies must be sent before they change
+        with self.lock:
+            replies = self.service.handle(peer, message, time.monotonic())
+            self._changed()
+        self._send(replies)
+
+    def _changed(self) -> None:
+        if self.service.changed and self.on_change is not None:
+            self.on_change()
+
+    def _send(self, replies) -> None:
+        for peer, reply in replies:
+            frames = to_frames(reply)
+            large = any(getattr(f, "nbytes", 0) >= TRACK_BYTES for f in frames[1:])
+            try:
+                tracker = self.socket.send_multipart([peer, *frames], copy=False, track=large)
+            except zmq.ZMQError:  # the peer is gone (its queue is full or it disconnected): it will resend
+                continue
+            if large:
+                self.trackers.append(tracker)
+
+    def _settle_sends(self) -> None:
+        for tracker in self.trackers:
+            tracker.wait()
+        self.trackers.clear()
+
+    def _handshake_failed(self) -> None:
+        event = parse_monitor_message(self.monitor.recv_multipart())
+        self.counters["handshakes_failed"] += 1
+        if self.counters["handshakes_failed"] == 1:
+            log.warning("rayps data plane: refused a connection from %s that did not hold the run's credentials "
+                        "(event %s); further ones are only counted", event.get("endpoint"), event.get("event"))

@@ -1,0 +1,189 @@
+"""``ShardService``: one shard's side of the data-plane protocol — typed messages in, typed replies out.
+
+Plain logic over ``ShardState`` (no sockets, no Ray, no threads), so tests drive it message by message. The
+shard's data-plane thread (server/data_server.py) decodes a message, calls ``handle(peer, message, now)``
+and sends the replies it returns; ``expire(now)`` runs when the socket has been quiet until
+``next_deadline()``. Only that thread calls these, so the parameters change on one thread.
+
+* A push (``PushMessage``) is applied through ``ShardState.push`` (exactly-once by ``(client_id, seq)``) and
+  always acknowledged (``Ack``: the seq, the client's last applied seq, the last one a checkpoint covers, and
+  this process's incarnation), with the problems of the pushes it applied (``errors``). A push addressed to
+  another incarnation (the client knew an earlier process) is rejected ``restarted`` without being applied:
+  the client recovers and replays it.
+* A read (``PullRequest``, ``RowsRequest``, or the ``pull`` of a fused push) is answered at once when it is
+  ready (read-your-writes after ``after_seq``, then SSP/BSP gating), else it waits here, keyed by
+  ``(peer, client, rid)`` (a resent request replaces the one waiting), until a change makes it ready or its
+  ``timeout`` passes (``Rejection`` ``timeout``). A fused push whose pull must wait is acknowledged at once
+  with ``waiting=True``; the parameters follow under the same request id.
+* Sync mode's dead-worker policy: when reads wait and nothing changed for ``sync_timeout`` seconds, the
+  waiting step is applied with the workers that pushed (``ShardState.force_sync_step``).
+
+A whole-parameter read returns the LIVE buffers (no copy): the data-plane thread sends them without copying
+and waits until ZeroMQ has handed them to the kernel before it applies the next push.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .protocol import Ack, PullRequest, PushMessage, Rejection, Reply, RowsRequest
+from .shard_state import ShardState
+
+MAX_PENDING = 1024  # early pushes one client may have waiting for a gap before it is told "overloaded"
+
+
+@dataclass
+class WaitingRead:
+    peer: bytes
+    request: PullRequest | RowsRequest
+    deadline: float | None
+    ack: Ack | None = None
+    errors: list | None = None
+
+
+class ShardService:
+    def __init__(self, state: ShardState, incarnation: str, sync_timeout: float | None = None):
+        self.state = state
+        self.incarnation = incarnation
+        self.sync_timeout = sync_timeout
+        self.covered: dict[str, int] = {}  # client -> last seq a finished checkpoint holds (set by the actor)
+        self.waiting: dict[tuple, WaitingRead] = {}
+        self.last_change = 0.0
+        self.changed = False  # set by a call that changed the state (the actor then checkpoints, reports)
+
+    # -- messages --------------------------------------------------------------------------------------------
+    def handle(self, peer: bytes, message, now: float) -> list[tuple[bytes, object]]:
+        """The replies to ``message`` from ``peer`` (and to reads it made ready)."""
+        self.changed = False
+        if isinstance(message, PushMessage):
+            out = self._push(peer, message, now)
+        elif isinstance(message, (PullRequest, RowsRequest)):
+            out = self._read_request(peer, message, now)
+        else:
+            out = [(peer, Rejection(message.rid, "malformed", "kind", f"a shard takes push, pull and rows "
+                                                                      f"messages, not {message.kind!r}"))]
+        if self.changed:
+            self.last_change = now
+            out += self._answer_ready()
+        return out
+
+    def _restarted(self, message) -> Rejection | None:
+        if message.incarnation is not None and message.incarnation != self.incarnation:
+            return Rejection(message.rid, "restarted", "incarnation",
+                             f"shard {self.state.shard_index} restarted since this client last heard from it")
+        return None
+
+    def _push(self, peer, message: PushMessage, now: float) -> list:
+        state = self.state
+        rejected = self._restarted(message)
+        if rejected is None and state.pending_count(message.client_id) >= MAX_PENDING:
+            rejected = Rejection(message.rid, "overloaded", "seq", f"more than {MAX_PENDING} pushes of this client "
+                                                                    f"wait for an earlier one")
+        if rejected is not None:
+            return [(peer, rejected)]
+        if message.replayed:
+            state.counters["replays_received"] += 1
+        outcome = state.push(message.client_id, message.seq, message.worker_id, message.payload, message.present,
+                             message.factors, message.epoch, message.rows)
+        self.changed = outcome.received > 0
+        ack = self.ack(message.client_id, message.seq)
+        if not message.pull:
+            return [(peer, Reply(message.rid, ack, outcome.errors))]
+        read = PullRequest(message.rid, message.client_id, message.seq, message.pull_worker, None,
+                           message.incarnation, message.timeout)
+        return self._read(peer, read, now, ack, outcome.errors)
+
+    def ack(self, client_id: str, seq: int) -> Ack:
+        return Ack(seq, self.state.applied_seq.get(client_id, 0), self.covered.get(client_id, 0), self.incarnation)
+
+    def _read_request(self, peer, request, now: float) -> list:
+        rejected = self._restarted(request)
+        if rejected is not None:
+            return [(peer, rejected)]
+        return self._read(peer, request, now, None, [])
+
+    def _read(self, peer, request, now: float, ack, errors) -> list:
+        problem = self._check_read(request)
+        if problem is not None:
+            return [(peer, problem)]
+        reply = self._try_read(request, ack, errors)
+        if reply is not None:
+            self.waiting.pop((peer, request.client_id, request.rid), None)
+            return [(peer, reply)]
+        deadline = None if request.timeout is None else now + request.timeout
+        self.waiting[(peer, request.client_id, request.rid)] = WaitingRead(peer, request, deadline, ack, errors)
+        return [(peer, Reply(request.rid, ack, errors, waiting=True))] if ack is not None else []
+
+    def _check_read(self, request) -> Rejection | None:
+        state = self.state
+        if isinstance(request, PullRequest):
+            if request.pieces is not None and any(i >= len(state.pieces) for i in request.pieces):
+                return Rejection(request.rid, "malformed", "pieces", f"piece indices below {len(state.pieces)}")
+        elif request.table not in state.row_tables:
+            return Rejection(request.rid, "malformed", "table",
+                             f"shard {state.shard_index}: {request.table!r} is not a row-sparse table")
+        return None
+
+    def _try_read(self, request, ack, errors) -> Reply | Rejection | None:
+        """The read's reply if it may be answered now, else None."""
+        state = self.state
+        worker = request.worker_id if isinstance(request, PullRequest) else None
+        if not state.pull_ready(request.client_id, request.after_seq, worker):
+            return None
+        if isinstance(request, PullRequest):
+            params = state.read(request.pieces, worker, copy=False)  # whole: the live buffers; pieces: packed
+            return Reply(request.rid, ack, errors or [], params=params)
+        try:
+            if request.ids is None:
+                ids, rows = state.row_tables[request.table].materialize()
+                state.counters["bytes_pulled"] += int(rows.nbytes)
+                return Reply(request.rid, ack, errors or [], ids=ids, rows=rows)
+            return Reply(request.rid, ack, errors or [], rows=state.read_rows(request.table, request.ids))
+        except (TypeError, ValueError) as error:
+            return Rejection(request.rid, "malformed", "ids", str(error))
+
+    def _answer_ready(self) -> list:
+        out = []
+        for key, read in list(self.waiting.items()):
+            reply = self._try_read(read.request, read.ack, read.errors)
+            if reply is not None:
+                del self.waiting[key]
+                out.append((read.peer, reply))
+        return out
+
+    # -- time ------------------------------------------------------------------------------------------------
+    def next_deadline(self) -> float | None:
+        """When ``expire`` has something to do (None: nothing waits)."""
+        if not self.waiting:
+            return None
+        deadlines = [r.deadline for r in self.waiting.values() if r.deadline is not None]
+        if self._forcing():
+            deadlines.append(self.last_change + self.sync_timeout)
+        return min(deadlines) if deadlines else None
+
+    def _forcing(self) -> bool:
+        return self.state.consistency == "sync" and bool(self.sync_timeout) and bool(self.waiting)
+
+    def expire(self, now: float) -> list:
+        """Reads whose timeout passed get a ``timeout`` rejection; in sync mode a step stuck for
+        ``sync_timeout`` is forced and the reads it unblocks are answered."""
+        self.changed = False
+        out = []
+        if self._forcing() and now - self.last_change >= self.sync_timeout:
+            if self.state.force_sync_step():
+                self.changed = True
+                self.last_change = now
+                out += self._answer_ready()
+            else:
+                self.last_change = now  # nothing to force (no worker pushed this step): wait another period
+        state = self.state
+        for key, read in list(self.waiting.items()):
+            if read.deadline is not None and now >= read.deadline:
+                del self.waiting[key]
+                worker = getattr(read.request, "worker_id", None)
+                out.append((read.peer, Rejection(
+                    read.request.rid, "timeout", "timeout",
+                    f"shard {state.shard_index}: pull by worker {worker} waited {read.request.timeout}s; clocks "
+                    f"{state.clocks}, sync step {state.sync_clock}, consistency {state.consistency!r} "
+                    f"(is a worker dead or num_workers too large?)")))
+        return out
