@@ -87,7 +87,7 @@ def run_ctr(args) -> int:
         ps = ParameterServer(params, updater=updater, sparse=sparse, num_shards=args.shards,
                              consistency=args.consistency, staleness=args.staleness, num_workers=args.workers,
                              cpus_per_shard=per_shard, sync_timeout=args.sync_timeout, placement=placement,
-                             compression=args.compression)
+                             compression=args.compression, encrypt=args.encrypt, data_ports=args.data_ports)
     except BaseException:
         placement.remove()
         raise

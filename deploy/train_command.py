@@ -1,7 +1,8 @@
 """``rayps train``: the main job — an MLP (or softmax regression) on real data, sharded on Ray.
 
-With no flags: MLP (hidden 128) on scikit-learn's bundled digits, Adam, 4 workers, 2 shards, async, on an
-embedded local Ray. ``--address``/``RAY_ADDRESS`` runs it on an existing cluster instead.
+With no flags: MLP (hidden 128) on scikit-learn's bundled digits, Adam, async, on an embedded local Ray, with
+the workers and shards fitted to the CPUs it sees (``fit_processes``: 4 workers x 1 shard on 2 cores) and said
+so. ``--address``/``RAY_ADDRESS`` runs it on an existing cluster instead (fitted to the cluster's CPUs).
 """
 
 from __future__ import annotations
@@ -60,8 +61,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--lr-decay", type=_decay, default=0.9,
                         help="learning rate x this per epoch (DL4J ExponentialSchedule on epochs; 1 = constant)")
     parser.add_argument("--batch-size", type=_positive_int, default=None, help="default 32 (synthetic-ctr: 256)")
-    parser.add_argument("--workers", type=_positive_int, default=4)
-    parser.add_argument("--shards", type=_positive_int, default=2)
+    parser.add_argument("--workers", type=_positive_int, default=None,
+                        help="default: fitted to the CPUs (max(4, CPUs - shards))")
+    parser.add_argument("--shards", type=_positive_int, default=None, help="default: fitted to the CPUs "
+                        "(one per 8 CPUs, at least 1)")
     parser.add_argument("--consistency", default="async", choices=("async", "ssp", "sync"))
     parser.add_argument("--staleness", type=_non_negative_int, default=0)
     parser.add_argument("--epochs", type=_positive_int, default=None, help="default 20 (synthetic-ctr: 1)")
@@ -97,6 +100,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--sync-timeout", type=_positive_float, default=60.0,
                         help="sync mode: seconds a step waits for a dead worker before going on without it")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--encrypt", action="store_true", help="encrypt the data plane (ZeroMQ CURVE); default: "
+                        "authenticated by a per-run secret, not encrypted (README, 'Data plane and security')")
+    parser.add_argument("--data-ports", default=None, help="port range of the shards' data-plane sockets, "
+                        "LOW-HIGH (default: RAYPS_DATA_PORTS, else 47000-47999)")
     parser.set_defaults(run=run)
 
 
@@ -159,6 +166,38 @@ def summary_table(result: dict) -> str:
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
+def fit_processes(args, cpus: int) -> str | None:
+    """Fill in ``--shards`` and ``--workers`` the user left out, from ``cpus``: one shard per 8 CPUs (at least
+    one) and ``max(4, cpus - shards)`` workers. Returns the line that says so (None when both were given)."""
+    if args.shards is not None and args.workers is not None:
+        return None
+    cpus = max(1, int(cpus))
+    if args.shards is None:
+        args.shards = max(1, cpus // 8)
+    if args.workers is None:
+        args.workers = max(4, cpus - args.shards)
+    return (f"rayps train: {cpus} CPUs seen: {args.workers} workers x {args.shards} shard"
+            f"{'s' if args.shards > 1 else ''} (choose with --workers/--shards)")
+
+
+def _fit(args) -> None:
+    """``fit_processes`` from this machine's CPUs, or from the cluster's when one is given (connecting first)."""
+    if args.shards is not None and args.workers is not None:
+        return
+    if args.address or os.environ.get("RAY_ADDRESS"):
+        import ray  # noqa: PLC0415
+
+        from .cluster import connect  # noqa: PLC0415
+
+        connect(args.address)
+        cpus = int(ray.cluster_resources().get("CPU", 0)) or (os.cpu_count() or 1)
+    else:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    line = fit_processes(args, cpus)
+    if line:
+        print(line, file=sys.stderr)
+
+
 def _resources(args, ray) -> tuple[float, float]:
     """CPUs per shard and per worker: the user's, or the cluster's CPUs shared out (at most 1 each). A cluster too
     small for the shards and workers (CPUs or GPUs, in total or on any one node) is a one-line UsageError naming
@@ -190,6 +229,14 @@ def _placement(args, per_shard: float, per_worker: float):
 def run(args) -> int:
     import numpy as np  # noqa: PLC0415
 
+    if args.data_ports is not None:
+        from ..server.data_server import parse_ports  # noqa: PLC0415
+
+        try:
+            parse_ports(args.data_ports)
+        except ValueError as error:
+            raise UsageError(f"--data-ports: {error}") from None
+    _fit(args)
     if args.dataset == "synthetic-ctr":  # the CTR workload: deploy/ctr_command.py, worker/ctr_training.py
         if args.prefetch:
             raise UsageError("--prefetch: not available with --dataset synthetic-ctr (its worker loop pulls rows "
@@ -225,7 +272,7 @@ def run(args) -> int:
     per_shard, per_worker = _resources(args, ray)
     server_options = dict(num_shards=args.shards, consistency=args.consistency, staleness=args.staleness,
                           num_workers=args.workers, cpus_per_shard=per_shard, sync_timeout=args.sync_timeout,
-                          compression=args.compression)
+                          compression=args.compression, encrypt=args.encrypt, data_ports=args.data_ports)
     first_epoch, on_epoch_end = 0, None
     if args.checkpoint_dir:
         run_dir = resume_dir(args.checkpoint_dir)
