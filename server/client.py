@@ -33,6 +33,7 @@ it), at a port of ``data_ports`` (else ``RAYPS_DATA_PORTS``, default 47000-47999
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from typing import Mapping, Sequence
@@ -69,6 +70,8 @@ def ensure_ray(address: str | None = None) -> None:
     if address:
         ray.init(address=address, logging_level="WARNING")
     else:  # "local": always a new embedded instance, never a cluster that happens to run on this machine
+        # its token authentication is on by default and needs nothing from the user: no warning about it
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(address="local", logging_level="WARNING", include_dashboard=False)
         _embedded["started"] = True
 

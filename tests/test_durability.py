@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 
+from rayps.server.client import DEFAULT_MAX_IN_FLIGHT
 from rayps.updaters import Adam, AdaGrad
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -63,7 +64,7 @@ def test_killed_shards_restore_and_replay_exactly_once(tmp_path):
     assert stats["replayed"] > 0
     # replay memory: per shard at most two checkpoint intervals (the covered mark lags one interval while a
     # checkpoint is being written) plus the pushes in flight
-    assert stats["replay_buffered"] <= 2 * (2 * 10 + 4)
+    assert stats["replay_buffered"] <= 2 * (2 * 10 + DEFAULT_MAX_IN_FLIGHT)
 
 
 def test_a_shard_lost_without_checkpoint_dir_is_a_clear_error():
@@ -77,9 +78,13 @@ def test_a_shard_lost_without_checkpoint_dir_is_a_clear_error():
         ps.push(_grads(params, 1)[0])
         ps.flush()
         ray.kill(ps.shard_actors[0])
-        ps.push(_grads(params, 1)[0])
+        # the kill travels through Ray, not the data plane: the dying process may still answer a push or two
+        deadline = time.monotonic() + 60
         with pytest.raises(RuntimeError, match="no checkpoint_dir"):
-            ps.flush()
+            while time.monotonic() < deadline:
+                ps.push(_grads(params, 1)[0])
+                ps.flush()
+                time.sleep(0.05)
     finally:
         ps.shutdown()
 
