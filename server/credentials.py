@@ -23,6 +23,7 @@ import secrets
 from dataclasses import dataclass
 
 import zmq
+import zmq.utils.z85  # not imported by `import zmq` (pyzmq 27)
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_DOMAIN = b"rayps"

@@ -32,6 +32,7 @@ HWM = 1000  # messages queued per peer, each way, before ZeroMQ drops (clients r
 BATCH = 64  # messages handled per poll
 HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                     | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+MONITORED = HANDSHAKE_FAILED | zmq.EVENT_ACCEPTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 TRACK_BYTES = 65536  # replies with a frame this large are sent without a copy and tracked
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,8 @@ class DataServer:
         credentials.configure_server(socket)
         self.port = bind_in_range(socket, host, ports)
         self.endpoint = f"tcp://{host}:{self.port}"
-        self.monitor = socket.get_monitor_socket(HANDSHAKE_FAILED)
+        self.monitor = socket.get_monitor_socket(MONITORED)
+        self.connections = {"accepted": 0, "succeeded": 0, "failed": 0}  # for handshakes that end without an event
         self.counters = {"handshakes_failed": 0, "malformed_rejected": 0}
         self.trackers: list = []
         self.stopping = False
@@ -114,17 +116,20 @@ class DataServer:
             deadline = self.service.next_deadline()
             timeout = 100 if deadline is None else max(0, min(100, int((deadline - time.monotonic()) * 1000) + 1))
             ready = dict(poller.poll(timeout))
-            if self.zap.socket in ready:
-                self.zap.handle()
-            if self.monitor in ready:
-                self._handshake_failed()
-            if self.socket in ready:
-                for _ in range(BATCH):
-                    try:
-                        parts = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    self._message(parts)
+            try:
+                if self.zap.socket in ready:
+                    self.zap.handle()
+                if self.monitor in ready:
+                    self._connection_event()
+                if self.socket in ready:
+                    for _ in range(BATCH):
+                        try:
+                            parts = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._message(parts)
+            except Exception:  # noqa: BLE001 - one bad event must not stop the shard's data plane
+                log.exception("rayps data plane: error while serving; the shard goes on")
             deadline = self.service.next_deadline()
             if deadline is not None and time.monotonic() >= deadline:
                 self._settle_sends()
@@ -171,8 +176,22 @@ class DataServer:
             tracker.wait()
         self.trackers.clear()
 
-    def _handshake_failed(self) -> None:
+    def _connection_event(self) -> None:
+        """Count connections refused before they held the run's credentials: a handshake-failed event, or (a
+        peer that does not speak ZMTP 3, e.g. plain text, gets no such event from libzmq) a connection that
+        was accepted and closed with no handshake finished."""
         event = parse_monitor_message(self.monitor.recv_multipart())
+        kind, seen = event["event"], self.connections
+        if kind == zmq.EVENT_ACCEPTED:
+            seen["accepted"] += 1
+            return
+        if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            seen["succeeded"] += 1
+            return
+        if kind == zmq.EVENT_DISCONNECTED:
+            if seen["accepted"] - seen["succeeded"] - seen["failed"] <= 0:
+                return  # a member left
+        seen["failed"] += 1
         self.counters["handshakes_failed"] += 1
         if self.counters["handshakes_failed"] == 1:
             log.warning("rayps data plane: refused a connection from %s that did not hold the run's credentials "

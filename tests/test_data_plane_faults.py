@@ -1,0 +1,475 @@
+"""The data plane under hostile and faulty networks (local Ray, loopback only). Outsiders (no or foreign
+credentials, raw TCP garbage, wrong CURVE keys) get no reply, change nothing, leave the shard serving and are
+counted (``handshakes_failed``: a socket-monitor event, so polled). Members' malformed frames get a ``malformed``
+rejection naming the field, change nothing and leave the connection working. Through a fault-injection proxy
+(drops, duplicates, delays, reorders, cut connections) async and BSP runs end bit-identical to clean runs.
+No test asserts a duration; every wait has a generous deadline."""
+
+from __future__ import annotations
+
+import heapq
+import pickle
+import random
+import socket
+import threading
+import time
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from rayps.server.credentials import RunCredentials, ZapHandler
+from rayps.server.protocol import PushMessage, Rejection, Reply, from_frames, to_frames
+from rayps.updaters import Sgd
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+WAIT = 120  # seconds: a deadline for what must happen, never an expectation of speed
+COUNTER_WAIT = 10  # seconds for the (asynchronous) handshake-failure event to be counted
+PROBE_WAIT = 10  # seconds for a pull from a shard whose data plane may have been hurt (a local shard: ms)
+PARAMS = {"w": np.linspace(-1.0, 1.0, 6, dtype=np.float32), "b": np.array([0.5, -0.25, 2.0], np.float32)}
+_rng = np.random.default_rng(7)
+PARAMS2 = {"W": _rng.standard_normal((10, 4)).astype(np.float32), "b": _rng.standard_normal(4).astype(np.float32)}
+
+
+def _server(params, **kwargs):
+    from rayps.server import ParameterServer
+
+    kwargs.setdefault("updater", Sgd(learning_rate=1.0))
+    kwargs.setdefault("cpus_per_shard", 0)
+    kwargs.setdefault("pull_timeout", WAIT)
+    return ParameterServer({n: v.copy() for n, v in params.items()}, **kwargs)
+
+
+def _endpoints(ps) -> list[str]:
+    import ray
+
+    return [ray.get(actor.endpoint.remote(None), timeout=WAIT)[0] for actor in ps.shard_actors]
+
+
+def _counter(ps, key: str, shard: int = 0) -> int:
+    return ps.stats()["shards"][shard][key]
+
+
+def _wait_increase(ps, key: str, before: int) -> int:
+    deadline = time.monotonic() + COUNTER_WAIT
+    while (value := _counter(ps, key)) <= before:
+        assert time.monotonic() < deadline, f"{key} stayed at {before} for {COUNTER_WAIT}s"
+        time.sleep(0.1)
+    return value
+
+
+def _assert_same(got: dict, expected: dict) -> None:
+    assert list(got) == list(expected)
+    for name in expected:
+        assert np.array_equal(got[name], expected[name]), name
+
+
+def _within(fn, seconds: float = PROBE_WAIT):
+    """``fn()`` on a thread, given up after ``seconds`` (a dead data plane would leave a call waiting)."""
+    out = []
+
+    def call():
+        try:
+            out.append((True, fn()))
+        except BaseException as error:  # noqa: BLE001 - re-raised below
+            out.append((False, error))
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert out, f"no answer within {seconds}s: the shard's data plane does not serve"
+    if not out[0][0]:
+        raise out[0][1]
+    return out[0][1]
+
+
+def _payload(ps, grads, shard=0) -> dict:
+    """The flat float32 payload of a push to ``shard`` of a server whose parameters are whole on it."""
+    pieces = sorted(ps.layout.shard_pieces[shard], key=lambda p: p.offset)
+    assert all(p.size == grads[p.name].size and p.dtype == "float32" for p in pieces)
+    return {"float32": np.concatenate([grads[p.name].reshape(-1) for p in pieces])}
+
+
+def _frames(message) -> list[bytes]:
+    return [bytes(f) if isinstance(f, bytes) else np.ascontiguousarray(f).tobytes() for f in to_frames(message)]
+
+
+def _dealer(endpoint, configure=None) -> zmq.Socket:
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.linger = 0
+    if configure is not None:
+        configure(dealer)
+    dealer.connect(endpoint)
+    return dealer
+
+
+def _receive(dealer, timeout: float):
+    """One protocol message, or None after ``timeout`` seconds."""
+    return from_frames(dealer.recv_multipart(copy=False)) if dealer.poll(timeout * 1000) else None
+
+
+# -- 1. outsiders ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def plain_server(ray_session):
+    ps = _server(PARAMS, num_shards=1)
+    ps.push({n: np.full_like(v, 0.125) for n, v in PARAMS.items()})
+    ps.pull()
+    yield ps
+    ps.shutdown()
+
+
+def _outsider_dealer(configure):
+    def attempt(endpoint):
+        outsider = _dealer(endpoint, configure)  # its messages queue: the handshake never completes
+        try:
+            push = PushMessage(1, "outsider", 1, 0, 0, {"float32": np.full(9, 9.0, np.float32)})
+            outsider.send_multipart(_frames(push))
+            outsider.send_multipart([b"\x00garbage\xff", b"more garbage"])
+            assert _receive(outsider, 0.5) is None
+        finally:
+            outsider.close(linger=0)
+    return attempt
+
+
+def _raw_tcp(garbage: bytes):
+    def attempt(endpoint):
+        host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
+        assert host == "127.0.0.1"
+        with socket.create_connection((host, int(port)), timeout=WAIT) as conn:
+            conn.sendall(garbage)
+            conn.settimeout(0.5)
+            received = b""
+            try:
+                while chunk := conn.recv(4096):
+                    received += chunk
+            except (TimeoutError, ConnectionResetError):
+                pass
+        assert len(received) <= 64, received  # at most ZeroMQ's own greeting: never a protocol reply
+    return attempt
+
+
+OUTSIDERS = [
+    pytest.param(_outsider_dealer(None), id="dealer-without-credentials"),
+    pytest.param(_outsider_dealer(lambda s: RunCredentials.new().configure_client(s)),
+                 id="plain-secret-of-another-run"),
+    pytest.param(_raw_tcp(b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03junk" * 40), id="raw-tcp-zmtp-like-garbage"),
+    pytest.param(_raw_tcp(b"GET / HTTP/1.1\r\nHost: shard\r\n\r\n" + bytes(range(256))), id="raw-tcp-text-garbage"),
+]
+
+
+@pytest.mark.parametrize("attempt", OUTSIDERS)
+def test_an_outsider_gets_nothing_changes_nothing_and_is_counted(plain_server, attempt):
+    ps = plain_server
+    before, failed, pushes = ps.pull(), _counter(ps, "handshakes_failed"), _counter(ps, "pushes")
+    attempt(_endpoints(ps)[0])
+    _wait_increase(ps, "handshakes_failed", failed)
+    _assert_same(ps.pull(), before)
+    assert _counter(ps, "pushes") == pushes  # the shard answers control calls and took nothing from the outsider
+    step = {n: np.full_like(v, 0.5) for n, v in PARAMS.items()}  # a member's push still works
+    ps.push(step)
+    _assert_same(ps.pull(), {n: before[n] - step[n] for n in before})
+
+
+def test_encrypted_shard_refuses_wrong_curve_keys():
+    ps = _server(PARAMS, num_shards=1, encrypt=True)
+    try:
+        step = {n: np.full_like(v, 0.125) for n, v in PARAMS.items()}
+        probe = pickle.loads(pickle.dumps(ps))  # a handle a stuck call may keep: never closed under it
+        before = _within(lambda: probe.push_pull(step))
+        _assert_same(before, {n: PARAMS[n] - step[n] for n in PARAMS})
+        other = RunCredentials.new(encrypt=True)
+
+        def foreign_client_key(socket_):  # knows the (public) server key, but is no member
+            socket_.curve_serverkey = ps.credentials.server_public
+            socket_.curve_publickey, socket_.curve_secretkey = other.client_public, other.client_secret
+
+        for configure in (other.configure_client, foreign_client_key):
+            failed = _counter(ps, "handshakes_failed")
+            _outsider_dealer(configure)(_endpoints(ps)[0])
+            _wait_increase(ps, "handshakes_failed", failed)
+            probe = pickle.loads(pickle.dumps(ps))
+            _assert_same(_within(probe.pull), before)
+        probe = pickle.loads(pickle.dumps(ps))
+        _assert_same(_within(lambda: probe.push_pull(step)), {n: before[n] - step[n] for n in PARAMS})
+    finally:
+        ps.shutdown()
+
+
+# -- 2. members sending malformed frames --------------------------------------------------------------------------
+MALFORMED = [  # (name, frames of a valid push -> broken frames, the field the rejection names)
+    ("truncated header", lambda f: [f[0][:len(f[0]) // 2], *f[1:]], "header"),
+    ("wrong frame count", lambda f: f[:1], "frames"),
+    ("array size disagrees", lambda f: [f[0], f[1][:-4]], "a[0]"),
+    ("version 99", lambda f: [msgpack.packb({**msgpack.unpackb(f[0]), "v": 99}), *f[1:]], "version"),
+]
+
+
+def test_malformed_frames_are_rejected_by_field_and_the_connection_survives():
+    ps = _server(PARAMS, num_shards=1)
+    member = _dealer(_endpoints(ps)[0], ps.credentials.configure_client)
+    try:
+        state = ps.pull()
+        seq = 1
+
+        def valid_push(rid):
+            grads = {n: np.full_like(v, 0.25 * rid) for n, v in PARAMS.items()}
+            member.send_multipart(_frames(PushMessage(rid, "member", seq, 0, 0, _payload(ps, grads))))
+            reply = _receive(member, WAIT)
+            assert isinstance(reply, Reply) and reply.rid == rid and not reply.errors, reply
+            assert reply.ack.seq == seq and reply.ack.applied == seq
+            return {n: state[n] - grads[n] for n in state}
+
+        for index, (name, damage, field) in enumerate(MALFORMED):
+            rid = 100 + index
+            frames = _frames(PushMessage(rid, "member", seq, 0, 0, {"float32": np.ones(9, np.float32)}))
+            member.send_multipart(damage(frames))
+            rejected = _receive(member, WAIT)
+            assert isinstance(rejected, Rejection) and rejected.code == "malformed", (name, rejected)
+            assert rejected.field == field, (name, rejected)
+            assert rejected.rid == (0 if field == "header" else rid), name
+            _assert_same(ps.pull(), state)
+            assert _counter(ps, "pushes") == seq - 1 and _counter(ps, "malformed_rejected") == index + 1
+            state = valid_push(rid + 50)  # the same socket, a valid push: acknowledged and applied
+            _assert_same(ps.pull(), state)
+            seq += 1
+
+        bad = {n: np.ones_like(v) for n, v in PARAMS.items()}
+        bad["b"][1] = np.nan  # a push-level rejection (nan_policy reject): the clock moves, the params do not
+        member.send_multipart(_frames(PushMessage(200, "member", seq, 0, 0, _payload(ps, bad))))
+        reply = _receive(member, WAIT)
+        assert isinstance(reply, Reply) and reply.rid == 200 and reply.ack.applied == seq, reply
+        assert len(reply.errors) == 1 and "'b'" in reply.errors[0], reply.errors
+        _assert_same(ps.pull(), state)
+        stats = ps.stats()["shards"][0]
+        assert stats["nonfinite_rejected"] == 1 and stats["clocks"][0] == seq and stats["updates_applied"] == seq - 1
+        seq += 1
+        state = valid_push(201)
+        _assert_same(ps.pull(), state)
+        assert _counter(ps, "malformed_rejected") == len(MALFORMED)
+    finally:
+        member.close(linger=0)
+        ps.shutdown()
+
+
+# -- 3. a fault-injection proxy ------------------------------------------------------------------------------------
+class FaultProxy:
+    """ROUTERs facing the clients (one per shard; the run's credentials, ZAP served in the proxy's own context)
+    and one DEALER per (shard, client identity) to the real shard, all on one thread. Both ways, seeded: drops,
+    duplicates, 10-50 ms delays, reorders (holds one message back until the next has gone), and every ~50
+    messages of a client a cut (the DEALER to the shard closed and reopened; what was queued for it is lost)."""
+
+    ODDS = {"drop": 0.05, "duplicate": 0.05, "delay": 0.1, "hold": 0.05}
+    CUT_EVERY = (40, 60)
+
+    def __init__(self, credentials, endpoints, seed):
+        self.credentials, self.endpoints, self.rng = credentials, list(endpoints), random.Random(seed)
+        self.faults = dict.fromkeys(("dropped", "duplicated", "delayed", "reordered", "cuts"), 0)
+        self.frontends: dict[str, str] = {}  # real shard endpoint -> the proxy's endpoint for it
+        self.fronts, self.backends, self.owner = [], {}, {}  # shard -> ROUTER, key -> DEALER, DEALER -> key
+        self.queue, self.held, self.counts, self.next_cut, self.order = [], {}, {}, {}, 0
+        self.stopping, self.error, self.ready = False, None, threading.Event()
+        self.thread = threading.Thread(target=self._run, name="fault-proxy", daemon=True)
+        self.thread.start()
+        assert self.ready.wait(WAIT) and self.error is None, self.error
+
+    def route(self, shard, endpoint) -> str:
+        return self.frontends[endpoint]
+
+    def close(self) -> None:
+        self.stopping = True
+        self.thread.join(WAIT)
+        assert not self.thread.is_alive() and self.error is None, self.error
+
+    def _run(self) -> None:
+        self.context = zmq.Context()  # its own: its ZAP endpoint clashes with no other
+        try:
+            zap = ZapHandler(self.context, self.credentials)
+            self.poller = zmq.Poller()
+            self.poller.register(zap.socket, zmq.POLLIN)
+            for endpoint in self.endpoints:
+                front = self.context.socket(zmq.ROUTER)
+                front.linger = 0
+                self.credentials.configure_server(front)
+                self.frontends[endpoint] = f"tcp://127.0.0.1:{front.bind_to_random_port('tcp://127.0.0.1')}"
+                self.fronts.append(front)
+                self.poller.register(front, zmq.POLLIN)
+            self.ready.set()
+            while not self.stopping:
+                timeout = 20 if self.held else 50
+                if self.queue:
+                    timeout = max(0, min(timeout, int((self.queue[0][0] - time.monotonic()) * 1000) + 1))
+                for sock, _ in self.poller.poll(timeout):
+                    if sock is zap.socket:
+                        zap.handle()
+                    else:
+                        self._drain(sock)
+                self._release(time.monotonic())
+        except BaseException as error:  # noqa: BLE001 - reported by close()
+            self.error = error
+            self.ready.set()
+        finally:
+            self.context.destroy(linger=0)
+
+    def _drain(self, sock) -> None:
+        while sock in self.owner or sock in self.fronts:  # a DEALER cut meanwhile is skipped
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if sock in self.fronts:
+                key = (self.fronts.index(sock), frames[0])
+                if key not in self.backends:
+                    self._connect(key)
+                self._inject(key, "up", frames[1:])
+            else:
+                self._inject(self.owner[sock], "down", frames)
+
+    def _connect(self, key) -> None:
+        dealer = self.context.socket(zmq.DEALER)
+        dealer.linger = 0
+        self.credentials.configure_client(dealer)
+        dealer.connect(self.endpoints[key[0]])
+        self.backends[key], self.owner[dealer] = dealer, key
+        self.poller.register(dealer, zmq.POLLIN)
+
+    def _cut(self, key) -> None:
+        dealer = self.backends.pop(key)
+        self.poller.unregister(dealer)
+        del self.owner[dealer]
+        dealer.close(linger=0)
+        self.queue = [entry for entry in self.queue if entry[2] != key]
+        heapq.heapify(self.queue)
+        self.held = {lane: held for lane, held in self.held.items() if lane[0] != key}
+        self._connect(key)
+        self.faults["cuts"] += 1
+
+    def _schedule(self, due, key, direction, frames) -> None:
+        self.order += 1
+        heapq.heappush(self.queue, (due, self.order, key, direction, frames))
+
+    def _inject(self, key, direction, frames) -> None:
+        rng, odds, now, lane = self.rng, self.ODDS, time.monotonic(), (key, direction)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        if self.counts[key] >= self.next_cut.setdefault(key, rng.randint(*self.CUT_EVERY)):
+            self.counts[key], self.next_cut[key] = 0, rng.randint(*self.CUT_EVERY)
+            self._cut(key)  # this message is lost with the connection
+        elif rng.random() < odds["drop"]:
+            self.faults["dropped"] += 1
+        elif lane not in self.held and rng.random() < odds["hold"]:
+            self.held[lane] = (frames, now)
+        else:
+            due = now + (rng.uniform(0.01, 0.05) if rng.random() < odds["delay"] else 0.0)
+            self.faults["delayed"] += due > now
+            copies = 2 if rng.random() < odds["duplicate"] else 1
+            self.faults["duplicated"] += copies - 1
+            for _ in range(copies):
+                self._schedule(due, key, direction, frames)
+            if lane in self.held:  # the held one goes right after the one behind it
+                self._schedule(due, key, direction, self.held.pop(lane)[0])
+                self.faults["reordered"] += 1
+
+    def _release(self, now) -> None:
+        for lane, (frames, since) in list(self.held.items()):
+            if now - since > 0.05:  # nothing came after it: send it late rather than never
+                del self.held[lane]
+                self._schedule(now, *lane, frames)
+        while self.queue and self.queue[0][0] <= now:
+            _, _, key, direction, frames = heapq.heappop(self.queue)
+            try:
+                if direction == "up":
+                    self.backends[key].send_multipart(frames, flags=zmq.NOBLOCK)
+                else:
+                    self.fronts[key[0]].send_multipart([key[1], *frames], flags=zmq.NOBLOCK)
+            except zmq.ZMQError:  # a full queue: lost, like any other drop
+                pass
+
+
+def _grads(worker: int, step: int) -> dict:
+    rng = np.random.default_rng([worker, step])
+    return {n: rng.standard_normal(v.shape).astype(v.dtype) for n, v in PARAMS2.items()}
+
+
+def _through_proxy(ps, handles, seed):
+    proxy = FaultProxy(ps.credentials, _endpoints(ps), seed)
+    for handle in handles:
+        handle.route_data_plane(lambda shard, endpoint: proxy.route(shard, endpoint), resend_after=0.3)
+    return proxy
+
+
+@pytest.fixture(scope="module")
+def clean_async(ray_session):
+    ps = _server(PARAMS2, num_shards=2)
+    try:
+        assert all(ps.layout.shard_pieces)
+        steps = [ps.push_pull(_grads(0, step)) for step in range(60)]
+        return steps, ps.pull()
+    finally:
+        ps.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["push_pull", "pipelined"])
+def test_async_single_writer_through_faults_matches_a_clean_run(clean_async, mode):
+    clean_steps, clean_final = clean_async
+    ps = _server(PARAMS2, num_shards=2)
+    proxy = _through_proxy(ps, [ps], seed=11 if mode == "push_pull" else 12)
+    try:
+        if mode == "push_pull":
+            for step in range(60):
+                _assert_same(ps.push_pull(_grads(0, step)), clean_steps[step])
+        else:
+            for step in range(60):
+                ps.push(_grads(0, step))
+            ps.flush()
+        _assert_same(ps.pull(), clean_final)
+        stats = ps.stats()
+        assert [s["updates_applied"] for s in stats["shards"]] == [60, 60]
+        assert [s["pushes"] for s in stats["shards"]] == [60, 60]  # every duplicate dropped, none applied
+        assert stats["duplicates_dropped"] > 0
+        assert all(proxy.faults.values()), proxy.faults  # every kind happened
+    finally:
+        ps.shutdown()
+        proxy.close()
+
+
+def _bsp_run(seed=None, steps=30):
+    ps = _server(PARAMS2, num_shards=2, consistency="sync", num_workers=2)
+    handles = [pickle.loads(pickle.dumps(ps)) for _ in range(2)]  # a new client identity each
+    proxy = _through_proxy(ps, handles, seed) if seed is not None else None
+    results, errors = {0: [], 1: []}, []
+
+    def work(worker):
+        try:
+            for step in range(steps):
+                results[worker].append(handles[worker].push_pull(_grads(worker, step), worker_id=worker))
+        except BaseException as error:  # noqa: BLE001 - asserted below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(w,), daemon=True) for w in (0, 1)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(WAIT)
+        assert not any(t.is_alive() for t in threads) and not errors, errors
+        stats = ps.stats()
+        assert [s["sync_clock"] for s in stats["shards"]] == [steps, steps]
+        assert [s["updates_applied"] for s in stats["shards"]] == [steps, steps]
+        if proxy is not None:
+            assert all(proxy.faults.values()), proxy.faults  # every kind happened
+        return results, ps.pull()
+    finally:
+        for handle in handles:
+            handle.shutdown()
+        ps.shutdown()
+        if proxy is not None:
+            proxy.close()
+
+
+def test_bsp_two_workers_through_faults_match_a_clean_run():
+    clean_results, clean_final = _bsp_run()
+    results, final = _bsp_run(seed=21)
+    _assert_same(final, clean_final)
+    for worker in (0, 1):
+        for step in range(30):
+            _assert_same(results[worker][step], clean_results[worker][step])
