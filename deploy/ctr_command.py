@@ -93,6 +93,9 @@ def run_ctr(args) -> int:
         raise
     started = time.perf_counter()
     try:
+        from .train_command import say_fitted  # noqa: PLC0415
+
+        say_fitted(args)
         print(f"rayps train: {model!r} on {data.name} ({data.num_train} train / {data.num_test} test), "
               f"{type(updater).__name__}, {args.workers} workers x {args.shards} shards, {args.consistency}, "
               f"compression {args.compression}", file=sys.stderr)

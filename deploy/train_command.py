@@ -180,22 +180,26 @@ def fit_processes(args, cpus: int) -> str | None:
             f"{'s' if args.shards > 1 else ''} (choose with --workers/--shards)")
 
 
+def say_fitted(args) -> None:
+    """Print what ``fit_processes`` chose, if it chose anything."""
+    if getattr(args, "fitted", None):
+        print(args.fitted, file=sys.stderr)
+
+
 def _fit(args) -> None:
-    """``fit_processes`` from this machine's CPUs, or from the cluster's when one is given (connecting first)."""
+    """``fit_processes`` from this machine's CPUs, or from the cluster's when one is given or already connected."""
     if args.shards is not None and args.workers is not None:
         return
-    if args.address or os.environ.get("RAY_ADDRESS"):
-        import ray  # noqa: PLC0415
+    import ray  # noqa: PLC0415
 
+    if args.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
         from .cluster import connect  # noqa: PLC0415
 
         connect(args.address)
         cpus = int(ray.cluster_resources().get("CPU", 0)) or (os.cpu_count() or 1)
     else:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    line = fit_processes(args, cpus)
-    if line:
-        print(line, file=sys.stderr)
+    args.fitted = fit_processes(args, cpus)  # said with the run's first line, once every check has passed
 
 
 def _resources(args, ray) -> tuple[float, float]:
@@ -301,6 +305,7 @@ def run(args) -> int:
         raise
     started = time.perf_counter()
     try:
+        say_fitted(args)
         print(f"rayps train: {args.model} {model!r} on {data.name} ({data.num_train} train / {data.num_test} test), "
               f"{type(updater).__name__}, {args.workers} workers x {args.shards} shards, {args.consistency}"
               f"{', prefetch' if args.prefetch else ''}",

@@ -27,9 +27,13 @@ def test_rayps_train_on_digits_with_the_default_flags_reaches_the_accuracy_bar(r
     result = json.loads(out.read_text())
     missing = [key for key in RESULT_KEYS if key not in result]
     assert not missing, missing
-    assert (result["workers"], result["shards"], result["consistency"]) == (4, 2, "async")
+    cpus = int(ray.cluster_resources()["CPU"])  # the defaults fit the cluster: one shard per 8 CPUs, >= 4 workers
+    shards = max(1, cpus // 8)
+    workers = max(4, cpus - shards)
+    assert (result["workers"], result["shards"], result["consistency"]) == (workers, shards, "async")
     # digits: 1797 samples, 20% held out -> 1437 train; every worker takes the same number of steps per epoch
-    steps = sum(len(epoch_batches(1437, 4, worker, epoch, 0, 32)) for epoch in range(20) for worker in range(4))
+    steps = sum(len(epoch_batches(1437, workers, worker, epoch, 0, 32)) for epoch in range(20)
+                for worker in range(workers))
     assert result["updates_applied"] == steps
     assert result["bytes_pushed"] > 0 and result["bytes_pulled"] > 0 and result["max_staleness"] >= 0
     assert result["samples_per_second"] > 0 and result["wall_seconds"] > 0
@@ -167,3 +171,18 @@ def test_the_installed_entry_point_exits_2_without_a_traceback(argv, needle):
     assert "Traceback" not in completed.stderr
     (line,) = _error_lines(completed.stderr)
     assert needle in line and line == completed.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("cpus", [1, 2, 8, 16, 64])
+def test_default_workers_and_shards_fit_the_cpus_and_flags_given_are_kept(cpus):
+    import argparse
+
+    from rayps.deploy.train_command import fit_processes
+
+    args = argparse.Namespace(workers=None, shards=None)
+    line = fit_processes(args, cpus)
+    shards = 1 if cpus < 16 else cpus // 8
+    assert (args.workers, args.shards) == (max(4, cpus - shards), shards)
+    assert f"{cpus} CPUs seen: {args.workers} workers x {args.shards} shard" in line
+    given = argparse.Namespace(workers=3, shards=2)
+    assert fit_processes(given, cpus) is None and (given.workers, given.shards) == (3, 2)
