@@ -135,7 +135,7 @@ class ParameterServer:
         host = data_plane_host(data_host)
         if self.checkpoint_dir:
             ckpt.write_manifest(self.checkpoint_dir, persistence.manifest_for(self))
-        # no max_concurrency here: the actor's default group must stay ONE thread (shard_actor.py)
+        # the parameters change on the shard's data-plane thread only (shard_actor.py), whatever Ray's threads
         options = {"num_cpus": cpus_per_shard, "max_restarts": -1 if self.checkpoint_dir else 0}
         self._shard_actors = []
         # the constructor's array arguments go through refs this handle keeps: Ray re-runs the constructor
@@ -209,8 +209,9 @@ class ParameterServer:
         """Per shard: (shard, payload, present, factors, rows), encoded for transport. Every check runs before
         anything is sent, so a bad push changes no shard (``PushPlan``). ``own``: arrays the caller may change
         while the message is still on its way are copied."""
-        messages = self._plan.messages(grads, rows, own=own)
-        if self.config["compression"] == "none":
+        compression = self.config["compression"]
+        messages = self._plan.messages(grads, rows, own=own and compression == "none")  # encoding copies anyway
+        if compression == "none":
             return messages
         return transport.encode_messages(messages, self.config["compression"], self._encoders)
 
@@ -372,6 +373,7 @@ class ParameterServer:
             "sync_steps_forced": max(s["sync_steps_forced"] for s in shards),
             "replayed": total["replays_received"],
             "recoveries": self.recoveries,
+            "recovery_causes": dict(self._links.recovery_causes),
             "replay_buffered": self._links.buffered(),
             "layout": self.layout.describe(),
             **total,

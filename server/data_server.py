@@ -50,7 +50,7 @@ def parse_ports(ports) -> tuple[int, int]:
     except (TypeError, ValueError):
         raise ValueError(f"data_ports must be 'LOW-HIGH', a port or a pair of ports, got {ports!r}") from None
     if not 1024 <= low <= high <= 65535:
-        raise ValueError(f"data_ports must lie within 1024-65535 with low <= high, got {ports!r}")
+        raise ValueError(f"data_ports must be 'LOW-HIGH' with 1024 <= LOW <= HIGH <= 65535, got {ports!r}")
     return low, high
 
 
@@ -100,6 +100,7 @@ class DataServer:
         self.stopping = True
         if self.thread.is_alive() and self.thread is not threading.current_thread():
             self.thread.join(timeout=5)
+        self.socket.disable_monitor()
         for socket in (self.socket, self.monitor):
             socket.close(linger=0)
         self.zap.close()

@@ -37,6 +37,8 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from ..worker.compression import EncodedTensor  # the threshold codec's own type
+
 VERSION = 1
 MAX_HEADER_BYTES = 1 << 20
 MAX_ARRAYS = 4096
@@ -317,6 +319,10 @@ def _is_opt_str(value) -> bool:
     return value is None or (type(value) is str and len(value) <= 256)
 
 
+def _is_client_id(value) -> bool:
+    return type(value) is str and 0 < len(value) <= 256
+
+
 def _is_timeout(value) -> bool:
     return value is None or (type(value) in (int, float) and 0 <= value < 1e9)
 
@@ -333,8 +339,6 @@ def _ref(arrays: list, value, name: str, ndim: int | None = None, allow_none: bo
 
 
 def _decode_payload(value, arrays):
-    from ..worker.compression import EncodedTensor  # noqa: PLC0415 - the threshold codec's own type
-
     if value is None:
         return None
     if not isinstance(value, dict) or not isinstance(value.get("d"), dict):
@@ -397,7 +401,7 @@ def from_frames(frames) -> Message:
         present = _field(header, "pr", "present", _is_present, "nil, 'tick' or a list of piece indices")
         factors = _field(header, "f", "factors", _is_factors, "nil or a map name -> [scale, clip]")
         return PushMessage(
-            rid, _field(header, "c", "client_id", lambda v: type(v) is str and 0 < len(v) <= 256, "a client id"),
+            rid, _field(header, "c", "client_id", _is_client_id, "a client id (1-256 characters)"),
             _field(header, "s", "seq", lambda v: _is_count(v) and v >= 1, "a sequence number >= 1"),
             _field(header, "w", "worker_id", _is_count, "a worker id (int >= 0)"),
             _field(header, "e", "epoch", _is_count, "an epoch (int >= 0)"),
@@ -411,7 +415,7 @@ def from_frames(frames) -> Message:
             _field(header, "t", "timeout", _is_timeout, "nil or seconds >= 0"))
     if kind == "pull":
         return PullRequest(
-            rid, _field(header, "c", "client_id", lambda v: type(v) is str and 0 < len(v) <= 256, "a client id"),
+            rid, _field(header, "c", "client_id", _is_client_id, "a client id (1-256 characters)"),
             _field(header, "s", "after_seq", _is_count, "a sequence number >= 0"),
             _field(header, "w", "worker_id", _is_opt_count, "nil or a worker id"),
             _field(header, "pc", "pieces", lambda v: v is None or (_is_present(v) and v != "tick"),
@@ -420,7 +424,7 @@ def from_frames(frames) -> Message:
             _field(header, "t", "timeout", _is_timeout, "nil or seconds >= 0"))
     if kind == "rows":
         return RowsRequest(
-            rid, _field(header, "c", "client_id", lambda v: type(v) is str and 0 < len(v) <= 256, "a client id"),
+            rid, _field(header, "c", "client_id", _is_client_id, "a client id (1-256 characters)"),
             _field(header, "s", "after_seq", _is_count, "a sequence number >= 0"),
             _field(header, "tb", "table", lambda v: type(v) is str and len(v) <= 256, "a table name"),
             _ref(arrays, header.get("ids"), "ids", 1, True),

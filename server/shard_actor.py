@@ -232,7 +232,3 @@ class ShardActor:
 
     def ping(self) -> str:
         return self.incarnation
-
-    def close(self) -> None:
-        """Stop serving (the actor is about to be killed)."""
-        self.data.close()

@@ -22,6 +22,7 @@ shard incarnation this client knows.
 
 from __future__ import annotations
 
+import collections
 import time
 from dataclasses import dataclass, field
 
@@ -82,6 +83,7 @@ class ShardLinks:
         self.errors: list[str] = []
         self.rid = 0
         self.recoveries = 0
+        self.recovery_causes = collections.Counter()
         self.route = None  # tests: route(shard, endpoint) -> the endpoint to connect to (e.g. a fault proxy)
         self.resend_after = RESEND_AFTER
         self.context = zmq.Context.instance()
@@ -243,7 +245,7 @@ class ShardLinks:
     def _rejected(self, shard: int, rejection: Rejection) -> None:
         entry = self.pending.get(rejection.rid)
         if rejection.code == "restarted":
-            self._recover(shard, self._ask_actor(shard, lambda: self._discover(shard, 10)))
+            self._recover(shard, self._ask_actor(shard, lambda: self._discover(shard, 10)), "rejected")
         elif rejection.code == "overloaded":
             return  # the push is resent when the silence handling runs
         elif entry is not None:
@@ -273,7 +275,7 @@ class ShardLinks:
                     raise ShardLost(f"shard {shard} did not come back within {self.recovery_timeout}s")
                 continue
             if found[1] != link.incarnation:
-                self._recover(shard, found)
+                self._recover(shard, found, "silence")
             elif resend:
                 self._resend(shard)
 
@@ -299,8 +301,10 @@ class ShardLinks:
                                message.timeout)
         return message
 
-    def _recover(self, shard: int, found) -> None:
-        """``shard`` restarted from its checkpoint: connect to its new endpoint and replay what it lacks."""
+    def _recover(self, shard: int, found, cause: str) -> None:
+        """``shard`` restarted from its checkpoint: connect to its new endpoint and replay what it lacks.
+        ``cause``: how the restart was noticed (``recovery_causes``): the new process ``rejected`` a message
+        for the old one (it listens where the old one did), or Ray reported a new incarnation after ``silence``."""
         endpoint, incarnation, applied = found
         link = self.links[shard]
         if link.replay is None:
@@ -310,6 +314,7 @@ class ShardLinks:
             raise ShardLost(f"shard {shard} kept restarting: {RECOVERY_DEPTH} restarts without an acknowledgement")
         link.incarnation = incarnation
         self.recoveries += 1
+        self.recovery_causes[cause] += 1
         self._open(shard, endpoint)
         link.unacked = {}
         for seq, message in link.replay.after(applied):

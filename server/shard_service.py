@@ -76,7 +76,8 @@ class ShardService:
     def _push(self, peer, message: PushMessage, now: float) -> list:
         state = self.state
         rejected = self._restarted(message)
-        if rejected is None and state.pending_count(message.client_id) >= MAX_PENDING:
+        if (rejected is None and state.pending_count(message.client_id) >= MAX_PENDING
+                and message.seq > state.applied_seq.get(message.client_id, 0) + 1):  # the gap's filler is taken
             rejected = Rejection(message.rid, "overloaded", "seq", f"more than {MAX_PENDING} pushes of this client "
                                                                     f"wait for an earlier one")
         if rejected is not None:

@@ -401,3 +401,84 @@ def test_reads_of_an_unknown_table_or_piece_are_rejected_naming_the_field():
     [(_, rejection)] = fixture.service.handle(b"r", wire(PullRequest(6, "a", 0, pieces=[0, 3])), 0.0)
     assert (rejection.rid, rejection.code, rejection.field) == (6, "malformed", "pieces")
     assert fixture.service.waiting == {}
+
+
+def test_a_client_with_too_many_pushes_held_for_a_gap_is_rejected_overloaded_and_nothing_changes():
+    """Seq 1 never arrives: MAX_PENDING later pushes are held, the next one is refused (field ``seq``) and
+    nothing is applied; once seq 1 comes, every held push is applied in order."""
+    from rayps.server.shard_service import MAX_PENDING
+
+    fixture = Fixture()
+    before = fixture.snapshot()
+    message = PushMessage(0, "a", 0, 0, payload=fixture.layout.pack(0, _grads(1))[0])
+    for seq in range(2, MAX_PENDING + 2):
+        message.rid, message.seq = seq, seq
+        [(_, held)] = fixture.service.handle(b"w", message, 0.0)
+        assert held.ack.applied == 0 and held.errors == []
+    message.rid, message.seq = 9999, MAX_PENDING + 2
+    [(_, refused)] = fixture.service.handle(b"w", message, 0.0)
+    assert isinstance(refused, Rejection) and (refused.code, refused.field) == ("overloaded", "seq")
+    assert all(np.array_equal(before[d], fixture.state.params[d]) for d in before)
+    assert fixture.state.pending_count("a") == MAX_PENDING and fixture.state.counters["updates_applied"] == 0
+    message.rid, message.seq = 1, 1
+    [(_, released)] = fixture.service.handle(b"w", message, 0.0)
+    assert released.ack.applied == MAX_PENDING + 1 and fixture.state.pending_count("a") == 0
+
+
+def test_a_data_port_range_with_every_port_taken_is_an_error_naming_the_range():
+    import threading
+
+    import zmq
+
+    from rayps.server.credentials import RunCredentials
+    from rayps.server.data_server import DataServer, parse_ports
+
+    taken = zmq.Context.instance().socket(zmq.ROUTER)
+    port = taken.bind_to_random_port("tcp://127.0.0.1", min_port=40000, max_port=46000)
+    try:
+        with pytest.raises(RuntimeError, match=f"data_ports {port}-{port}: every port is in use on 127.0.0.1"):
+            DataServer(Fixture().service, RunCredentials.new(), "127.0.0.1", (port, port), threading.Lock())
+    finally:
+        taken.close(linger=0)
+    for bad in ("abc", "80-90", "47010-47000", (1, 2, 3)):
+        with pytest.raises(ValueError, match="data_ports"):
+            parse_ports(bad)
+    assert parse_ports("47000-47007") == (47000, 47007) and parse_ports(47001) == (47001, 47001)
+
+
+def test_the_data_server_serves_a_member_on_its_thread_and_closes():
+    """The socket loop without Ray: a member's fused push is applied, acknowledged and answered with the
+    parameters; ``close`` stops the thread and frees the port."""
+    import threading
+
+    import zmq
+
+    from rayps.server.credentials import RunCredentials
+    from rayps.server.data_server import DataServer
+
+    fixture, credentials = Fixture(), RunCredentials.new()
+    server = DataServer(fixture.service, credentials, "127.0.0.1", (40000, 46000), threading.Lock())
+    server.start()
+    member = zmq.Context.instance().socket(zmq.DEALER)
+    member.linger = 0
+    credentials.configure_client(member)
+    member.connect(server.endpoint)
+    try:
+        grads = _grads(1)
+        member.send_multipart(to_frames(PushMessage(1, "a", 1, 0, payload=fixture.layout.pack(0, grads)[0],
+                                                    pull=True, pull_worker=0)), copy=False)
+        assert member.poll(30_000)
+        reply = from_frames(member.recv_multipart(copy=False))
+        reference = Reference()
+        reference.push("a", 1, grads)
+        assert reply.ack == Ack(1, 1, 0, INCARNATION)
+        assert_params(fixture, reply.params, reference)
+    finally:
+        member.close(linger=0)
+        server.close()
+    assert not server.thread.is_alive()
+    again = zmq.Context.instance().socket(zmq.ROUTER)
+    try:
+        again.bind(server.endpoint)  # the port is free again
+    finally:
+        again.close(linger=0)

@@ -268,3 +268,63 @@ def test_gradients_changed_after_push_returns_do_not_change_what_was_sent(tmp_pa
             assert stats["restarts"] >= 1 and stats["replayed"] > 0 and stats["updates_applied"] == 6
     finally:
         ps.shutdown()
+
+
+def test_a_pull_past_its_timeout_raises_timeout_error_naming_the_wait():
+    ps = _server({"w": np.zeros(6, np.float32)}, consistency="sync", num_workers=2, pull_timeout=0.5)
+    try:  # worker 1 never pushes: the step never completes, the shard rejects the read after 0.5 s
+        with pytest.raises(TimeoutError, match=r"pull by worker 0 waited 0.5s; clocks \{0: 1\}"):
+            ps.push_pull({"w": np.ones(6, np.float32)}, worker_id=0)
+    finally:
+        ps.shutdown()
+
+
+@pytest.mark.parametrize("option,value,field", [("data_host", "0.0.0.0", "data_host"),
+                                                ("data_ports", "nope", "data_ports"),
+                                                ("data_ports", "80-90", "data_ports"),
+                                                ("max_in_flight", 0, "max_in_flight")])
+def test_bad_data_plane_settings_are_errors_naming_the_field(option, value, field):
+    with pytest.raises(ValueError, match=field):
+        _server({"w": np.zeros(6, np.float32)}, **{option: value})
+
+
+def test_a_shard_restarted_on_the_same_port_rejects_the_old_incarnation_and_the_client_replays(tmp_path):
+    """One data port: the restarted process listens where the old one did, so this client's next message (for
+    the old incarnation) reaches it and is rejected ``restarted``; the client recovers (new incarnation,
+    replay from its checkpoint) at once, without waiting for silence. Nothing is lost or applied twice."""
+    import socket
+
+    import ray
+
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    ps = _server({"w": np.zeros(INLINE, np.float32)}, checkpoint_dir=tmp_path, checkpoint_every=1000,
+                 data_ports=f"{port}-{port}", recovery_timeout=WAIT_SECONDS)
+    try:
+        actor = ps.shard_actors[0]
+        step = {"w": np.full(INLINE, -1.0, np.float32)}  # Sgd(1.0): +1 per push
+        for _ in range(5):
+            ps.push(step)
+        ps.flush()
+        endpoint, incarnation, _ = ray.get(actor.endpoint.remote(None))
+        ray.kill(actor, no_restart=False)
+        deadline = time.monotonic() + WAIT_SECONDS
+        while True:  # wait for the new process, so the next push meets it at the same endpoint
+            try:
+                now_endpoint, now_incarnation, _ = ray.get(actor.endpoint.remote(None), timeout=10)
+                if now_incarnation != incarnation:
+                    break
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert now_endpoint == endpoint
+        ps.push(step)
+        np.testing.assert_array_equal(ps.pull()["w"], np.full(INLINE, 6.0, np.float32))
+        stats = ps.stats()
+        assert stats["recovery_causes"].get("rejected", 0) >= 1, stats["recovery_causes"]
+        assert stats["updates_applied"] == 6 and stats["restarts"] == 1
+    finally:
+        ps.shutdown()

@@ -160,6 +160,13 @@ def test_a_flag_inconsistent_with_the_updater_exits_2(capsys):
     assert len(lines) == 1 and "--learning-rate" in lines[0]
 
 
+@pytest.mark.parametrize("ports", ["80-90", "47010-47000", "many"])
+def test_a_bad_data_port_range_exits_2_naming_the_flag(capsys, ports):
+    assert main(["train", "--data-ports", ports]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--data-ports" in lines[0] and "LOW-HIGH" in lines[0], lines
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--data", "/nonexistent.npz"], "/nonexistent.npz"),
     (["--workers", "0"], "--workers"),
