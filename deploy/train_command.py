@@ -89,7 +89,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--checkpoint-dir", default=None,
                         help="checkpoint here: shards every --checkpoint-every updates (restarted shards restore "
                              "and lose nothing), the whole server after every epoch (for --resume). On a cluster "
-                             "this must be storage that every node reaches")
+                             "this must be storage that every node reaches: a shared volume, or a URI such as "
+                             "s3://bucket/run or gs://bucket/run (server/storage.py)")
     parser.add_argument("--checkpoint-every", type=_positive_int, default=200, help="updates per shard between "
                                                                                       "shard checkpoints")
     parser.add_argument("--resume", action="store_true", help="continue the run saved in --checkpoint-dir")
@@ -269,7 +270,7 @@ def run(args) -> int:
 
     from ..server.client import ParameterServer  # noqa: PLC0415
     from .cluster import connect  # noqa: PLC0415
-    from .training_checkpoints import load_progress, resume_dir, save_progress  # noqa: PLC0415
+    from .training_checkpoints import load_progress, resume_dir, save_progress, shards_dir  # noqa: PLC0415
     from ..worker.training import train  # noqa: PLC0415
 
     connect(args.address)
@@ -280,7 +281,7 @@ def run(args) -> int:
     first_epoch, on_epoch_end = 0, None
     if args.checkpoint_dir:
         run_dir = resume_dir(args.checkpoint_dir)
-        server_options.update(checkpoint_dir=os.path.join(args.checkpoint_dir, "shards"),
+        server_options.update(checkpoint_dir=shards_dir(args.checkpoint_dir),
                               checkpoint_every=args.checkpoint_every)
         on_epoch_end = lambda epoch, server: save_progress(args.checkpoint_dir, epoch, server)  # noqa: E731
     if args.resume:

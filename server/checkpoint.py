@@ -8,9 +8,11 @@ A checkpoint is a directory::
                                "file": "shard-<i>-g<gen>.blob", "sha256", "bytes", "generation"}
     shard-<i>-g<gen>.blob     the shard's snapshot, msgpack (see ``ShardState.snapshot``)
 
-Every file is written to a temporary name, fsynced, then renamed over the old one; a blob is written before
-the pointer that names it and older blobs are deleted only afterwards, so a crash at any point leaves the
-previous checkpoint whole. Loading treats every byte as hostile: size caps before reading, sha256 before
+The directory is anything ``storage.directory`` takes: a local path, a URI (``s3://``, ``gs://``, ``file://``)
+or a ``(pyarrow.fs.FileSystem, path)`` pair. A local file is written to a temporary name, fsynced, then renamed
+over the old one; on an object store each file is one atomic PUT. Either way a blob is written under a new name
+before the pointer that names it, and older blobs are deleted only afterwards, so a crash at any point leaves
+the previous checkpoint whole. Loading treats every byte as hostile: size caps before reading, sha256 before
 unpacking, msgpack limits while unpacking, file names confined to the directory, dtypes from an allow-list and
 element counts checked against shapes.
 """
@@ -18,13 +20,14 @@ element counts checked against shapes.
 from __future__ import annotations
 
 import hashlib
-import os
+import os  # noqa: F401 - tests simulate crashes through checkpoint.os.replace
 import re
-import uuid
 from pathlib import Path
 
 import msgpack
 import numpy as np
+
+from . import storage
 
 FORMAT = "rayps-checkpoint"
 POINTER_FORMAT = "rayps-shard-pointer"
@@ -43,56 +46,44 @@ class CheckpointError(ValueError):
 
 # -- writing ----------------------------------------------------------------------------------------------
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file, fsync, rename, and fsync the directory."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    """Write ``data`` to the local file ``path`` via a temporary file, fsync, rename, and fsync the directory."""
+    storage.write_atomic(path, data)
 
 
 def pack(obj) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
-def write_manifest(directory: Path, manifest: dict) -> None:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    write_atomic(directory / MANIFEST_NAME, pack({"format": FORMAT, "version": VERSION, **manifest}))
+def write_manifest(directory, manifest: dict) -> None:
+    directory = storage.directory(directory)
+    directory.make()
+    directory.write(MANIFEST_NAME, pack({"format": FORMAT, "version": VERSION, **manifest}))
 
 
-def write_shard(directory: Path, shard: int, generation: int, blob: bytes) -> dict:
+def write_shard(directory, shard: int, generation: int, blob: bytes) -> dict:
     """Write one shard's snapshot and then its pointer; delete that shard's older blobs. Returns the pointer."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = storage.directory(directory)
+    directory.make()
     name = f"shard-{shard}-g{generation}.blob"
-    write_atomic(directory / name, blob)
+    directory.write(name, blob)
     pointer = {"format": POINTER_FORMAT, "version": VERSION, "shard": shard, "file": name,
                "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob), "generation": generation}
-    write_atomic(directory / f"shard-{shard}.msgpack", pack(pointer))
-    for old in directory.glob(f"shard-{shard}-g*.blob"):
-        if old.name != name:
+    directory.write(f"shard-{shard}.msgpack", pack(pointer))  # published: the pointer is written last
+    older = re.compile(rf"^shard-{shard}-g\d+\.blob$")
+    for old in directory.names():
+        if old != name and older.match(old):
             try:
-                old.unlink()
+                directory.delete(old)
             except OSError:
                 pass
     return pointer
+
+
+def write_record(directory, name: str, record: dict) -> None:
+    """A small msgpack map (already carrying its ``format`` and ``version``) as the file ``name``."""
+    directory = storage.directory(directory)
+    directory.make()
+    directory.write(name, pack(record))
 
 
 # -- reading ----------------------------------------------------------------------------------------------
@@ -106,13 +97,20 @@ def _unpack(data: bytes, what: str, max_bytes: int):
 
 
 def _read_capped(path: Path, max_bytes: int, what: str) -> bytes:
-    if not path.exists():
-        raise FileNotFoundError(f"{what}: {path} does not exist")
-    size = path.stat().st_size
+    """The local file ``path``, refused before reading when it is larger than ``max_bytes``."""
+    path = Path(path)
+    return read_capped(storage.LocalDirectory(path.parent), path.name, max_bytes, what)
+
+
+def read_capped(directory, name: str, max_bytes: int, what: str) -> bytes:
+    """The file ``name`` of ``directory`` (a ``storage`` directory), refused before reading when it is larger
+    than ``max_bytes``; at most ``max_bytes + 1`` bytes are ever read (a file that grew shows as too long)."""
+    size = directory.size(name)
+    if size is None:
+        raise FileNotFoundError(f"{what}: {directory.describe(name)} does not exist")
     if size > max_bytes:
-        raise CheckpointError(f"{what}: {path} is {size} bytes, more than the {max_bytes} allowed")
-    with open(path, "rb") as handle:
-        return handle.read(max_bytes + 1)
+        raise CheckpointError(f"{what}: {directory.describe(name)} is {size} bytes, more than the {max_bytes} allowed")
+    return directory.read(name, max_bytes)
 
 
 def _expect_dict(obj, what: str, fmt: str) -> dict:
@@ -125,56 +123,73 @@ def _expect_dict(obj, what: str, fmt: str) -> dict:
     return obj
 
 
-def confined(directory: Path, name) -> Path:
-    """``directory / name`` for a plain file name; anything else (``../x``, ``/etc/x``, ``a/b``) is refused."""
+def checked_name(directory, name) -> str:
+    """``name`` if it is a plain file name inside ``directory`` (a ``storage`` directory; a local one: also
+    after following symlinks); anything else (``../x``, ``/etc/x``, ``a/b``, a link out) is refused."""
     if not isinstance(name, str) or not SAFE_FILE_NAME.match(name) or ".." in name:
         raise CheckpointError(f"checkpoint names file {name!r}, which is not a plain file name inside {directory}")
-    path = (Path(directory) / name).resolve()
-    if path.parent != Path(directory).resolve():
+    if not directory.resolves_inside(name):
         raise CheckpointError(f"checkpoint names file {name!r}, which resolves outside {directory}")
-    return path
+    return name
+
+
+def confined(directory: Path, name) -> Path:
+    """``directory / name`` for a plain file name of a local directory (see ``checked_name``)."""
+    local = storage.LocalDirectory(directory)
+    return (local.path / checked_name(local, name)).resolve()
 
 
 def read_record(path: Path, fmt: str, max_bytes: int = 1 << 16) -> dict:
     """A small msgpack map of format ``fmt`` and this version, read with the same caps as everything else."""
     path = Path(path)
-    return _expect_dict(_unpack(_read_capped(path, max_bytes, fmt), str(path), max_bytes), str(path), fmt)
+    return read_named_record(storage.LocalDirectory(path.parent), path.name, fmt, max_bytes)
 
 
-def read_manifest(directory: Path) -> dict:
-    directory = Path(directory)
+def read_named_record(directory, name: str, fmt: str, max_bytes: int = 1 << 16) -> dict:
+    """``read_record`` of the file ``name`` in ``directory`` (anything ``storage.directory`` takes)."""
+    directory = storage.directory(directory)
+    what = directory.describe(name)
+    return _expect_dict(_unpack(read_capped(directory, name, max_bytes, fmt), what, max_bytes), what, fmt)
+
+
+def read_manifest(directory) -> dict:
+    directory = storage.directory(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
-    path = directory / MANIFEST_NAME
-    return _expect_dict(_unpack(_read_capped(path, MAX_MANIFEST_BYTES, "manifest"), str(path), MAX_MANIFEST_BYTES),
-                        str(path), FORMAT)
+    what = directory.describe(MANIFEST_NAME)
+    return _expect_dict(_unpack(read_capped(directory, MANIFEST_NAME, MAX_MANIFEST_BYTES, "manifest"), what,
+                                MAX_MANIFEST_BYTES), what, FORMAT)
 
 
-def read_pointer(directory: Path, shard: int) -> dict | None:
-    path = Path(directory) / f"shard-{shard}.msgpack"
-    if not path.exists():
+def read_pointer(directory, shard: int) -> dict | None:
+    directory = storage.directory(directory)
+    name = f"shard-{shard}.msgpack"
+    if directory.size(name) is None:
         return None
-    pointer = _expect_dict(_unpack(_read_capped(path, 1 << 16, "shard pointer"), str(path), 1 << 16), str(path),
+    what = directory.describe(name)
+    pointer = _expect_dict(_unpack(read_capped(directory, name, 1 << 16, "shard pointer"), what, 1 << 16), what,
                            POINTER_FORMAT)
     if pointer.get("shard") != shard:
-        raise CheckpointError(f"{path}: names shard {pointer.get('shard')!r}, expected {shard}")
+        raise CheckpointError(f"{what}: names shard {pointer.get('shard')!r}, expected {shard}")
     return pointer
 
 
-def read_shard(directory: Path, pointer: dict) -> dict:
-    """The shard snapshot a pointer names, after its size and sha256 are checked."""
-    path = confined(directory, pointer.get("file"))
+def read_shard(directory, pointer: dict) -> dict:
+    """The shard snapshot a pointer names (and only that file), after its size and sha256 are checked."""
+    directory = storage.directory(directory)
+    name = checked_name(directory, pointer.get("file"))
+    path = directory.describe(name)
     declared = pointer.get("bytes")
-    if not isinstance(declared, int) or not 0 <= declared <= MAX_BLOB_BYTES:
+    if not isinstance(declared, int) or isinstance(declared, bool) or not 0 <= declared <= MAX_BLOB_BYTES:
         raise CheckpointError(f"{path}: declared size {declared!r} is not a valid byte count")
-    data = _read_capped(path, declared, "shard blob")
+    data = read_capped(directory, name, declared, "shard blob")
     if len(data) != declared:
-        raise CheckpointError(f"{path}: {len(data)} bytes on disk, the pointer declares {declared} (truncated?)")
+        raise CheckpointError(f"{path}: {len(data)} bytes stored, the pointer declares {declared} (truncated?)")
     digest = hashlib.sha256(data).hexdigest()
     if digest != pointer.get("sha256"):
         raise CheckpointError(f"{path}: sha256 {digest} does not match the recorded {pointer.get('sha256')!r} "
                               f"(corrupted or tampered)")
-    return _expect_dict(_unpack(data, str(path), declared), str(path), BLOB_FORMAT)
+    return _expect_dict(_unpack(data, path, declared), path, BLOB_FORMAT)
 
 
 # -- arrays -----------------------------------------------------------------------------------------------

@@ -22,9 +22,10 @@ travels as ONE message per shard: a small header and the arrays as they are (vie
 shard's part is one contiguous piece). ``push`` returns at once and keeps owned copies (the caller may reuse its
 arrays); ``push_pull`` blocks until the reply, so it sends the caller's arrays without copying them.
 
-With ``checkpoint_dir``, shards checkpoint every ``checkpoint_every`` updates and Ray restarts a dead shard,
-which restores its checkpoint; the handle keeps each push until a checkpoint holds it and replays what a
-restarted shard lacks, so no update is lost or applied twice (``ShardLinks``).
+With ``checkpoint_dir`` (a local path, a URI such as ``s3://bucket/run`` or ``gs://bucket/run``, or a
+``(pyarrow.fs.FileSystem, path)`` pair: server/storage.py), shards checkpoint every ``checkpoint_every`` updates
+and Ray restarts a dead shard, which restores its checkpoint; the handle keeps each push until a checkpoint
+holds it and replays what a restarted shard lacks, so no update is lost or applied twice (``ShardLinks``).
 
 Where the data plane listens: ``data_host`` (else ``RAYPS_DATA_HOST``; else 127.0.0.1 when this handle started
 an embedded local Ray, whose processes all run on this machine; else each shard's node address as Ray knows
@@ -44,6 +45,7 @@ import ray
 from ..updaters.groups import as_groups, assign_groups
 from . import checkpoint as ckpt
 from . import persistence
+from . import storage
 from . import transport
 from .credentials import RunCredentials
 from .data_server import parse_ports
@@ -96,7 +98,7 @@ class ParameterServer:
     def __init__(self, params: Mapping[str, np.ndarray], updater=None, num_shards: int = 1,
                  consistency: str = "async", staleness: int = 0, num_workers: int = 1, *,
                  nan_policy: str = "reject", address: str | None = None, cpus_per_shard: float = 0.0,
-                 checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 100,
+                 checkpoint_dir=None, checkpoint_every: int = 100,
                  sync_timeout: float | None = None, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
                  pull_timeout: float | None = 300.0, recovery_timeout: float = 120.0,
                  placement=None, sparse=None, compression: str = "none", encrypt: bool = False,
@@ -122,7 +124,8 @@ class ParameterServer:
         self.config = {"num_shards": num_shards, "consistency": consistency, "staleness": staleness,
                        "num_workers": num_workers, "nan_policy": nan_policy,
                        "compression": transport.check_mode(compression)}  # push encoding: server/transport.py
-        self.checkpoint_dir = None if checkpoint_dir is None else os.path.abspath(checkpoint_dir)
+        # a local path, a URI (s3://, gs://, file://) or (pyarrow.fs.FileSystem, path): server/storage.py
+        self.checkpoint_dir = None if checkpoint_dir is None else storage.directory(checkpoint_dir)
         if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
             raise ValueError(f"max_in_flight must be an integer >= 1 (pushes per shard), got {max_in_flight!r}")
         self.max_in_flight = int(max_in_flight)
@@ -337,7 +340,8 @@ class ParameterServer:
     # -- checkpoints -------------------------------------------------------------------------------------
     def save(self, path) -> None:
         """Write a checkpoint directory: every shard's params, updater state, counters and clocks, plus a
-        manifest with names, shapes, dtypes, the updater/group config and a sha256 per blob."""
+        manifest with names, shapes, dtypes, the updater/group config and a sha256 per blob. ``path``: a local
+        path, a URI (``s3://``, ``gs://``, ``file://``) or ``(pyarrow.fs.FileSystem, path)``."""
         persistence.save(self, path)
 
     @classmethod

@@ -7,12 +7,13 @@ so it works into any shard count (resharding), and checks everything it reads (s
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
+import re
 
 import numpy as np
 
 from ..updaters.groups import ParamGroup, assign_groups
 from . import checkpoint as ckpt
+from . import storage
 from .checkpoint import CheckpointError, decode_array, decode_ints, encode_array
 from .row_index import HashedUniformInit
 from .row_tables import RowTable
@@ -27,9 +28,11 @@ def manifest_for(ps) -> dict:
             "config": dict(ps.config), "num_shards": ps.layout.num_shards, "row_tables": tables}
 
 
-def save(ps, path) -> Path:
-    """Write every shard's snapshot, then the manifest (names, shapes, dtypes, groups, sha256 per blob)."""
-    path = Path(path)
+def save(ps, path):
+    """Write every shard's snapshot, then the manifest (names, shapes, dtypes, groups, sha256 per blob): the
+    manifest is written last, so on an object store too a reader sees the previous save or this one whole.
+    ``path``: anything ``storage.directory`` takes (a local path, a URI, ``(pyarrow.fs.FileSystem, path)``)."""
+    path = storage.directory(path)
     ps.flush()
     blobs = ps._ask_all("snapshot_blob")
     generation = max(_existing_generation(path) + 1, 1)
@@ -41,18 +44,21 @@ def save(ps, path) -> Path:
             blob = ckpt.pack(encode_array(ps.pull([name])[name]))
             spec["values_file"] = f"table-{name}-g{generation}.blob" if ckpt.SAFE_FILE_NAME.match(name) else \
                 f"table-{hashlib.sha256(name.encode()).hexdigest()[:16]}-g{generation}.blob"
-            ckpt.write_atomic(path / spec["values_file"], blob)
+            path.write(spec["values_file"], blob)
             spec["values_sha256"], spec["values_bytes"] = hashlib.sha256(blob).hexdigest(), len(blob)
     ckpt.write_manifest(path, manifest)
     return path
 
 
-def _existing_generation(path: Path) -> int:
+def _existing_generation(path) -> int:
     generation = 0
-    for pointer_file in path.glob("shard-*.msgpack") if path.is_dir() else []:
+    for name in path.names():
+        match = re.fullmatch(r"shard-(\d+)\.msgpack", name)
+        if match is None:
+            continue
         try:
-            pointer = ckpt.read_pointer(path, int(pointer_file.stem.split("-")[1]))
-        except (ValueError, IndexError, CheckpointError):
+            pointer = ckpt.read_pointer(path, int(match.group(1)))
+        except (ValueError, OSError, CheckpointError):
             continue
         if pointer and isinstance(pointer.get("generation"), int):
             generation = max(generation, pointer["generation"])
@@ -68,9 +74,9 @@ def _field(manifest: dict, key: str, kind, what: str):
 
 def load(path) -> dict:
     """Everything needed to rebuild the server: params, groups, config, and per-name (state, iteration)."""
-    path = Path(path)
+    path = storage.directory(path)
     manifest = ckpt.read_manifest(path)
-    what = str(path / ckpt.MANIFEST_NAME)
+    what = path.describe(ckpt.MANIFEST_NAME)
     names = _field(manifest, "names", list, what)
     shapes = _field(manifest, "shapes", dict, what)
     dtypes = _field(manifest, "dtypes", dict, what)
@@ -135,7 +141,7 @@ def load(path) -> dict:
             "named_state": named_state, "manifest": manifest, "tables": tables, "table_rows": table_rows}
 
 
-def _tables(path: Path, specs: dict, what: str) -> dict:
+def _tables(path, specs: dict, what: str) -> dict:
     """The row-sparse tables of a manifest: a ``RowTable`` spec, or the saved values array of the table."""
     if not isinstance(specs, dict):
         raise CheckpointError(f"{what}: row_tables must be a map")
@@ -148,8 +154,12 @@ def _tables(path: Path, specs: dict, what: str) -> dict:
         except (AttributeError, KeyError, TypeError, ValueError) as error:
             raise CheckpointError(f"{what}: row table {name!r} is malformed ({error})") from None
         if spec.get("values_file"):
-            file = ckpt.confined(path, spec["values_file"])
-            data = ckpt._read_capped(file, int(spec.get("values_bytes", -1)), "table values")
+            name = ckpt.checked_name(path, spec["values_file"])
+            file = path.describe(name)
+            declared = spec.get("values_bytes")
+            if isinstance(declared, bool) or not isinstance(declared, int) or declared < 0:
+                raise CheckpointError(f"{file}: declared size {declared!r} is not a valid byte count")
+            data = ckpt.read_capped(path, name, declared, "table values")
             if len(data) != spec.get("values_bytes") or hashlib.sha256(data).hexdigest() != spec.get("values_sha256"):
                 raise CheckpointError(f"{file}: size or sha256 does not match the manifest (corrupted or tampered)")
             values = decode_array(ckpt._unpack(data, str(file), len(data)), str(file))
