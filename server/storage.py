@@ -167,7 +167,12 @@ class FilesystemDirectory:
         return FilesystemDirectory(self.filesystem, self._key(name), self.describe(name))
 
     def make(self) -> None:
-        self.filesystem.create_dir(self.path, recursive=True)  # a no-op on object stores, but for the bucket
+        """Create the directory where the filesystem has directories (object stores need none: a key's
+        prefix is there once an object is); asked once per handle."""
+        if not getattr(self, "_made", False):
+            if not self.is_dir():
+                self.filesystem.create_dir(self.path, recursive=True)
+            self._made = True
 
     def is_dir(self) -> bool:
         import pyarrow.fs as pafs  # noqa: PLC0415

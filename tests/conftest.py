@@ -12,6 +12,12 @@ import pytest
 
 # the data plane binds loopback in tests: every process of these local clusters runs on this machine
 os.environ.setdefault("RAYPS_DATA_HOST", "127.0.0.1")
+# the S3 tests' server (s3_endpoint below) takes fixed test credentials. Set here, before Ray starts, so every
+# Ray process finds them the way a user's would: in its environment (server/storage.py). The SDK never asks the
+# cloud's instance-metadata address for credentials.
+for _key, _value in (("AWS_ACCESS_KEY_ID", "rayps-test"), ("AWS_SECRET_ACCESS_KEY", "rayps-test-secret"),
+                     ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_EC2_METADATA_DISABLED", "true")):
+    os.environ.setdefault(_key, _value)
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +43,17 @@ def ray_session():
     yield ray
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3-compatible server on loopback for the session: moto's standalone server (``moto[server]``, in
+    the ``test`` extra) on 127.0.0.1 at a free port, with a bucket ``rayps-test``. Yields ``host:port``; URIs
+    are ``s3://rayps-test/<prefix>?endpoint_override=<host:port>&scheme=http``."""
+    from s3_server import start_s3_server  # noqa: PLC0415 - tests/s3_server.py
+
+    server = start_s3_server()
+    try:
+        yield server.endpoint
+    finally:
+        server.stop()
