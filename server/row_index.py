@@ -14,6 +14,7 @@ import numpy as np
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _EMPTY = -1
+_DELETED = -2  # a tombstone: lookups probe past it, inserts may reuse it
 
 
 # -- hashing ----------------------------------------------------------------------------------------------
@@ -64,13 +65,16 @@ class HashedUniformInit:
 # -- the index ----------------------------------------------------------------------------------------------
 class RowIndex:
     """Open-addressing hash map (linear probing, load <= 1/2) from int64 row id to int64 slot, vectorized:
-    each probe round is one NumPy pass over the ids still unresolved."""
+    each probe round is one NumPy pass over the ids still unresolved. Deletion leaves tombstones, which inserts
+    reuse; live keys plus tombstones stay at most half the cells (a rebuild clears the tombstones), so the
+    index takes at most ``4 x 16`` bytes per stored row."""
 
     def __init__(self, capacity: int = 64):
         capacity = 1 << max(6, int(capacity - 1).bit_length())
         self.keys = np.full(capacity, _EMPTY, dtype=np.int64)
         self.vals = np.zeros(capacity, dtype=np.int64)
         self.size = 0
+        self.deleted = 0
 
     @property
     def nbytes(self) -> int:
@@ -93,14 +97,40 @@ class RowIndex:
             pos[pending] = (pos[pending] + 1) & mask
         return result
 
+    def positions(self, ids: np.ndarray) -> np.ndarray:
+        """Cell of each id, -1 where absent."""
+        result = np.full(len(ids), -1, dtype=np.int64)
+        pos = self._home(ids)
+        pending = np.arange(len(ids))
+        mask = len(self.keys) - 1
+        while pending.size:
+            found = self.keys[pos[pending]]
+            hit = found == ids[pending]
+            result[pending[hit]] = pos[pending[hit]]
+            pending = pending[~hit & (found != _EMPTY)]
+            pos[pending] = (pos[pending] + 1) & mask
+        return result
+
+    def delete(self, ids: np.ndarray) -> None:
+        """Remove ids that are present (unique)."""
+        cells = self.positions(ids)
+        cells = cells[cells >= 0]
+        self.keys[cells] = _DELETED
+        self.size -= len(cells)
+        self.deleted += len(cells)
+
+    def update(self, ids: np.ndarray, slots: np.ndarray) -> None:
+        """Point present ids at new slots."""
+        self.vals[self.positions(ids)] = slots
+
     def insert(self, ids: np.ndarray, slots: np.ndarray) -> None:
         """Add ids that are unique and absent, with their slots."""
-        if 2 * (self.size + len(ids)) > len(self.keys):  # grow, then re-place the stored ids
-            old = self.keys != _EMPTY
+        if 2 * (self.size + self.deleted + len(ids)) > len(self.keys):  # grow or clear tombstones, re-place
+            old = self.keys >= 0
             old_ids, old_slots = self.keys[old], self.vals[old]
             grown = RowIndex(2 * (self.size + len(ids)) + 1)
             grown._place(old_ids, old_slots)
-            self.keys, self.vals, self.size = grown.keys, grown.vals, grown.size
+            self.keys, self.vals, self.size, self.deleted = grown.keys, grown.vals, grown.size, 0
         self._place(ids, slots)
 
     def _place(self, ids: np.ndarray, slots: np.ndarray) -> None:
@@ -109,9 +139,10 @@ class RowIndex:
         mask = len(self.keys) - 1
         while pending.size:
             target = pos[pending]
-            free = self.keys[target] == _EMPTY
+            free = self.keys[target] < 0  # empty or a tombstone (the ids are absent: no later duplicate)
             cells, first = np.unique(target[free], return_index=True)  # one winner per free cell
             winners = pending[free][first]
+            self.deleted -= int((self.keys[cells] == _DELETED).sum())
             self.keys[cells] = ids[winners]
             self.vals[cells] = slots[winners]
             placed = np.zeros(len(ids), dtype=bool)

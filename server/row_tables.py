@@ -4,6 +4,10 @@
     ps.push_rows("emb", ids, grads)      # duplicates summed; cost proportional to the rows touched
     ps.pull_rows("emb", ids)             # (len(ids), 16)
 
+    RowTable(10**9, 16, admission=CountAdmission(3), eviction=LRUEviction(1_000_000))   # a capped hashed space
+    ps.export_deltas("emb", since=None) -> TableDelta(ids, values, evicted, token)     # a serving stream
+    ps.table_stats("emb")                # rows, admitted, evicted, dropped_gradients, bytes (all shards)
+
 Rows are spread over every shard by a multiplicative hash (``row_index.row_owner``), so one hot table uses
 all shards. A table is given either as a ``RowTable`` spec (never materialized: rows start from ``initial``,
 zeros by default, and cost memory only once pushed) or, for small tables, as a dense array of initial values.
@@ -16,6 +20,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from . import row_policies
 from .row_index import row_owner
 from .sparse_rows import TABLE_DTYPES
 
@@ -23,12 +28,16 @@ from .sparse_rows import TABLE_DTYPES
 @dataclass(frozen=True)
 class RowTable:
     """A row-sparse table of ``num_rows x dim``; ``initial``: None (zeros), ``HashedUniformInit`` or any
-    deterministic ``initial(row_ids) -> (k, dim)``."""
+    deterministic ``initial(row_ids) -> (k, dim)``; ``admission``: None, ``CountAdmission`` or
+    ``ProbabilityAdmission``; ``eviction``: None, ``LRUEviction``, ``LFUEviction`` or ``TTLEviction``
+    (server/row_policies.py has their semantics)."""
 
     num_rows: int
     dim: int
     dtype: str = "float32"
     initial: Any = None
+    admission: Any = None
+    eviction: Any = None
 
     def __post_init__(self):
         for field in ("num_rows", "dim"):
@@ -39,6 +48,12 @@ class RowTable:
             raise ValueError(f"RowTable: dtype must be float16, float32 or float64, got {self.dtype!r}")
         if self.initial is not None and not callable(self.initial):
             raise TypeError("RowTable: initial must be None or a callable initial(row_ids)")
+        row_policies.check_policy("RowTable", "admission", self.admission, row_policies.ADMISSIONS)
+        row_policies.check_policy("RowTable", "eviction", self.eviction, row_policies.EVICTIONS)
+
+    def check_shards(self, name: str, num_shards: int) -> None:
+        """Can this table be split over ``num_shards`` (a cap needs at least one row per shard)?"""
+        row_policies.shard_cap(self.eviction, num_shards, f"table {name!r}")
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -2,12 +2,13 @@
 lazily — plain logic, no Ray (the actor wraps it as it wraps ``ShardState``).
 
 * **Ownership** — ``row_index.row_owner``: rows are spread over the shards by a multiplicative hash.
-* **Lazy rows** — only rows pushed so far are stored: an open-addressing index ``row id -> slot``
-  (``RowIndex``) over growable contiguous arrays ``values (n, dim)``, ``state (slots, n, dim)`` (the dense
-  updater's layout over the n stored rows) and ``iterations (n,)``. A row never pushed costs nothing; its
-  value is ``initial(row_ids)`` recomputed on demand, so ``initial`` must be deterministic per row: zeros
-  (``None``), a counter-based hash (``HashedUniformInit``: the same value on any shard count, in any order,
-  never a table-sized allocation), or an explicit array (memory: the owned rows, values only; no state).
+* **Lazy rows** — only rows pushed (and admitted) so far are stored: an open-addressing index ``row id ->
+  slot`` (``RowIndex``) over growable contiguous arrays ``values (n, dim)``, ``state (slots, n, dim)`` (the dense
+  updater's layout over the n stored rows), ``iterations (n,)`` and four int64 bookkeeping columns (the table
+  version that last changed the row, its last access, its access count, its id). A row never stored costs
+  nothing; its value is ``initial(row_ids)`` recomputed on demand, so ``initial`` must be deterministic per row:
+  zeros (``None``), a counter-based hash (``HashedUniformInit``: the same value on any shard count, in any
+  order, never a table-sized allocation), or an explicit array (memory: the owned rows, values only; no state).
 * **Per-row updates** — duplicate ids of one push are summed (in the given order, in the updater's compute
   dtype); then every touched row takes ONE step of the dense updater with its OWN iteration count (bias
   correction: Adam's ``alpha_t`` of a row pushed 3 times uses ``t = 3`` even if the table saw 1000 pushes).
@@ -15,23 +16,35 @@ lazily — plain logic, no Ray (the actor wraps it as it wraps ``ShardState``).
   gathered copy per count (the contract path); ``kernel="auto"`` does one vectorized pass with per-row
   scalars (columns ``(k, 1)`` in the compute dtype, so the math is the same as the float scalars of the
   reference path). Cost is proportional to the rows touched, never to the table.
+* **Admission and eviction** (server/row_policies.py) — a push stores a new row only once the admission
+  policy admits its id (else the row's gradient is dropped and counted); under a cap the rows the eviction
+  policy picks are dropped first, their slots reused (the last stored rows move into the holes, so the stored
+  rows stay ``[0, n)`` and memory stays within the cap: the arrays never grow past it).
+* **Changes** — every push is one table version; a row remembers the version that last changed it, and the
+  evicted ids are logged with theirs (at most ``log_limit`` ids; older entries are dropped and the horizon
+  moves). ``export_since`` (a serving delta) and incremental checkpoints (server/row_records.py) read both.
+  ``epoch`` (random, new at construction and at every restore) tells apart states a token could mix up.
 """
 
 from __future__ import annotations
 
+import uuid
 from typing import Callable
 
 import numpy as np
 
 from ..updaters.base import NO_ADJUSTMENTS, StepAdjustments, Updater, state_dtype_for
 from ..updaters.groups import ParamGroup
-from .checkpoint import CheckpointError, decode_array, decode_ints, encode_array, encode_ints
+from . import row_policies as policies
+from . import row_records
+from .checkpoint import CheckpointError
 from .row_index import RowIndex, row_owner
 
 TABLE_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
-SNAPSHOT_FORMAT = "rayps-row-table"
-SNAPSHOT_VERSION = 1
 KERNELS = ("auto", "reference")
+COLUMNS = ("ids", "iterations", "changed", "stamps", "counts")  # the int64 columns, beside values and state
+
+
 # -- the table shard ---------------------------------------------------------------------------------------
 class RowTableShard:
     """The rows of table ``name`` (``num_rows x dim``, ``dtype``) owned by shard ``shard_index`` of ``num_shards``.
@@ -40,11 +53,12 @@ class RowTableShard:
     normalization is refused: a per-layer norm over whichever rows a push touches has no DL4J meaning).
     ``initial``: ``None`` (zeros), a callable ``initial(row_ids) -> (len(row_ids), dim)`` (deterministic per
     row, e.g. ``HashedUniformInit``) or an array ``(num_rows, dim)`` (the owned rows are copied).
+    ``admission``/``eviction``: None or a policy of server/row_policies.py.
     Every method validates everything before it changes anything.
     """
 
     def __init__(self, name: str, num_rows: int, dim: int, dtype, shard_index: int, num_shards: int,
-                 updater, initial=None):
+                 updater, initial=None, admission=None, eviction=None):
         self.name = name
         for field, value, low in (("num_rows", num_rows, 1), ("dim", dim, 1), ("num_shards", num_shards, 1),
                                   ("shard_index", shard_index, 0)):
@@ -64,12 +78,28 @@ class RowTableShard:
         if self.group is not None and self.group.gradient_normalization != "None":
             raise ValueError(f"table {name!r}: gradient normalization {self.group.gradient_normalization!r} is not "
                              f"supported on a row-sparse table (use 'None')")
+        policies.check_policy(f"table {name!r}", "admission", admission, policies.ADMISSIONS)
+        policies.check_policy(f"table {name!r}", "eviction", eviction, policies.EVICTIONS)
+        self.admission, self.eviction = admission, eviction
+        self.cap = policies.shard_cap(eviction, self.num_shards, f"table {name!r}")
+        self.sketch = policies.CountMinSketch(admission) if isinstance(admission, policies.CountAdmission) else None
+        self.log_limit = max(4 * self.cap, 1 << 16) if self.cap else 1 << 20
         self.state_dtype = state_dtype_for(self.dtype)
         self.slots = len(self.updater.state_keys)
         self._initial, self._initial_rows_owned = self._check_initial(initial)
         self._reset_storage(0)
+        self.version = 0  # pushes applied to this table shard (the TTL clock)
+        self.ops = 0  # pushes and pulls (the LRU/LFU clock)
+        self.new_epoch()
         self.counters = {"pushes": 0, "rows_pushed": 0, "unique_rows_pushed": 0, "rows_pulled": 0,
-                         "bytes_pushed": 0, "bytes_pulled": 0}
+                         "bytes_pushed": 0, "bytes_pulled": 0, "admitted": 0, "evicted": 0, "dropped_gradients": 0}
+
+    def new_epoch(self) -> None:
+        """A new identity for tokens and checkpoint chains; tombstones before now are forgotten."""
+        self.epoch = uuid.uuid4().hex[:12]
+        self.horizon = self.version  # deltas since a version below this one cannot be told
+        self._evicted_log: list[tuple[int, np.ndarray]] = []
+        self._evicted_logged = 0
 
     # -- storage -------------------------------------------------------------------------------------------
     def _reset_storage(self, capacity: int) -> None:
@@ -79,17 +109,29 @@ class RowTableShard:
         self._values = np.zeros((capacity, self.dim), dtype=self.dtype)
         self._state = np.zeros((self.slots, capacity, self.dim), dtype=self.state_dtype)
         self._iterations = np.zeros(capacity, dtype=np.int64)
+        self._changed = np.zeros(capacity, dtype=np.int64)
+        self._stamps = np.zeros(capacity, dtype=np.int64)
+        self._counts = np.zeros(capacity, dtype=np.int64)
 
-    def _append(self, ids: np.ndarray, values: np.ndarray, state=None, iterations=None) -> np.ndarray:
-        """Store new rows (ids unique and absent); returns their slots."""
+    def _columns(self) -> tuple:
+        return (self._ids, self._iterations, self._changed, self._stamps, self._counts)
+
+    def _append(self, ids: np.ndarray, values: np.ndarray, state=None, columns=None) -> np.ndarray:
+        """Store new rows (ids unique and absent); returns their slots. ``columns``: iterations, changed, stamps
+        and counts (default 0, this version, now, 0)."""
         start, stop = self.n, self.n + len(ids)
         if stop > len(self._ids):
             capacity = max(stop, 2 * len(self._ids), 64)
-            grown = (np.zeros(capacity, np.int64), np.zeros((capacity, self.dim), self.dtype),
-                     np.zeros((self.slots, capacity, self.dim), self.state_dtype), np.zeros(capacity, np.int64))
-            grown[0][:start], grown[1][:start] = self._ids[:start], self._values[:start]
-            grown[2][:, :start], grown[3][:start] = self._state[:, :start], self._iterations[:start]
-            self._ids, self._values, self._state, self._iterations = grown
+            if self.cap is not None:
+                capacity = max(stop, min(capacity, self.cap))  # never past the cap
+            old = (self._values, self._state) + self._columns()
+            self._values = np.zeros((capacity, self.dim), self.dtype)
+            self._state = np.zeros((self.slots, capacity, self.dim), self.state_dtype)
+            self._values[:start], self._state[:, :start] = old[0][:start], old[1][:, :start]
+            for attr, column in zip(("_ids", "_iterations", "_changed", "_stamps", "_counts"), old[2:]):
+                grown = np.zeros(capacity, np.int64)
+                grown[:start] = column[:start]
+                setattr(self, attr, grown)
         self._ids[start:stop] = ids
         self._values[start:stop] = values
         if state is None:
@@ -97,11 +139,47 @@ class RowTableShard:
                 self._state[slot, start:stop] = value
         else:
             self._state[:, start:stop] = state
-        self._iterations[start:stop] = 0 if iterations is None else iterations
+        if columns is None:
+            columns = (0, self.version, self._clock(), 0)
+        for column, value in zip(self._columns()[1:], columns):
+            column[start:stop] = value
         slots = np.arange(start, stop, dtype=np.int64)
         self.index.insert(ids, slots)
         self.n = stop
         return slots
+
+    def _evict(self, slots: np.ndarray, version: int) -> None:
+        """Drop the rows in ``slots`` (unique): log their ids, move the last stored rows into the holes."""
+        if not len(slots):
+            return
+        ids = self._ids[slots].copy()
+        self.index.delete(ids)
+        keep = self.n - len(slots)
+        gone = np.zeros(self.n - keep, dtype=bool)
+        gone[slots[slots >= keep] - keep] = True
+        movers = keep + np.flatnonzero(~gone)
+        holes = np.sort(slots[slots < keep])
+        if len(holes):
+            self._values[holes] = self._values[movers]
+            self._state[:, holes] = self._state[:, movers]
+            for column in self._columns():
+                column[holes] = column[movers]
+            self.index.update(self._ids[holes], holes)
+        self.n = keep
+        self.counters["evicted"] += len(ids)
+        self._log_evicted(np.sort(ids), version)
+
+    def _log_evicted(self, ids: np.ndarray, version: int) -> None:
+        self._evicted_log.append((version, ids))
+        self._evicted_logged += len(ids)
+        while self._evicted_logged > self.log_limit and len(self._evicted_log) > 1:
+            dropped_version, dropped = self._evicted_log.pop(0)
+            self._evicted_logged -= len(dropped)
+            self.horizon = max(self.horizon, dropped_version)
+
+    def _clock(self) -> int:
+        """The access clock of this table's eviction policy: pushes for TTL, pushes and pulls otherwise."""
+        return self.version if isinstance(self.eviction, policies.TTLEviction) else self.ops
 
     # -- validation ----------------------------------------------------------------------------------------
     def _check_initial(self, initial):
@@ -186,7 +264,8 @@ class RowTableShard:
 
     # -- messages ------------------------------------------------------------------------------------------
     def push_rows(self, ids, grads, epoch: int = 0, kernel: str = "auto") -> int:
-        """One update of the rows in ``ids`` with ``grads`` (duplicates summed). Returns the rows updated."""
+        """One update of the rows in ``ids`` with ``grads`` (duplicates summed). Returns the rows updated (rows
+        not admitted, or beyond a cap within this one push, are dropped and counted)."""
         if kernel not in KERNELS:
             raise ValueError(f"table {self.name!r}: kernel must be one of {KERNELS}, got {kernel!r}")
         if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
@@ -200,20 +279,69 @@ class RowTableShard:
         slots = self.index.lookup(uniq)
         new = slots < 0
         if new.any():
-            initial = self._initial_rows(uniq[new])  # may raise: nothing is stored yet
-            slots[new] = self._append(uniq[new], initial)
-        if len(uniq):
+            slots = self._store_new(uniq, slots, new)
+        version, self.version, self.ops = self.version + 1, self.version + 1, self.ops + 1
+        kept = slots >= 0
+        slots, summed = slots[kept], summed[kept]
+        if len(slots):
             its = self._iterations[slots]
             if kernel == "reference":
                 self._apply_by_count(slots, summed, its, int(epoch))
             else:
                 self._apply_vectorized(slots, summed, its, int(epoch))
             self._iterations[slots] += 1
+            self._changed[slots] = version
+            self._stamps[slots] = self._clock()
+            self._counts[slots] += 1
+        if isinstance(self.eviction, policies.TTLEviction) and self.n:
+            idle = version - self._stamps[:self.n]
+            self._evict(np.flatnonzero(idle > self.eviction.max_idle_steps), version)
         self.counters["pushes"] += 1
         self.counters["rows_pushed"] += len(ids)
         self.counters["unique_rows_pushed"] += len(uniq)
+        self.counters["dropped_gradients"] += int(len(uniq) - len(slots))
         self.counters["bytes_pushed"] += int(grads.nbytes + ids.nbytes)
-        return len(uniq)
+        return len(slots)
+
+    def _store_new(self, uniq: np.ndarray, slots: np.ndarray, new: np.ndarray) -> np.ndarray:
+        """Admit, make room under the cap, store; returns every row's slot (-1: dropped). The initial values are
+        computed (and may raise) before anything changes."""
+        version = self.version + 1  # the version of the push being applied
+        candidates = uniq[new]
+        sketch_plan = None
+        if isinstance(self.admission, policies.CountAdmission):
+            sketch_plan = self.sketch.plan(candidates)
+            admitted = sketch_plan[2] >= self.admission.min_count
+        elif isinstance(self.admission, policies.ProbabilityAdmission):
+            admitted = self.admission.admits(candidates)
+        else:
+            admitted = np.ones(len(candidates), dtype=bool)
+        store = candidates[admitted]
+        victims = np.zeros(0, dtype=np.int64)
+        if self.cap is not None and self.n + len(store) > self.cap:
+            protected = np.zeros(self.n, dtype=bool)
+            protected[slots[~new]] = True  # the rows this push updates are not evicted for it
+            candidates_slots = np.flatnonzero(~protected)
+            need = self.n + len(store) - self.cap
+            k = min(max(need, policies.eviction_batch(self.cap)), len(candidates_slots))
+            victims = candidates_slots[policies.smallest(self._eviction_keys(candidates_slots), k)]
+            store = store[:max(0, self.cap - (self.n - len(victims)))]  # the smallest ids, if any must go
+        initial = self._initial_rows(store) if len(store) else None  # may raise: nothing changed yet
+        if sketch_plan is not None:
+            self.sketch.commit(sketch_plan, version)
+        if len(victims):
+            self._evict(victims, version)
+            slots = self.index.lookup(uniq)  # rows moved into the holes
+        if len(store):
+            slots[np.searchsorted(uniq, store)] = self._append(store, initial, columns=(0, version, 0, 0))
+            self.counters["admitted"] += len(store)
+        return slots
+
+    def _eviction_keys(self, slots: np.ndarray) -> list[np.ndarray]:
+        """The eviction order of the rows in ``slots``, primary key first (see row_policies)."""
+        if isinstance(self.eviction, policies.LFUEviction):
+            return [self._counts[slots], self._stamps[slots], self._ids[slots]]
+        return [self._stamps[slots], self._ids[slots]]
 
     def _adjustments(self, iteration: int, epoch: int) -> StepAdjustments:
         return NO_ADJUSTMENTS if self.group is None else self.group.adjustments(iteration, epoch)
@@ -257,21 +385,27 @@ class RowTableShard:
         self._state[:, slots] = state
 
     def pull_rows(self, ids) -> np.ndarray:
-        """The rows of ``ids`` in the order asked, ``(len(ids), dim)``: stored rows, else their initial values."""
+        """The rows of ``ids`` in the order asked, ``(len(ids), dim)``: stored rows, else their initial values.
+        A pull is an access of the stored rows it reads (their recency and frequency for eviction)."""
         ids = self.check_ids(ids, "pull_rows ids")
-        out = self._read(ids)
+        out, slots = self._read(ids)
+        if len(ids):
+            self.ops += 1
+            slots = slots[slots >= 0]
+            self._stamps[slots] = self._clock()
+            self._counts[slots] += 1  # once per pull, even for an id asked twice
         self.counters["rows_pulled"] += len(ids)
         self.counters["bytes_pulled"] += int(out.nbytes)
         return out
 
-    def _read(self, ids: np.ndarray) -> np.ndarray:
+    def _read(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         out = np.empty((len(ids), self.dim), dtype=self.dtype)
         slots = self.index.lookup(ids)
         stored = slots >= 0
         out[stored] = self._values[slots[stored]]
         if not stored.all():
             out[~stored] = self._initial_rows(ids[~stored])
-        return out
+        return out, slots
 
     # -- whole-table views ---------------------------------------------------------------------------------
     def owned_rows(self) -> np.ndarray:
@@ -283,9 +417,9 @@ class RowTableShard:
         return np.concatenate(chunks)
 
     def materialize(self, row_ids=None) -> tuple[np.ndarray, np.ndarray]:
-        """``(ids, rows)``: the given ids (checked) or every owned row, with their current values."""
+        """``(ids, rows)``: the given ids (checked) or every owned row, with their current values (not an access)."""
         ids = self.owned_rows() if row_ids is None else self.check_ids(row_ids, "materialize ids")
-        return ids, self._read(ids)
+        return ids, self._read(ids)[0]
 
     def touched(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Copies of the stored rows sorted by id: ``(ids, values, state (slots, n, dim), iterations)``."""
@@ -294,79 +428,98 @@ class RowTableShard:
                 self._iterations[:self.n][order])
 
     def row_iterations(self, ids) -> np.ndarray:
-        """How many pushes each row has taken (0 for rows never pushed)."""
+        """How many pushes each row has taken since it was stored (0 for rows not stored)."""
         slots = self.index.lookup(self.check_ids(ids))
         out = np.zeros(len(slots), dtype=np.int64)
         out[slots >= 0] = self._iterations[slots[slots >= 0]]
         return out
 
+    def allocated_bytes(self) -> int:
+        """Bytes of every array this table shard holds: rows, bookkeeping, index, sketch, eviction log."""
+        arrays = (self._values, self._state) + self._columns()
+        log = 8 * self._evicted_logged
+        return int(sum(a.nbytes for a in arrays) + self.index.nbytes + (self.sketch.nbytes if self.sketch else 0) + log)
+
     def stats(self) -> dict:
         n = self.n
-        allocated = (self._ids.nbytes + self._values.nbytes + self._state.nbytes + self._iterations.nbytes
-                     + self.index.nbytes)
-        return {"table": self.name, "shard": self.shard_index, "rows_touched": n,
+        return {"table": self.name, "shard": self.shard_index, "rows_touched": n, "rows": n,
                 "value_bytes": n * self.dim * self.dtype.itemsize,
                 "state_bytes": self.slots * n * self.dim * self.state_dtype.itemsize,
-                "allocated_bytes": int(allocated),
+                "allocated_bytes": self.allocated_bytes(), "bytes": self.allocated_bytes(),
+                "cap": self.cap, "version": self.version,
                 "iterations_max": int(self._iterations[:n].max()) if n else 0, **self.counters}
 
-    # -- snapshots -----------------------------------------------------------------------------------------
-    def snapshot(self) -> dict:
-        """A msgpack-able record of the stored rows (sorted by id) and the counters."""
-        ids, values, state, iterations = self.touched()
-        return {"format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION, "name": self.name,
-                "num_rows": self.num_rows, "dim": self.dim, "dtype": str(self.dtype), "shard": self.shard_index,
-                "num_shards": self.num_shards, "updater": self.updater.to_config(),
-                "ids": encode_ints(ids), "values": encode_array(values), "state": encode_array(state),
-                "iterations": encode_ints(iterations), "counters": dict(self.counters)}
+    # -- changes: serving deltas and incremental checkpoints -----------------------------------------------
+    def columns(self, since: int | None = None) -> dict:
+        """Copies of the stored rows (changed after version ``since``; all for None), sorted by id:
+        ``ids, values, state (slots, k, dim), iterations, changed, stamps, counts``."""
+        n = self.n
+        chosen = np.arange(n) if since is None else np.flatnonzero(self._changed[:n] > since)
+        chosen = chosen[np.argsort(self._ids[chosen], kind="stable")]
+        out = {name: column[chosen] for name, column in zip(COLUMNS, self._columns())}
+        out["values"], out["state"] = self._values[chosen], self._state[:, chosen]
+        return out
 
-    def restore(self, blob, what: str = "row table snapshot") -> None:
-        """Load a snapshot of THIS table shard (same name, shape, dtype, shard and shard count)."""
-        if not isinstance(blob, dict) or blob.get("format") != SNAPSHOT_FORMAT:
-            raise CheckpointError(f"{what}: not a {SNAPSHOT_FORMAT!r} record")
-        if blob.get("version") != SNAPSHOT_VERSION:
-            raise CheckpointError(f"{what}: version {blob.get('version')!r} is not supported "
-                                  f"(expected {SNAPSHOT_VERSION})")
-        expected = {"name": self.name, "num_rows": self.num_rows, "dim": self.dim, "dtype": str(self.dtype),
-                    "shard": self.shard_index, "num_shards": self.num_shards}
-        for key, value in expected.items():
-            if blob.get(key) != value:
-                raise CheckpointError(f"{what}: {key} is {blob.get(key)!r}, this table shard has {value!r}")
-        rows = (decode_ints(blob.get("ids"), f"{what} ids"), decode_array(blob.get("values"), f"{what} values"),
-                decode_array(blob.get("state"), f"{what} state"),
-                decode_ints(blob.get("iterations"), f"{what} iterations"))
-        self.load_rows(*rows, what=what, strict=True)
-        for key, value in (blob.get("counters") or {}).items():
-            if key in self.counters and isinstance(value, int) and not isinstance(value, bool):
-                self.counters[key] = value
+    def evicted_since(self, since: int) -> np.ndarray:
+        """Ids evicted after version ``since`` and not stored now, sorted (``since >= horizon``)."""
+        parts = [ids for version, ids in self._evicted_log if version > since]
+        if not parts:
+            return np.zeros(0, dtype=np.int64)
+        ids = np.unique(np.concatenate(parts))
+        return ids[self.index.lookup(ids) < 0]
 
-    def load_rows(self, ids, values, state, iterations, what: str = "rows", strict: bool = False) -> None:
+    def check_since(self, epoch, version, what: str = "since") -> None:
+        """Can a delta since ``(epoch, version)`` be told? Errors name ``since``."""
+        where = f"table {self.name!r} shard {self.shard_index}"
+        if epoch != self.epoch:
+            raise ValueError(f"{what}: the token is from another incarnation of {where} (restarted, restored or "
+                             f"another server); export again with since=None")
+        if isinstance(version, bool) or not isinstance(version, (int, np.integer)) or version < 0:
+            raise ValueError(f"{what}: the token's version for {where} must be an integer >= 0, got {version!r}")
+        if version > self.version:
+            raise ValueError(f"{what}: the token's version {version} is ahead of {where} (version {self.version}): "
+                             f"a future token")
+        if version < self.horizon:
+            raise ValueError(f"{what}: the token's version {version} is older than the evictions {where} still "
+                             f"remembers (since version {self.horizon}); export again with since=None")
+
+    def export_since(self, since=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[str, int]]:
+        """``(ids, values, evicted, (epoch, version))``: the current values of the rows changed since ``since``
+        (``(epoch, version)``; None: every stored row), the ids evicted since, and where this export ends."""
+        if since is None:
+            columns, evicted = self.columns(), np.zeros(0, dtype=np.int64)
+        else:
+            self.check_since(*since)
+            columns, evicted = self.columns(int(since[1])), self.evicted_since(int(since[1]))
+        return columns["ids"], columns["values"], evicted, (self.epoch, self.version)
+
+    def load_columns(self, columns: dict, sketch_cells=None, sketch_counts=None) -> None:
+        """Replace the stored rows (checked already, owned, unique ids, at most the cap)."""
+        self._reset_storage(len(columns["ids"]))
+        if len(columns["ids"]):
+            extra = tuple(columns[name] for name in COLUMNS[1:])
+            self._append(columns["ids"], columns["values"], columns["state"], columns=extra)
+        if self.sketch is not None:
+            self.sketch = policies.CountMinSketch(self.admission)
+            if sketch_cells is not None:
+                self.sketch.set_cells(sketch_cells, sketch_counts)
+
+    # -- snapshots (server/row_records.py) -----------------------------------------------------------------
+    def snapshot(self, since=None) -> dict:
+        """A msgpack-able record of the stored rows, or of the changes since ``since = (epoch, version)``
+        when that delta can be told (else the whole table)."""
+        return row_records.snapshot(self, since)
+
+    def restore(self, blobs, what: str = "row table snapshot") -> None:
+        """Load a snapshot of THIS table shard: one record, or a base and the deltas after it, in order."""
+        row_records.restore(self, blobs, what)
+
+    def load_rows(self, ids, values, state, iterations, what: str = "rows", strict: bool = False,
+                  sketch=None) -> None:
         """Replace the stored rows by the given ones (every check first). ``strict=False`` keeps only the rows
-        this shard owns (restoring under another shard count); ``strict=True`` refuses foreign rows."""
-        k = len(ids) if isinstance(ids, np.ndarray) and ids.ndim == 1 else -1
-        if k < 0 or ids.dtype.kind not in "iu":
-            raise CheckpointError(f"{what}: ids must be a 1-D integer array")
-        checks = ((values, (k, self.dim), self.dtype, "values"),
-                  (state, (self.slots, k, self.dim), self.state_dtype, "updater state"))
-        for array, shape, dtype, field in checks:
-            if not isinstance(array, np.ndarray) or array.shape != shape or array.dtype != dtype:
-                got = f"{array.dtype}{list(array.shape)}" if isinstance(array, np.ndarray) else type(array).__name__
-                raise CheckpointError(f"{what}: {field} {got}, expected {dtype}{list(shape)}")
-            if not np.isfinite(array).all():
-                raise CheckpointError(f"{what}: {field} contain NaN or Inf")
-        if not isinstance(iterations, np.ndarray) or iterations.shape != (k,) or iterations.dtype.kind not in "iu" \
-                or (k and iterations.min() < 0):
-            raise CheckpointError(f"{what}: iterations must be {k} integers >= 0")
-        if k and (ids.min() < 0 or ids.max() >= self.num_rows):
-            raise CheckpointError(f"{what}: row ids outside [0, {self.num_rows})")
-        if len(np.unique(ids)) != k:
-            raise CheckpointError(f"{what}: duplicate row ids")
-        mine = row_owner(ids, self.num_shards) == self.shard_index
-        if strict and not mine.all():
-            raise CheckpointError(f"{what}: rows {ids[~mine][:5].tolist()} do not belong to shard {self.shard_index}")
-        self._reset_storage(int(mine.sum()))
-        if mine.any():
-            self._append(ids[mine].astype(np.int64), values[mine], state[:, mine], iterations[mine])
+        this shard owns (restoring under another shard count); ``strict=True`` refuses foreign rows. ``sketch``:
+        the admission counts (``depth * width``, e.g. the sum of the old shards' sketches: still never low)."""
+        row_records.load_rows(self, ids, values, state, iterations, what, strict, sketch)
 
 
 def _nonzero(value) -> bool:
@@ -374,4 +527,4 @@ def _nonzero(value) -> bool:
 
 
 InitialRows = Callable[[np.ndarray], np.ndarray]
-__all__ = ["InitialRows", "RowTableShard", "TABLE_DTYPES"]
+__all__ = ["CheckpointError", "InitialRows", "RowTableShard", "TABLE_DTYPES"]
