@@ -10,6 +10,7 @@ Contract::
 
 from . import schedules
 from .base import StepAdjustments, Updater, from_config, state_dtype_for
+from .fused_kernels import FusedKernels
 from .groups import ParameterUpdater, ParamGroup
 from .normalization import GRADIENT_NORMALIZATIONS
 from .regularization import L1, L2, WeightDecay
@@ -19,7 +20,8 @@ from .rules import (ALL_UPDATERS, AdaBelief, AdaDelta, AdaGrad, AdaMax, Adam, AM
 UPDATERS_BY_FLAG = {cls.__name__.lower(): cls for cls in ALL_UPDATERS}
 
 __all__ = [
-    "ALL_UPDATERS", "AdaBelief", "AdaDelta", "AdaGrad", "AdaMax", "Adam", "AMSGrad", "GRADIENT_NORMALIZATIONS",
+    "ALL_UPDATERS", "AdaBelief", "AdaDelta", "AdaGrad", "AdaMax", "Adam", "AMSGrad", "FusedKernels",
+    "GRADIENT_NORMALIZATIONS",
     "L1", "L2", "Nadam", "Nesterovs", "NoOp", "ParamGroup", "ParameterUpdater", "RmsProp", "Sgd", "StepAdjustments",
     "UPDATERS_BY_FLAG", "Updater", "WeightDecay", "from_config", "schedules", "state_dtype_for",
 ]

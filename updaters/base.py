@@ -9,7 +9,9 @@ An updater turns a gradient into an *update* and subtracts it from the parameter
 * ``rule_scalars(iteration, epoch)``: the hyperparameters resolved for this step (schedules evaluated,
   bias corrections folded in), passed unchanged to every kernel path;
 * ``reference_update(g, state, scalars)``: the plain NumPy formula (allocations allowed), which the fused
-  CPU and CuPy kernels are tested against.
+  CPU and CuPy kernels are tested against;
+* ``fused``: optionally, the rule's one-pass kernels (a ``FusedKernels``), registered by the class itself and
+  not inherited; a rule without them runs the reference path (docs/design.md, "Adding an update rule").
 
 ``apply`` runs one step: the gradient adjustments (normalization scale/clip, L1, L2), the rule, weight decay,
 then ``params -= update`` (DL4J-UPDATERS.md, "Order of one step").
@@ -23,6 +25,7 @@ from typing import Any, ClassVar, NamedTuple
 import numpy as np
 
 from . import schedules as _schedules
+from .fused_kernels import FusedKernels, check_fused_kernels, fused_kernels_of
 
 CONFIG_VERSION = 1
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
@@ -55,7 +58,7 @@ def state_dtype_for(param_dtype) -> np.dtype:
     return np.dtype(np.float32) if dtype == np.float16 else dtype
 
 
-def _array_module(array):
+def array_module(array):
     """NumPy or CuPy, chosen once from the array's own type."""
     module = type(array).__module__.split(".")[0]
     if module == "cupy":
@@ -123,9 +126,11 @@ class Updater:
     state_keys: ClassVar[tuple[str, ...]] = ()
     schedulable: ClassVar[tuple[str, ...]] = ()  # hyperparameters that may be a Schedule
     defaults: ClassVar[dict[str, Any]] = {}
+    fused: ClassVar[FusedKernels | None] = None  # this class's kernels (see FusedKernels); not inherited
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        check_fused_kernels(cls)
         if not cls.__name__.startswith("_"):
             UPDATER_TYPES[cls.__name__] = cls
 
@@ -187,7 +192,7 @@ class Updater:
         contiguous block.
         """
         _check_float_array("params", params)
-        xp = _array_module(params)
+        xp = array_module(params)
         dtype = state_dtype_for(params.dtype)
         slots, shape = len(self.state_keys), tuple(params.shape)
         size = int(np.prod(shape, dtype=np.int64))
@@ -262,6 +267,11 @@ class Updater:
             raise ValueError(f"kernel must be one of {KERNEL_CHOICES}, got {kernel!r}")
         fused = None if kernel == "reference" else _fused_kernel_for(self, params, grads, state)
         if fused is None and kernel == "fused":
+            name = type(self).__name__
+            if fused_kernels_of(type(self)) is None:
+                raise ValueError(f"kernel='fused' needs a rule that registers fused kernels; {name} registers "
+                                 f"none (a FusedKernels as {name}.fused, docs/design.md 'Adding an update rule'); "
+                                 "use kernel='auto' to fall back to the reference path")
             raise ValueError("kernel='fused' needs C-contiguous NumPy (or CuPy) params and grads, state slots "
                              "that are each C-contiguous (as init makes them), and numba; "
                              "use kernel='auto' to fall back to the reference path")
@@ -281,7 +291,7 @@ def _spaced_slots(slots: int, size: int, dtype: np.dtype, params_address: int) -
 
 def reference_step(updater: Updater, params, grads, state, scalars, adjustments: StepAdjustments) -> None:
     """The readable path: DL4J's order of one step in plain array code (allocations allowed)."""
-    xp = _array_module(params)
+    xp = array_module(params)
     compute = state_dtype_for(params.dtype)
     w = params.astype(compute)
     g = grads.astype(compute)  # a copy: grads stay untouched
@@ -316,7 +326,7 @@ def _fused_kernel_for(updater: Updater, params, grads, state):
     """The one-pass kernel for these arrays, or None when only the reference path applies."""
     if not (params.flags.c_contiguous and grads.flags.c_contiguous and slots_contiguous(state)):
         return None
-    if _array_module(params) is np:
+    if array_module(params) is np:
         from . import fused_cpu  # noqa: PLC0415 - numba import is deferred until a step needs it
 
         return fused_cpu.kernel_for(updater, params.dtype)

@@ -1,5 +1,7 @@
-"""One-pass CPU kernels (numba, ``parallel=True``) for the DL4J rules of ``rules.py``.
+"""One-pass CPU kernels (numba, ``parallel=True``) for every rule that registers ``FusedKernels``.
 
+A rule's math is its ``FusedKernels.element`` (next to the rule's class); this module owns what every rule
+shares: the loop around the element, float16 through its bits, the step adjustments and weight decay.
 ``kernel_for(updater, param_dtype)`` returns ``fn(params, grads, state, scalars, adjustments)``, which does in ONE
 pass over memory, with no temporary of the params' size, what ``base.reference_step`` + ``reference_update`` do::
 
@@ -25,7 +27,13 @@ directory; if none is writable the kernels are compiled in memory only.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import types
+
 import numpy as np
+
+from .fused_kernels import FusedKernels, fused_kernels_of
 
 try:
     import numba
@@ -147,166 +155,97 @@ if numba is not None:
             update = update + weight_decay * w
         return w - update
 
-    @_inline
-    def _maximum(a, b):
-        """``np.maximum``: NaN if either is NaN."""
-        return a if (a >= b or a != a) else b
-
-    # -- the rules (scalars after ``p, g, state...``: the rule's, then the five adjustments) -----------------------
-
     @_parallel
-    def _sgd(p, g, lr, scale, clip, l1, l2, wd):
-        """Sgd (``SgdUpdater``): ``update = lr * g``."""
-        for i in prange(p.size):
-            w = _load(p, i)
-            gi = _adjusted_gradient(w, _load(g, i), scale, clip, l1, l2)
-            _store(p, i, _new_param(w, lr * gi, wd))
-
-    @_parallel
-    def _noop(p, zero, wd):
-        """NoOp (``NoOpUpdater``): ``update = 0``; only weight decay moves the params (not run when it is 0)."""
+    def _weight_decay_only(p, zero, wd):
+        """A rule whose update is always 0 (``FusedKernels.zero_update``, NoOp): only weight decay moves the
+        params (not run when it is 0)."""
         for i in prange(p.size):
             w = _load(p, i)
             _store(p, i, _new_param(w, zero, wd))
 
-    @_parallel
-    def _nesterovs(p, g, v, lr, mu, one_plus_mu, scale, clip, l1, l2, wd):
-        """Nesterovs (``NesterovsUpdater``): ``v' = mu*v - lr*g; update = mu*v - (1+mu)*v'``."""
-        for i in prange(p.size):
-            w = _load(p, i)
-            gi = _adjusted_gradient(w, _load(g, i), scale, clip, l1, l2)
-            v_prev = v[i]
-            vi = v_prev * mu - lr * gi
-            v[i] = vi
-            _store(p, i, _new_param(w, mu * v_prev - one_plus_mu * vi, wd))
 
-    @_parallel
-    def _adagrad(p, g, h, lr, eps, scale, clip, l1, l2, wd):
-        """AdaGrad (``AdaGradUpdater``): ``h += g*g; update = lr*g / (sqrt(h) + eps)``."""
-        for i in prange(p.size):
-            w = _load(p, i)
-            gi = _adjusted_gradient(w, _load(g, i), scale, clip, l1, l2)
-            hi = h[i] + gi * gi
-            h[i] = hi
-            _store(p, i, _new_param(w, lr * gi / (np.sqrt(hi) + eps), wd))
-
-    @_parallel
-    def _rmsprop(p, g, G, lr, decay, one_minus_decay, eps, scale, clip, l1, l2, wd):
-        """RmsProp (``RmsPropUpdater``): ``G = d*G + (1-d)*g*g; update = lr*g / (sqrt(G) + eps)``."""
-        for i in prange(p.size):
-            w = _load(p, i)
-            gi = _adjusted_gradient(w, _load(g, i), scale, clip, l1, l2)
-            Gi = G[i] * decay + one_minus_decay * (gi * gi)
-            G[i] = Gi
-            _store(p, i, _new_param(w, lr * gi / (np.sqrt(Gi) + eps), wd))
-
-    @_parallel
-    def _adadelta(p, g, msg, msdx, rho, one_minus_rho, eps, scale, clip, l1, l2, wd):
-        """AdaDelta (``AdaDeltaUpdater``): ``msg = rho*msg + (1-rho)*g*g;
-        update = g*sqrt(msdx+eps) / sqrt(msg+eps); msdx = rho*msdx + (1-rho)*update^2``."""
-        for i in prange(p.size):
-            w = _load(p, i)
-            gi = _adjusted_gradient(w, _load(g, i), scale, clip, l1, l2)
-            msg_i = msg[i] * rho + one_minus_rho * (gi * gi)
-            msg[i] = msg_i
-            msdx_i = msdx[i]
-            update = gi * np.sqrt(msdx_i + eps) / np.sqrt(msg_i + eps)
-            msdx[i] = msdx_i * rho + one_minus_rho * (update * update)
-            _store(p, i, _new_param(w, update, wd))
-
-    @_parallel
-    def _adam(p, g, m, v, alpha, b1, one_minus_b1, b2, one_minus_b2, eps, scale, clip, l1, l2, wd):
-        """Adam (``AdamUpdater``): ``m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g*g;
-        update = alpha_t*m / (sqrt(v) + eps)``."""
-        for i in prange(p.size):
-            w = _load(p, i)
-            gi = _adjusted_gradient(w, _load(g, i), scale, clip, l1, l2)
-            mi = m[i] * b1 + one_minus_b1 * gi
-            vi = v[i] * b2 + one_minus_b2 * (gi * gi)
-            m[i] = mi
-            v[i] = vi
-            _store(p, i, _new_param(w, alpha * mi / (np.sqrt(vi) + eps), wd))
-
-    @_parallel
-    def _adamax(p, g, m, u, alpha, b1, one_minus_b1, b2, tiny, scale, clip, l1, l2, wd):
-        """AdaMax (``AdaMaxUpdater``): ``m = b1*m + (1-b1)*g; u = max(b2*u, |g|) + 1e-32;
-        update = alpha_t*m / u``."""
-        for i in prange(p.size):
-            w = _load(p, i)
-            gi = _adjusted_gradient(w, _load(g, i), scale, clip, l1, l2)
-            mi = m[i] * b1 + one_minus_b1 * gi
-            ui = _maximum(u[i] * b2, abs(gi)) + tiny
-            m[i] = mi
-            u[i] = ui
-            _store(p, i, _new_param(w, alpha * mi / ui, wd))
-
-    @_parallel
-    def _nadam(p, g, m, v, lr, b1, one_minus_b1, b2, one_minus_b2, eps, one_minus_b1t, scale, clip, l1, l2, wd):
-        """Nadam (``NadamUpdater``): m, v as Adam;
-        ``update = lr*((b1*m + (1-b1)*g) / (1-b1^t)) / (sqrt(v) + eps)``."""
-        for i in prange(p.size):
-            w = _load(p, i)
-            gi = _adjusted_gradient(w, _load(g, i), scale, clip, l1, l2)
-            mi = m[i] * b1 + one_minus_b1 * gi
-            vi = v[i] * b2 + one_minus_b2 * (gi * gi)
-            m[i] = mi
-            v[i] = vi
-            update = lr * ((b1 * mi + one_minus_b1 * gi) / one_minus_b1t) / (np.sqrt(vi) + eps)
-            _store(p, i, _new_param(w, update, wd))
-
-    @_parallel
-    def _amsgrad(p, g, m, v, vhat, alpha, b1, one_minus_b1, b2, one_minus_b2, eps, scale, clip, l1, l2, wd):
-        """AMSGrad (``AMSGradUpdater``): m, v as Adam; ``vhat = max(vhat, v);
-        update = alpha_t*m / (sqrt(vhat) + eps)``."""
-        for i in prange(p.size):
-            w = _load(p, i)
-            gi = _adjusted_gradient(w, _load(g, i), scale, clip, l1, l2)
-            mi = m[i] * b1 + one_minus_b1 * gi
-            vi = v[i] * b2 + one_minus_b2 * (gi * gi)
-            vhat_i = _maximum(vhat[i], vi)
-            m[i] = mi
-            v[i] = vi
-            vhat[i] = vhat_i
-            _store(p, i, _new_param(w, alpha * mi / (np.sqrt(vhat_i) + eps), wd))
-
-    @_parallel
-    def _adabelief(p, g, m, s, alpha, b1, one_minus_b1, b2, one_minus_b2, eps, scale, clip, l1, l2, wd):
-        """AdaBelief (``AdaBeliefUpdater``): ``m = b1*m + (1-b1)*g; s = b2*s + (1-b2)*(g-m)^2 + eps;
-        update = alpha_t*m / (sqrt(s) + eps)``."""
-        for i in prange(p.size):
-            w = _load(p, i)
-            gi = _adjusted_gradient(w, _load(g, i), scale, clip, l1, l2)
-            mi = m[i] * b1 + one_minus_b1 * gi
-            d = gi - mi
-            si = (s[i] * b2 + one_minus_b2 * (d * d)) + eps
-            m[i] = mi
-            s[i] = si
-            _store(p, i, _new_param(w, alpha * mi / (np.sqrt(si) + eps), wd))
+# -- the loops around a rule's element (``FusedKernels.element``), one per number of state slots --------------
+# Plain functions: ``_rule_loop`` gives each rule its own copy whose global ``element`` is the rule's compiled
+# element, then compiles it with ``_parallel``. ``rule`` is the tuple of kernel scalars in the compute dtype.
 
 
-# -- dispatch ------------------------------------------------------------------------------------------------
-# Each entry: (kernel name, scalars -> the rule's kernel scalars as Python floats, derived in float64 exactly as
-# the reference derives them before NumPy casts them to the compute dtype).
+def _loop_0_slots(p, g, rule, scale, clip, l1, l2, wd):
+    for i in prange(p.size):
+        w = _load(p, i)
+        gi = _adjusted_gradient(w, _load(g, i), scale, clip, l1, l2)
+        (update,) = element(gi, rule)  # noqa: F821 - bound per rule by _rule_loop
+        _store(p, i, _new_param(w, update, wd))
 
 
-def _adam_like(scalars):
-    alpha, b1, b2, eps = scalars
-    return (alpha, b1, 1.0 - b1, b2, 1.0 - b2, eps)
+def _loop_1_slot(p, g, s0, rule, scale, clip, l1, l2, wd):
+    for i in prange(p.size):
+        w = _load(p, i)
+        gi = _adjusted_gradient(w, _load(g, i), scale, clip, l1, l2)
+        update, n0 = element(gi, s0[i], rule)  # noqa: F821
+        s0[i] = n0
+        _store(p, i, _new_param(w, update, wd))
 
 
-_RULES = {
-    "Sgd": ("_sgd", lambda s: (s[0],)),
-    "NoOp": ("_noop", lambda s: (0.0,)),
-    "Nesterovs": ("_nesterovs", lambda s: (s[0], s[1], 1.0 + s[1])),
-    "AdaGrad": ("_adagrad", lambda s: (s[0], s[1])),
-    "RmsProp": ("_rmsprop", lambda s: (s[0], s[1], 1.0 - s[1], s[2])),
-    "AdaDelta": ("_adadelta", lambda s: (s[0], 1.0 - s[0], s[1])),
-    "Adam": ("_adam", _adam_like),
-    "AdaMax": ("_adamax", lambda s: (s[0], s[1], 1.0 - s[1], s[2], 1e-32)),
-    "Nadam": ("_nadam", lambda s: _adam_like(s[:4]) + (s[4],)),
-    "AMSGrad": ("_amsgrad", _adam_like),
-    "AdaBelief": ("_adabelief", _adam_like),
-}
+def _loop_2_slots(p, g, s0, s1, rule, scale, clip, l1, l2, wd):
+    for i in prange(p.size):
+        w = _load(p, i)
+        gi = _adjusted_gradient(w, _load(g, i), scale, clip, l1, l2)
+        update, n0, n1 = element(gi, s0[i], s1[i], rule)  # noqa: F821
+        s0[i] = n0
+        s1[i] = n1
+        _store(p, i, _new_param(w, update, wd))
+
+
+def _loop_3_slots(p, g, s0, s1, s2, rule, scale, clip, l1, l2, wd):
+    for i in prange(p.size):
+        w = _load(p, i)
+        gi = _adjusted_gradient(w, _load(g, i), scale, clip, l1, l2)
+        update, n0, n1, n2 = element(gi, s0[i], s1[i], s2[i], rule)  # noqa: F821
+        s0[i] = n0
+        s1[i] = n1
+        s2[i] = n2
+        _store(p, i, _new_param(w, update, wd))
+
+
+_LOOPS = (_loop_0_slots, _loop_1_slot, _loop_2_slots, _loop_3_slots)
+
+
+def _inlined_call(kernels: FusedKernels, slots: int):
+    """``element(gi, *slots, *rule)`` as a function numba inlines (``inline="always"``): it spells the scalars
+    out (``rule[0], rule[1], ...``), since numba inlines no call with ``*args``; left a call, the element is
+    not inlined and the loop does not vectorize."""
+    slot_names, scalar_names = kernels.argument_names(slots)
+    arguments = ", ".join(("gi",) + tuple(f"s{k}" for k in range(slots)))
+    spelled = ", ".join(("gi",) + tuple(f"s{k}" for k in range(slots))
+                        + tuple(f"rule[{k}]" for k in range(len(scalar_names))))
+    source = f"def call({arguments}, rule):\n    return element({spelled})\n"
+    namespace = {"element": numba.njit(inline="always", fastmath=False)(kernels.element)}
+    exec(compile(source, f"<fused call of {kernels.element.__qualname__}>", "exec"), namespace)  # noqa: S102
+    return numba.njit(inline="always", fastmath=False)(namespace["call"])
+_RULE_LOOPS: dict = {}  # rule class -> its compiled loop
+
+
+def _rule_loop(rule_class, kernels: FusedKernels):
+    """The rule's loop, compiled: ``_LOOPS[slots]`` with ``element`` bound to the rule's compiled element.
+
+    Its qualified name carries a digest of the element's source, so numba's disk cache (keyed by this file and
+    the loop's name) never serves a loop built from an older element; an element without source is compiled
+    in memory only."""
+    if rule_class not in _RULE_LOOPS:
+        template = _LOOPS[len(rule_class.state_keys)]
+        namespace = dict(globals(), element=_inlined_call(kernels, len(rule_class.state_keys)))
+        loop = types.FunctionType(template.__code__, namespace, f"fused_{rule_class.__name__}")
+        try:
+            source = inspect.getsource(kernels.element)
+        except (OSError, TypeError):
+            source = None
+        if source is None:
+            _RULE_LOOPS[rule_class] = numba.njit(parallel=True, fastmath=False)(loop)
+        else:
+            loop.__qualname__ = f"{loop.__name__}_{hashlib.sha256(source.encode()).hexdigest()[:16]}"
+            _RULE_LOOPS[rule_class] = _parallel(loop)
+    return _RULE_LOOPS[rule_class]
+
 
 _COMPUTE = {np.dtype(np.float16): (np.float32, np.uint16), np.dtype(np.float32): (np.float32, None),
             np.dtype(np.float64): (np.float64, None)}
@@ -328,35 +267,41 @@ def _slot_view(state, k: int):
 
 
 def kernel_for(updater, param_dtype):
-    """The fused kernel for ``updater`` on ``param_dtype`` params, or None (no numba, unknown rule or dtype)."""
+    """The fused kernel for ``updater`` on ``param_dtype`` params, or None (no numba, a rule class that registers
+    no ``FusedKernels`` or no element, more state slots than the loops take, or not a float dtype)."""
     if numba is None:
         return None
-    name = type(updater).__name__
+    rule_class = type(updater)
+    kernels = fused_kernels_of(rule_class)
     dtype = np.dtype(param_dtype)
-    if name not in _RULES or dtype not in _COMPUTE:
+    if kernels is None or dtype not in _COMPUTE:
         return None
-    if (name, dtype) not in _STEPS:
-        _STEPS[name, dtype] = _fused_step(name, dtype)
-    return _STEPS[name, dtype]
+    if not kernels.zero_update and (kernels.element is None or len(rule_class.state_keys) >= len(_LOOPS)):
+        return None
+    if (rule_class, dtype) not in _STEPS:
+        _STEPS[rule_class, dtype] = _fused_step(rule_class, kernels, dtype)
+    return _STEPS[rule_class, dtype]
 
 
-def _fused_step(name: str, dtype: np.dtype):
-    kernel_name, kernel_scalars = _RULES[name]
-    kernel = globals()[kernel_name]
+def _fused_step(rule_class, kernels: FusedKernels, dtype: np.dtype):
     compute, bits = _COMPUTE[dtype]
-    noop = name == "NoOp"
+    zero_update = kernels.zero_update
+    kernel = _weight_decay_only if zero_update else _rule_loop(rule_class, kernels)
 
     def fused_step(params, grads, state, scalars, adjustments):
-        if noop and not adjustments.weight_decay:
+        if zero_update and not adjustments.weight_decay:
             return  # update = 0 and no weight decay: params and (empty) state are unchanged
         p = params.reshape(-1)
         g = grads.reshape(-1)
         if bits is not None:
             p, g = p.view(bits), g.view(bits)
-        slots = tuple(_slot_view(state, k) for k in range(state.shape[0]))
-        rule = tuple(compute(x) for x in kernel_scalars(scalars))
         adjust = tuple(compute(x) for x in adjustments)
-        args = (p,) + rule + adjust[4:] if noop else (p, g, *slots) + rule + adjust
+        if zero_update:
+            args = (p, compute(0.0), adjust[4])
+        else:
+            slots = tuple(_slot_view(state, k) for k in range(state.shape[0]))
+            rule = tuple(compute(x) for x in kernels.kernel_scalars(scalars))
+            args = (p, g, *slots, rule) + adjust
         if p.size >= SERIAL_BELOW:
             kernel(*args)
             return
@@ -370,5 +315,5 @@ def _fused_step(name: str, dtype: np.dtype):
         finally:
             numba.set_num_threads(threads)
 
-    fused_step.__name__ = f"fused_cpu_{name}_{dtype.name}"
+    fused_step.__name__ = f"fused_cpu_{rule_class.__name__}_{dtype.name}"
     return fused_step
