@@ -1,8 +1,8 @@
 """What a data plane outside Ray's task path would give: a minimal parameter server over plain TCP sockets.
 
 Not part of rayps: a measurement for the design question the floors raise (section "Floors" of
-``benchmarks/RESULTS-transport-e2e.md``: one bare Ray actor call per step is already below 1.5x the textbook PS
-here). Ray still places the processes — one ``SocketServer`` actor and 4 ``SocketWorker`` actors, the same
+``benchmarks/RESULTS-transport-e2e.md``: one bare Ray actor call per step, with no update at all, already falls
+short of the end-to-end target). Ray still places the processes — one ``SocketServer`` actor and 4 ``SocketWorker`` actors, the same
 epochs, partitions, gradients and evaluation as ``rayps.worker.train`` — but a step's gradient goes out and
 the parameters come back over one persistent TCP connection per worker (a length-prefixed frame of raw float32
 bytes; no pickle, no Ray call). The server applies rayps' own fused kernel (``Updater.apply`` on one flat

@@ -185,11 +185,9 @@ class Updater:
         Layout (NumPy, slots of at least a page): the slots are not back to back. Slot ``k`` starts
         ``(k + 1) * SLOT_GAP_BYTES`` after the params' address modulo 4 KiB, and each slot ends a gap before the
         next. Back to back, with ``n`` a multiple of 1024 every stream (params, grads, every slot) starts at the
-        same address modulo 4 KiB and they contend: in three quiet same-run measurements of fused Adam on 16M
-        float32 (benchmarks/state_layout.py) back-to-back slots on the params' offset took 0.86-0.93x the time
-        of ``torch.optim.Adam(fused=True)`` and slots spaced this way 0.82-0.86x (BENCHMARKS.md). So the state
-        is not C-contiguous as a whole; ``state[k]`` is. CuPy state, and state smaller than a page, is one
-        contiguous block.
+        same address modulo 4 KiB and they contend (measured by benchmarks/state_layout.py; figures in
+        BENCHMARKS.md). So the state is not C-contiguous as a whole; ``state[k]`` is. CuPy state, and state
+        smaller than a page, is one contiguous block.
         """
         _check_float_array("params", params)
         xp = array_module(params)

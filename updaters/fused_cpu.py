@@ -251,7 +251,7 @@ _COMPUTE = {np.dtype(np.float16): (np.float32, np.uint16), np.dtype(np.float32):
             np.dtype(np.float64): (np.float64, None)}
 
 # Below this many elements one thread does the whole pass: waking the second costs more than it saves
-# (measured on 2 cores: ~11 us either way at 1e3 elements, 2 threads ahead from ~1e5).
+# (figures in BENCHMARKS.md, "Figures that were in code comments").
 SERIAL_BELOW = 1 << 15
 
 _STEPS: dict = {}
@@ -259,7 +259,7 @@ _STEPS: dict = {}
 
 def _slot_view(state, k: int):
     """State slot ``k`` as a 1-D view. Only each slot must be contiguous: ``Updater.init`` allocates the slots
-    64 B apart, which streams faster than back to back (BENCHMARKS.md)."""
+    64 B apart (see its docstring)."""
     slot = state[k]
     if not slot.flags.c_contiguous:
         raise ValueError(f"state slot {k} must be C-contiguous for the fused kernel")

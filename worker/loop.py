@@ -6,8 +6,8 @@ every ``n_push`` steps (the mean of the gradients computed since the last push).
 Otherwise a push returns at once (the client pipelines it) and a pull waits for this worker's pushes to be
 applied and then reads, behind whatever other workers pushed meanwhile: slower than a fused ``push_pull`` by a
 round trip, but the parameters it returns are fresher, which is what keeps a k-step interval accurate
-(fusing the two for ``n_fetch == n_push == 4`` raised the staleness from 9 to 12-16 updates and cost 2-4 points
-of test accuracy on digits, at no gain in samples/s on 2 cores).
+(fusing the two for ``n_fetch == n_push == 4`` raised the staleness and cost test accuracy on digits, at no
+gain in samples/s; figures in BENCHMARKS.md).
 
 Prefetch (``prefetch=True``): a step's server calls (its push, or fused ``push_pull``, and the pull the next
 step wants) run on one background thread while the main thread computes the next gradient on the parameters
