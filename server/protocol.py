@@ -37,7 +37,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from ..worker.compression import EncodedTensor  # the threshold codec's own type
+from .compression import EncodedTensor  # the threshold codec's own type
 
 VERSION = 1
 MAX_HEADER_BYTES = 1 << 20

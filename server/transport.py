@@ -8,10 +8,10 @@ builds it) and optional *rows* (table -> ``(ids, grads)``). The client handle en
 ``ShardState._receive`` (``decode_push``), so everything after it sees the float payload it always saw.
 
 * ``none``: the payload and rows go as they are.
-* ``fp16`` / ``bf16``: ``worker.compression.cast_transport`` semantics: float16 (finite values saturate at
+* ``fp16`` / ``bf16``: ``compression.cast_transport`` semantics: float16 (finite values saturate at
   +-65504) or bfloat16 as ``uint16`` bit patterns (NumPy has no bfloat16); half the bytes of float32. Row grads
   are cast the same way (``protocol.CastRows``); ids stay int64.
-* ``threshold``: DL4J threshold encoding with residual accumulation (``worker.compression.ThresholdEncoder``,
+* ``threshold``: DL4J threshold encoding with residual accumulation (``compression.ThresholdEncoder``,
   DL4J's AdaptiveThresholdAlgorithm defaults and ResidualClippingPostProcessor(5.0, 5)). The client handle keeps
   ONE encoder PER SHARD (its threshold adapts to that shard's slice of the parameters; with one shard this is
   DL4J's single flattened view), and the residual of each payload array under the key ``f"{shard}/{dtype}"``
@@ -24,7 +24,7 @@ uncompressed gradients and applied by the shard to the decoded ones.
 
 The shard decodes what it receives whatever the server's mode (every encoding decodes to the same float payload),
 and treats it as hostile input: an encoded array must decode to exactly the size the layout expects for its
-dtype (``worker.compression.decode_tensor`` checks indices, signs, bitmap and tau). A bad encoding is reported
+dtype (``compression.decode_tensor`` checks indices, signs, bitmap and tau). A bad encoding is reported
 like a bad payload: the push is not applied, its clock still moves.
 
 ``bytes_pushed`` (client ``bytes_pushed``, shard ``counters["bytes_pushed"]``) counts the ENCODED bytes: the
@@ -39,9 +39,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from .compression import (COMPRESSIONS, EncodedTensor, ThresholdEncoder, cast_transport, decode_tensor,
+                          restore_transport)
 from .protocol import CastRows, EncodedPayload
-from ..worker.compression import (COMPRESSIONS, EncodedTensor, ThresholdEncoder, cast_transport, decode_tensor,
-                                  restore_transport)
 
 CAST_DTYPES = {"fp16": np.dtype(np.float16), "bf16": np.dtype(np.uint16)}
 

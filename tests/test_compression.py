@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from rayps.worker.compression import (DEFAULT_DECAY, EncodedTensor, ThresholdEncoder, bf16_bits_to_float32,
+from rayps.server.compression import (DEFAULT_DECAY, EncodedTensor, ThresholdEncoder, bf16_bits_to_float32,
                                       cast_transport, decode, decode_tensor, encoded_nbytes,
                                       float32_to_bf16_bits, quantize_tau, restore_transport, transport_nbytes)
 

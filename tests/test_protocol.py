@@ -26,7 +26,7 @@ from rayps.server.protocol import (MAX_HEADER_BYTES, Ack, CastRows, EncodedPaylo
 from rayps.server.shard_service import ShardService
 from rayps.updaters import Sgd
 from rayps.updaters.groups import as_groups, assign_groups
-from rayps.worker.compression import EncodedTensor
+from rayps.server.compression import EncodedTensor
 
 LR = 0.5
 INCARNATION = "inc-1"

@@ -13,7 +13,7 @@ from rayps.server import transport
 from rayps.server.sparse_rows import RowTableShard
 from rayps.updaters import Sgd
 from rayps.updaters.groups import as_groups, assign_groups
-from rayps.worker.compression import EncodedTensor, bf16_bits_to_float32, float32_to_bf16_bits
+from rayps.server.compression import EncodedTensor, bf16_bits_to_float32, float32_to_bf16_bits
 
 SHAPES = {"W": (60, 40), "b": (40,), "h": (7,)}
 DTYPES = {"W": "float32", "b": "float32", "h": "float64"}

@@ -1,4 +1,6 @@
-r"""Gradient compression at the worker: DL4J's threshold encoding (Strom 2015) and fp16/bf16 transport.
+r"""Gradient compression on the push path: DL4J's threshold encoding (Strom 2015) and fp16/bf16 transport.
+
+The worker's client encodes, the shard decodes: the codec is part of the wire format, so it lives in server/.
 
 **Threshold encoding** (``ThresholdEncoder``, one per parameter set, one threshold for the whole set like DL4J's
 flattened gradient view). Each call, for every array of the set::
