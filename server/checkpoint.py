@@ -192,6 +192,32 @@ def read_shard(directory, pointer: dict) -> dict:
     return _expect_dict(_unpack(data, path, declared), path, BLOB_FORMAT)
 
 
+def write_blob(directory, name: str, blob: bytes) -> dict:
+    """Write ``blob`` as the file ``name`` (a NEW name: published by whatever record names it next); returns the
+    entry ``{"file", "sha256", "bytes"}`` that ``read_blob`` checks."""
+    directory = storage.directory(directory)
+    directory.make()
+    directory.write(checked_name(directory, name), blob)
+    return {"file": name, "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)}
+
+
+def read_blob(directory, entry, what: str):
+    """The msgpack content of the file an entry of ``write_blob`` names, after its size and sha256 are checked
+    (the caller checks its format)."""
+    directory = storage.directory(directory)
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{what}: expected a file entry, got {type(entry).__name__}")
+    name = checked_name(directory, entry.get("file"))
+    path = directory.describe(name)
+    declared = entry.get("bytes")
+    if not isinstance(declared, int) or isinstance(declared, bool) or not 0 <= declared <= MAX_BLOB_BYTES:
+        raise CheckpointError(f"{path}: declared size {declared!r} is not a valid byte count")
+    data = read_capped(directory, name, declared, what)
+    if len(data) != declared or hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+        raise CheckpointError(f"{path}: size or sha256 does not match its entry (corrupted or tampered)")
+    return _unpack(data, path, declared)
+
+
 # -- arrays -----------------------------------------------------------------------------------------------
 def encode_array(array: np.ndarray) -> dict:
     array = np.ascontiguousarray(array)

@@ -8,6 +8,7 @@
     ps.push_pull(grads, worker_id=0) # a push and the pull after it: one message per shard (the worker's step)
     ps.save(path); ParameterServer.restore(path, num_shards=None)
     ps.stats(); ps.shutdown()
+    ps.export_deltas("emb", since=None); ps.table_stats("emb")   # row tables: serving deltas, table figures
 
 Ray is the control plane: it places and restarts the shard actors and tells clients where each shard's
 data-plane socket is. Pushes, pulls and replays travel on that socket (ZeroMQ, server/protocol.py), straight
@@ -53,6 +54,8 @@ from .layout import ParameterLayout
 from .protocol import PullRequest, PushMessage, RowsRequest
 from .push_plan import PushPlan
 from .remote_errors import unwrap
+from . import delta_tokens
+from .delta_tokens import TableDelta
 from .row_tables import check_rows, route, split_sparse
 from .shard_actor import ShardActor
 from .shard_links import ShardLinks
@@ -118,8 +121,11 @@ class ParameterServer:
         shapes = {n: tuple(a.shape) for n, a in params.items()}
         dtypes = {n: str(a.dtype) for n, a in params.items()}
         self.layout = ParameterLayout.build(shapes, dtypes, num_shards, {n: group_of[n] for n in params})
+        for name, t in self.tables.items():  # a cap needs at least one row per shard
+            t.check_shards(name, num_shards)
         row_specs = [{"name": name, "num_rows": int(t.num_rows), "dim": int(t.dim), "dtype": str(np.dtype(t.dtype)),
-                      "group": group_of[name], "initial": table_arrays.get(name, t.initial), "num_shards": num_shards}
+                      "group": group_of[name], "initial": table_arrays.get(name, t.initial), "num_shards": num_shards,
+                      "admission": t.admission, "eviction": t.eviction}
                      for name, t in self.tables.items()]
         self.config = {"num_shards": num_shards, "consistency": consistency, "staleness": staleness,
                        "num_workers": num_workers, "nan_policy": nan_policy,
@@ -336,6 +342,29 @@ class ParameterServer:
             out[reply.ids] = reply.rows
         self.bytes_pulled += int(out.nbytes)
         return out
+
+    def export_deltas(self, name: str, since=None) -> TableDelta:
+        """The rows of table ``name`` changed since the token ``since`` (None: every stored row), the ids evicted
+        since (tombstones: they read as their initial value again), and the token to pass next time. Values
+        only, never updater state. A replica that applies each delta in turn (drop ``evicted``, then set
+        ``values`` at ``ids``; a missing row reads as the table's ``initial``) equals the server's table."""
+        if name not in self.tables:
+            raise ValueError(f"export_deltas: {name!r} is not a row-sparse table")
+        self.flush()
+        positions = delta_tokens.parse(since, name, self.layout.num_shards)
+        try:
+            parts = self._links.ask_all("export_deltas", name, positions)
+        except Exception as error:  # noqa: BLE001 - a shard's refusal of the token, as the user's exception
+            raise unwrap(error) from None
+        return delta_tokens.combine(name, parts, self.tables[name])
+
+    def table_stats(self, name: str) -> dict:
+        """Row-table figures summed over the shards (``rows``, ``admitted``, ``evicted``, ``dropped_gradients``,
+        ``bytes``, pushes and pulls) and each shard's own under ``"shards"``."""
+        if name not in self.tables:
+            raise ValueError(f"table_stats: {name!r} is not a row-sparse table")
+        self.flush()
+        return delta_tokens.sum_stats(self._links.ask_all("table_stats", name))
 
     # -- checkpoints -------------------------------------------------------------------------------------
     def save(self, path) -> None:

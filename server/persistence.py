@@ -14,14 +14,17 @@ import numpy as np
 from ..updaters.groups import ParamGroup, assign_groups
 from . import checkpoint as ckpt
 from . import storage
-from .checkpoint import CheckpointError, decode_array, decode_ints, encode_array
+from .checkpoint import CheckpointError, decode_array, encode_array
+from . import row_records, table_chains
 from .row_index import HashedUniformInit
+from .row_policies import policy_config, policy_from_config
 from .row_tables import RowTable
 
 
 def manifest_for(ps) -> dict:
     tables = {name: {"num_rows": int(t.num_rows), "dim": int(t.dim), "dtype": str(np.dtype(t.dtype)),
-                     "initial": t.initial.to_config() if isinstance(t.initial, HashedUniformInit) else None}
+                     "initial": t.initial.to_config() if isinstance(t.initial, HashedUniformInit) else None,
+                     "admission": policy_config(t.admission), "eviction": policy_config(t.eviction)}
               for name, t in ps.tables.items()}
     return {"names": list(ps.layout.names), "shapes": {n: list(s) for n, s in ps.layout.shapes.items()},
             "dtypes": dict(ps.layout.dtypes), "groups": [g.to_config() for g in ps.groups],
@@ -34,9 +37,12 @@ def save(ps, path):
     ``path``: anything ``storage.directory`` takes (a local path, a URI, ``(pyarrow.fs.FileSystem, path)``)."""
     path = storage.directory(path)
     ps.flush()
-    blobs = ps._ask_all("snapshot_blob")
+    # row tables: only the changes since the chain this path holds (server/table_chains.py)
+    chains = [table_chains.existing_chains(path, shard) for shard in range(ps.layout.num_shards)]
+    snapshots = ps._ask_all("snapshot_record", [table_chains.since_of(c) for c in chains])
     generation = max(_existing_generation(path) + 1, 1)
-    pointers = [ckpt.write_shard(path, shard, generation, blob) for shard, blob in enumerate(blobs)]
+    pointers = [table_chains.write_shard(path, shard, generation, snapshot, chains[shard])[0]
+                for shard, snapshot in enumerate(snapshots)]
     manifest = manifest_for(ps)
     manifest["blobs"] = [{"shard": p["shard"], "file": p["file"], "sha256": p["sha256"]} for p in pointers]
     for name, spec in manifest["row_tables"].items():  # rows never pushed: keep their values unless reproducible
@@ -119,13 +125,14 @@ def load(path) -> dict:
             raise CheckpointError(f"{pointer['file']}: pieces must be a list")
         for record in records:
             _place(record, params, state, iterations, covered, shapes, slots, f"{pointer['file']}")
-        for name, record in (blob.get("row_tables") or {}).items():
-            if name not in tables or not isinstance(record, dict):
+        blob, _ = table_chains.read_tables(path, blob, pointer["file"])  # each table: a base and its deltas
+        for name, chain in blob["row_tables"].items():
+            if name not in tables:
                 raise CheckpointError(f"{pointer['file']}: row table {name!r} is not in the manifest")
             where = f"{pointer['file']} table {name!r}"
-            table_parts[name].append((decode_ints(record.get("ids"), where), decode_array(record.get("values"), where),
-                                      decode_array(record.get("state"), where),
-                                      decode_ints(record.get("iterations"), where)))
+            rows = row_records.fold([row_records.decode(record, where) for record in chain], where)
+            table_parts[name].append((rows["ids"], rows["values"], rows["state"], rows["iterations"],
+                                      rows.get("sketch")))
     for name in names:
         if not (covered[name] == 1).all():
             raise CheckpointError(f"{path}: the shards do not hold every row of {name!r} exactly once")
@@ -135,8 +142,11 @@ def load(path) -> dict:
         if parts:
             slots = len(groups[group_of[name]].updater.state_keys)
             table_rows[name] = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
-                                np.concatenate([p[2].reshape(slots, -1, tables[name].dim) for p in parts], axis=1),
+                                np.concatenate([p[2] for p in parts], axis=1),  # (slots, k, dim) each
                                 np.concatenate([p[3] for p in parts]))
+            sketch = _summed_sketch(tables[name], [p[4] for p in parts], f"{path} table {name!r}")
+            if sketch is not None:  # the sum of the old shards' admission counts: never below any id's count
+                table_rows[name] += (sketch,)
     return {"params": params, "groups": groups, "config": config, "num_shards": num_shards,
             "named_state": named_state, "manifest": manifest, "tables": tables, "table_rows": table_rows}
 
@@ -150,16 +160,17 @@ def _tables(path, specs: dict, what: str) -> dict:
         try:
             initial = spec.get("initial")
             initial = HashedUniformInit(**{k: v for k, v in initial.items() if k != "type"}) if initial else None
-            table = RowTable(spec["num_rows"], spec["dim"], spec["dtype"], initial)
+            table = RowTable(spec["num_rows"], spec["dim"], spec["dtype"], initial,
+                             policy_from_config(spec.get("admission")), policy_from_config(spec.get("eviction")))
         except (AttributeError, KeyError, TypeError, ValueError) as error:
             raise CheckpointError(f"{what}: row table {name!r} is malformed ({error})") from None
         if spec.get("values_file"):
-            name = ckpt.checked_name(path, spec["values_file"])
-            file = path.describe(name)
+            file_name = ckpt.checked_name(path, spec["values_file"])
+            file = path.describe(file_name)
             declared = spec.get("values_bytes")
             if isinstance(declared, bool) or not isinstance(declared, int) or declared < 0:
                 raise CheckpointError(f"{file}: declared size {declared!r} is not a valid byte count")
-            data = ckpt.read_capped(path, name, declared, "table values")
+            data = ckpt.read_capped(path, file_name, declared, "table values")
             if len(data) != spec.get("values_bytes") or hashlib.sha256(data).hexdigest() != spec.get("values_sha256"):
                 raise CheckpointError(f"{file}: size or sha256 does not match the manifest (corrupted or tampered)")
             values = decode_array(ckpt._unpack(data, str(file), len(data)), str(file))
@@ -169,6 +180,23 @@ def _tables(path, specs: dict, what: str) -> dict:
         else:
             tables[name] = table
     return tables
+
+
+def _summed_sketch(table, sketches, what):
+    """The cell-wise sum of the shards' admission sketches (None when the table counts none)."""
+    admission = getattr(table, "admission", None)
+    if admission is None or not hasattr(admission, "width") or all(s is None for s in sketches):
+        return None
+    dense = np.zeros(admission.width * admission.depth, dtype=np.int64)
+    for sketch in sketches:
+        if sketch is None:
+            continue
+        cells, counts = sketch
+        if len(cells) != len(counts) or (len(cells) and (cells.min() < 0 or cells.max() >= dense.size)):
+            raise CheckpointError(f"{what}: admission sketch cells do not fit CountAdmission(width="
+                                  f"{admission.width}, depth={admission.depth})")
+        np.add.at(dense, cells, counts)
+    return dense
 
 
 def _place(record, params, state, iterations, covered, shapes, slots, what) -> None:

@@ -23,7 +23,13 @@ Metrics (``ray.util.metrics``, tagged by ``shard``), reported every ``METRICS_EV
 apply time of each reporting window), ``rayps_staleness`` (gauge, the largest number of updates applied since
 the pushing worker last pulled), ``rayps_clock_gap`` (gauge, fastest minus slowest worker clock),
 ``rayps_checkpoints_total``, ``rayps_restarts`` (gauge), ``rayps_handshakes_failed_total`` (connections
-refused for lacking the run's credentials) and ``rayps_malformed_rejected_total``.
+refused for lacking the run's credentials) and ``rayps_malformed_rejected_total``; per row table (tags ``shard``
+and ``table``): ``rayps_table_rows`` and ``rayps_table_bytes`` (gauges), ``rayps_table_admitted_total``,
+``rayps_table_evicted_total`` and ``rayps_table_dropped_gradients_total``.
+
+Row tables are checkpointed incrementally (server/table_chains.py): the shard remembers the chain of each table
+in its ``checkpoint_dir`` and writes only the changes since its last checkpoint on top of it. ``export_deltas``
+and ``table_stats`` answer the client's serving-delta and table-statistics calls.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import ray
 
 from . import checkpoint as ckpt
 from . import shard_snapshot
+from . import table_chains
 from .data_server import DataServer
 from .shard_service import ShardService
 from .shard_state import ShardState
@@ -71,6 +78,15 @@ class ShardMetrics:
                                                  "for lacking the run's credentials", tag_keys=keys)
         self.malformed = metrics.Counter("rayps_malformed_rejected_total", "Data-plane messages rejected as "
                                          "malformed", tag_keys=keys)
+        table_keys = ("shard", "table")
+        self.table_rows = metrics.Gauge("rayps_table_rows", "Rows a row table stores on this shard", tag_keys=table_keys)
+        self.table_bytes = metrics.Gauge("rayps_table_bytes", "Bytes a row table holds on this shard",
+                                         tag_keys=table_keys)
+        self.table_counters = {key: metrics.Counter(f"rayps_table_{key}_total", text, tag_keys=table_keys)
+                               for key, text in (("admitted", "Rows given storage by the admission policy"),
+                                                 ("evicted", "Rows evicted by the eviction policy"),
+                                                 ("dropped_gradients", "Row gradients dropped (row not admitted)"))}
+        self.table_reported: dict = {}
         self.reported = {"pushes": 0, "bytes_pushed": 0, "bytes_pulled": 0, "updates_applied": 0,
                          "apply_seconds": 0.0, "checkpoints": 0, "handshakes_failed": 0, "malformed_rejected": 0}
         self.next_count = METRICS_EVERY
@@ -99,6 +115,15 @@ class ShardMetrics:
             self.apply_seconds.observe(delta["apply_seconds"] / delta["updates_applied"], tags=tags)
         self.staleness.set(counters["max_staleness"], tags=tags)
         self.clock_gap.set(state.clock_gap(), tags=tags)
+        for name, table in state.row_tables.items():
+            table_tags = dict(tags, table=name)
+            self.table_rows.set(table.n, tags=table_tags)
+            self.table_bytes.set(table.allocated_bytes(), tags=table_tags)
+            reported = self.table_reported.setdefault(name, dict.fromkeys(self.table_counters, 0))
+            for key, counter in self.table_counters.items():
+                if table.counters[key] > reported[key]:
+                    counter.inc(table.counters[key] - reported[key], tags=table_tags)
+                reported[key] = table.counters[key]
         self.next_count = now["pushes"] + METRICS_EVERY
         self.next_time = time.monotonic() + METRICS_SECONDS
 
@@ -111,10 +136,13 @@ class ShardActor:
                  checkpoint_dir=None, checkpoint_every=0, piece_states=None, sync_timeout=None, row_tables=None,
                  row_states=None, kernel_threads=1, *, credentials, data_host=None, data_ports=(47000, 47999)):
         tables = {spec["name"]: RowTableShard(spec["name"], spec["num_rows"], spec["dim"], spec["dtype"], shard_index,
-                                              spec["num_shards"], groups[spec["group"]], spec["initial"])
+                                              spec["num_shards"], groups[spec["group"]], spec["initial"],
+                                              spec.get("admission"), spec.get("eviction"))
                   for spec in row_tables or []}
         for name, rows in (row_states or {}).items():  # restored under another shard count: keep the owned rows
-            tables[name].load_rows(*rows, what=f"table {name!r}")
+            ids, values, state, iterations, *sketch = rows  # the sketch: the old shards' admission counts, summed
+            tables[name].load_rows(ids, values, state, iterations, what=f"table {name!r}",
+                                   sketch=sketch[0] if sketch else None)
         self.state = ShardState(shard_index, pieces, groups, buffers, consistency, staleness, num_workers,
                                 nan_policy, tables)
         if piece_states is not None:
@@ -125,6 +153,7 @@ class ShardActor:
         self.checkpoint_every = int(checkpoint_every or 0)
         self.kernel_threads = max(1, int(kernel_threads))
         self.restarts = 0
+        self.table_chains: dict = {}  # table -> the chain of its incremental checkpoints in checkpoint_dir
         self.updates_at_checkpoint = 0
         self.checkpoint_writing = False
         self.checkpoints_written = 0
@@ -136,7 +165,8 @@ class ShardActor:
         if reconstructed:
             self._restore_after_restart()
         elif self.checkpoint_dir:  # a first checkpoint, so a restart never falls back to the initial values
-            ckpt.write_shard(self.checkpoint_dir, shard_index, 0, ckpt.pack(shard_snapshot.snapshot(self.state)))
+            _, self.table_chains = table_chains.write_shard(self.checkpoint_dir, shard_index, 0,
+                                                            shard_snapshot.snapshot(self.state), {})
         self.metrics.restarts.set(self.restarts, tags=self.metrics.tags)
         host = data_host or ray.util.get_node_ip_address()
         self.data = DataServer(self.service, credentials, host, tuple(data_ports), self.lock, self._after_change,
@@ -152,6 +182,7 @@ class ShardActor:
             raise RuntimeError(f"shard {self.state.shard_index} restarted but {self.checkpoint_dir} holds no "
                                f"checkpoint of it: its state is lost")
         blob = ckpt.read_shard(self.checkpoint_dir, pointer)
+        blob, _ = table_chains.read_tables(self.checkpoint_dir, blob, f"shard {self.state.shard_index} checkpoint")
         recorded = shard_snapshot.restore(self.state, blob, f"shard {self.state.shard_index} checkpoint")
         self.service.covered = dict(self.state.applied_seq)
         self.restarts = recorded + 1
@@ -184,14 +215,16 @@ class ShardActor:
             return
         applied = dict(self.state.applied_seq)
         self.updates_at_checkpoint = self.state.counters["updates_applied"]
-        blob = ckpt.pack(shard_snapshot.snapshot(self.state, self.restarts))  # a consistent copy
+        # a consistent copy (every array is encoded to bytes here); the tables: their changes since the chain
+        snapshot = shard_snapshot.snapshot(self.state, self.restarts, table_chains.since_of(self.table_chains))
         self.checkpoint_writing = True
-        threading.Thread(target=self._write_checkpoint, args=(applied, blob, self.state.version),
+        threading.Thread(target=self._write_checkpoint, args=(applied, snapshot, self.state.version),
                          name=f"rayps-checkpoint-{self.state.shard_index}", daemon=True).start()
 
-    def _write_checkpoint(self, applied: dict, blob: bytes, generation: int) -> None:
+    def _write_checkpoint(self, applied: dict, snapshot: dict, generation: int) -> None:
         try:
-            ckpt.write_shard(self.checkpoint_dir, self.state.shard_index, generation, blob)
+            _, self.table_chains = table_chains.write_shard(self.checkpoint_dir, self.state.shard_index, generation,
+                                                            snapshot, self.table_chains)
             self.service.covered = applied
             self.checkpoints_written += 1
         except Exception:  # noqa: BLE001 - a failed write must not stop training; the next one retries
@@ -203,6 +236,31 @@ class ShardActor:
         """This shard's snapshot as msgpack bytes (for ``ParameterServer.save``)."""
         with self.lock:
             return ckpt.pack(shard_snapshot.snapshot(self.state, self.restarts))
+
+    def snapshot_record(self, since_by_shard=None) -> dict:
+        """This shard's snapshot as a msgpack-able map; ``since_by_shard[shard][table] = (epoch, version)``: the
+        checkpoint a table's record may be a delta of (``ParameterServer.save``, server/table_chains.py)."""
+        since = since_by_shard[self.state.shard_index] if since_by_shard else None
+        with self.lock:
+            return shard_snapshot.snapshot(self.state, self.restarts, since)
+
+    # -- row tables ------------------------------------------------------------------------------------------
+    def export_deltas(self, name, since_by_shard=None):
+        """``(ids, values, evicted, (epoch, version))`` of table ``name`` on this shard since this shard's part of
+        the token (None: every stored row); see ``RowTableShard.export_since``."""
+        since = None if since_by_shard is None else since_by_shard[self.state.shard_index]
+        with self.lock:
+            return self._table(name).export_since(since)
+
+    def table_stats(self, name) -> dict:
+        with self.lock:
+            return self._table(name).stats()
+
+    def _table(self, name):
+        table = self.state.row_tables.get(name)
+        if table is None:
+            raise ValueError(f"shard {self.state.shard_index}: {name!r} is not a row-sparse table")
+        return table
 
     # -- control plane -------------------------------------------------------------------------------------
     def endpoint(self, client_id=None) -> list:

@@ -21,7 +21,9 @@ def piece_views(state: ShardState, piece) -> tuple[np.ndarray, np.ndarray]:
     return params, slots[:, lo:lo + piece.size].reshape((slots.shape[0],) + tuple(piece.shape))
 
 
-def snapshot(state: ShardState, restarts: int = 0) -> dict:
+def snapshot(state: ShardState, restarts: int = 0, since: dict | None = None) -> dict:
+    """``since``: table -> ``(epoch, version)`` of the checkpoint a table's record may be a delta of
+    (server/table_chains.py); a table without one is recorded whole."""
     pieces = []
     for piece in state.pieces:
         params, slots = piece_views(state, piece)
@@ -38,7 +40,7 @@ def snapshot(state: ShardState, restarts: int = 0) -> dict:
             "applied_seq": dict(state.applied_seq), "clocks": {str(w): c for w, c in state.clocks.items()},
             "sync_clock": state.sync_clock, "sync_steps": sync_steps, "model_version": state.version,
             "restarts": restarts, "counters": {k: v for k, v in state.counters.items()},
-            "row_tables": {name: table.snapshot() for name, table in state.row_tables.items()}}
+            "row_tables": {name: table.snapshot((since or {}).get(name)) for name, table in state.row_tables.items()}}
 
 
 def _int(value, what: str, minimum: int = 0) -> int:
