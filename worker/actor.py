@@ -36,7 +36,10 @@ class LoopActor:
         if self.restarted:
             loop.resume()
 
-    def run_epoch(self, epoch: int):
+    def run_epoch(self, epoch: int, resumed: bool = False):
+        """``resumed``: the driver asks again after this worker's process died during ``epoch``."""
+        if resumed:
+            return self.loop.run_epoch(epoch, should_stop=self.stop_requested.is_set, resumed=True)
         return self.loop.run_epoch(epoch, should_stop=self.stop_requested.is_set)
 
     def stop(self) -> None:

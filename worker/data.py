@@ -1,4 +1,5 @@
-"""Training data for the workers: the bundled ``digits`` set, a user's ``.npz``, epoch partitions, minibatches.
+"""Training data for the workers: the bundled ``digits`` set, a user's ``.npz`` or arrays, epoch partitions,
+minibatches. (Parquet and CSV files through Ray Data: worker/tables.py; a ``ray.data.Dataset``: worker/streams.py.)
 
 Every worker trains on its own partition of the training set: each epoch, the sample ids are permuted by a
 generator seeded with ``(seed, epoch)`` and cut into ``num_workers`` near-equal disjoint parts, so every sample
@@ -17,14 +18,17 @@ import numpy as np
 DATASETS = ("digits",)
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 DIGITS_TEST_FRACTION = 0.2
+TASKS = ("classification", "regression")
 
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """A classification data set split into train and test.
+    """A data set split into train and test: classification (the default) or regression.
 
-    ``x_*``: float32 features, shape ``(n, num_features)``; ``y_*``: int64 class ids in ``[0, num_classes)``,
-    shape ``(n,)``. The arrays are read-only (workers only read them; Ray hands out read-only views anyway).
+    ``x_*``: float32 features, shape ``(n, num_features)`` (``from_arrays``: ``(n, ...)``, e.g. images for a
+    ``TorchModule``). Classification: ``y_*`` int64 class ids in ``[0, num_classes)``, shape ``(n,)``.
+    Regression: ``y_*`` float32 targets, shape ``(n,)`` or ``(n, k)``, and ``num_classes == 0``. The arrays are
+    read-only (workers only read them; Ray hands out read-only views anyway). Build one with ``from_arrays``.
     """
 
     x_train: np.ndarray
@@ -33,11 +37,56 @@ class Dataset:
     y_test: np.ndarray
     num_classes: int
     name: str
+    task: str = "classification"
+
+    @classmethod
+    def from_arrays(cls, x_train, y_train, x_test=None, y_test=None, *, task: str | None = None,
+                    test_fraction: float = DIGITS_TEST_FRACTION, seed: int = 0, name: str = "arrays") -> "Dataset":
+        """A data set from your own arrays, with what can be inferred inferred.
+
+        ``task``: integer or bool labels mean classification (class ids ``0..C-1``, ``num_classes = C`` = the
+        largest id + 1), floating labels regression; pass ``task`` to override (``"classification"`` accepts
+        integral floats). Features become float32 (any shape ``(n, ...)``), regression targets float32. Without
+        ``x_test``/``y_test`` a seeded ``test_fraction`` of the rows (default 0.2, at least one row) is held
+        out. Every problem is a ValueError naming the argument: rows that do not match, NaN/inf, an empty
+        array, negative class ids, non-numeric dtypes, a test set whose feature shape differs.
+        """
+        owner = "Dataset.from_arrays"
+        if (x_test is None) != (y_test is None):
+            raise ValueError(f"{owner}: give both x_test and y_test, or neither (then test_fraction is held out)")
+        x_train = _check_array_features(x_train, "x_train", owner)
+        y_train = np.asarray(y_train)
+        if task is None:
+            task = "regression" if y_train.dtype.kind == "f" else "classification"
+        if task not in TASKS:
+            raise ValueError(f"{owner}: task must be one of {list(TASKS)}, got {task!r}")
+        y_train = _check_targets(y_train, "y_train", len(x_train), task, owner)
+        if x_test is None:
+            if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or \
+                    not 0 < test_fraction < 1:
+                raise ValueError(f"{owner}: test_fraction must be a number in (0, 1), got {test_fraction!r}")
+            if len(x_train) < 2:
+                raise ValueError(f"{owner}: x_train has {len(x_train)} row; holding out a test set needs at least 2")
+            x_train, y_train, x_test, y_test = hold_out(x_train, y_train, test_fraction, seed)
+        else:
+            x_test = _check_array_features(x_test, "x_test", owner)
+            if x_test.shape[1:] != x_train.shape[1:]:
+                raise ValueError(f"{owner}: x_test rows have shape {x_test.shape[1:]}, x_train rows "
+                                 f"{x_train.shape[1:]}")
+            y_test = _check_targets(np.asarray(y_test), "y_test", len(x_test), task, owner)
+            if y_test.shape[1:] != y_train.shape[1:]:
+                raise ValueError(f"{owner}: y_test rows have shape {y_test.shape[1:]}, y_train rows "
+                                 f"{y_train.shape[1:]}")
+        return _freeze(x_train, y_train, x_test, y_test, name, task)
+
+    @property
+    def is_classification(self) -> bool:
+        return self.task == "classification"
 
     @property
     def num_features(self) -> int:
-        """Features per sample (columns of ``x_train``)."""
-        return int(self.x_train.shape[1])
+        """Features per sample (values in one row of ``x_train``)."""
+        return int(np.prod(self.x_train.shape[1:], dtype=np.int64))
 
     @property
     def num_train(self) -> int:
@@ -148,12 +197,59 @@ def _check_labels(y: np.ndarray, key: str, num_rows: int, path: str) -> np.ndarr
     return y.astype(np.int64)
 
 
-def _freeze(x_train, y_train, x_test, y_test, name: str) -> Dataset:
+def _freeze(x_train, y_train, x_test, y_test, name: str, task: str = "classification") -> Dataset:
     arrays = [np.ascontiguousarray(a) for a in (x_train, y_train, x_test, y_test)]
     for array in arrays:
         array.flags.writeable = False
-    num_classes = int(max(arrays[1].max(), arrays[3].max())) + 1
-    return Dataset(*arrays, num_classes=num_classes, name=name)
+    num_classes = 0
+    if task == "classification":
+        num_classes = int(max(arrays[1].max(), arrays[3].max() if len(arrays[3]) else 0)) + 1
+    return Dataset(*arrays, num_classes=num_classes, name=name, task=task)
+
+
+def hold_out(x: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> tuple:
+    """``(x_train, y_train, x_test, y_test)``: a permutation seeded by ``seed`` puts ``max(1, round(n *
+    fraction))`` rows (at most ``n - 1``) in the test part, the rest in train, each row in exactly one."""
+    n = len(x)
+    count = min(n - 1, max(1, int(round(n * fraction))))
+    order = np.random.default_rng(seed).permutation(n)
+    test, train = np.sort(order[:count]), np.sort(order[count:])
+    return x[train], y[train], x[test], y[test]
+
+
+def _check_array_features(x, key: str, owner: str) -> np.ndarray:
+    x = np.asarray(x)
+    if x.dtype.kind not in "biuf":
+        raise ValueError(f"{owner}: {key} must be numeric, got dtype {x.dtype}")
+    if x.ndim < 2:
+        raise ValueError(f"{owner}: {key} must have a row per sample, shape (n, features...), got shape {x.shape}")
+    if x.size == 0:
+        raise ValueError(f"{owner}: {key} is empty (shape {x.shape})")
+    x = x.astype(np.float32)
+    if not np.isfinite(x).all():
+        raise ValueError(f"{owner}: {key} has NaN or inf values (or values beyond float32's range)")
+    return x
+
+
+def _check_targets(y: np.ndarray, key: str, num_rows: int, task: str, owner: str) -> np.ndarray:
+    if y.dtype.kind not in "biuf":
+        raise ValueError(f"{owner}: {key} must be numeric, got dtype {y.dtype}")
+    if y.ndim == 0 or len(y) != num_rows:
+        raise ValueError(f"{owner}: {key} has {len(y) if y.ndim else 0} labels but x{key[1:]} has {num_rows} rows")
+    if not np.isfinite(y).all():
+        raise ValueError(f"{owner}: {key} has NaN or inf values")
+    if task == "regression":
+        if y.ndim > 2:
+            raise ValueError(f"{owner}: {key} regression targets must be (n,) or (n, k), got shape {y.shape}")
+        return y.astype(np.float32)
+    if y.ndim != 1:
+        raise ValueError(f"{owner}: {key} class ids must be 1-D (one per row), got shape {y.shape}")
+    if y.dtype.kind == "f" and not np.array_equal(y, np.round(y)):
+        raise ValueError(f"{owner}: {key} has non-integer values; class ids must be integers "
+                         f"(or pass task='regression')")
+    if y.min() < 0:
+        raise ValueError(f"{owner}: {key} has negative class ids (min {y.min()}); expected ids 0..C-1")
+    return y.astype(np.int64)
 
 
 def _check_count(value, field: str, minimum: int) -> int:

@@ -40,7 +40,7 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -58,6 +58,7 @@ class EpochReport:
     mean_loss: float
     seconds: float
     clock: int
+    rows_skipped: int = 0  # a Ray Data split's rows lost with a dead worker (worker/streams.py); 0 otherwise
 
 
 def epoch_batches(num_samples: int, num_workers: int, worker_id: int, epoch: int, seed: int,
@@ -151,34 +152,48 @@ class WorkerLoop:
             params = self._pull()
         return params
 
-    def run_epoch(self, epoch: int, should_stop: Callable[[], bool] | None = None) -> EpochReport:
-        started = time.perf_counter()
+    def epoch_plan(self, epoch: int, resumed: bool = False) -> tuple[int, Callable[[int], Iterator]]:
+        """``(steps, batches)`` of ``epoch``: every worker takes ``steps`` steps; ``batches(skip)`` yields
+        ``(step, (x, y) or None)`` for the steps from ``skip`` on (None: an empty step, which only ticks the
+        clock). In memory the batches are this worker's partition (``epoch_batches``), so a restarted worker
+        (``resumed``) recomputes them and skips the ``skip`` steps it already pushed."""
         batches = epoch_batches(len(self.x), self.num_workers, self.worker_id, epoch, self.seed, self.batch_size)
+
+        def steps_from(skip: int) -> Iterator:
+            for i in range(skip, len(batches)):
+                ids = batches[i]
+                yield i, ((self.x[ids], self.y[ids]) if len(ids) else None)
+        return len(batches), steps_from
+
+    def run_epoch(self, epoch: int, should_stop: Callable[[], bool] | None = None,
+                  resumed: bool = False) -> EpochReport:
+        """One epoch's steps; ``resumed``: this process replaces one that died during this epoch."""
+        started = time.perf_counter()
+        num_steps, batches = self.epoch_plan(epoch, resumed)
         fused = self.fused
-        per_epoch = self.pushes_per_epoch(len(batches))
+        per_epoch = self.pushes_per_epoch(num_steps)
         epoch_start_clock = (epoch - self.first_epoch) * per_epoch
         already_pushed = min(max(0, self.clock - epoch_start_clock), per_epoch)
         skip = already_pushed * (1 if fused else self.n_push)  # resumed after a restart: those are done
         self.clock = max(self.clock, epoch_start_clock)
-        self.steps_done = (epoch - self.first_epoch) * len(batches) + skip
+        self.steps_done = (epoch - self.first_epoch) * num_steps + skip
+        self.rows_skipped = 0
         losses, samples = [], 0
         pending_grads = GradientSum()
         background = ThreadPoolExecutor(1, thread_name_prefix=f"rayps-prefetch-{self.worker_id}") \
             if self.prefetch else None
         in_flight = None  # the Future of the previous step's calls (prefetch)
         try:
-            for i, batch in enumerate(batches):
-                if i < skip:
-                    continue
+            for i, batch in batches(skip):
                 if should_stop is not None and should_stop():
                     break
                 if self.params is None or (not fused and not self.prefetch and self.steps_done % self.n_fetch == 0):
                     self.params = self._pull()  # nothing is in flight here (prefetch: only before the first call)
                 grads = None
-                if len(batch):  # a partition one sample short may get one empty batch: its step only ticks the clock
-                    loss, grads = self.grad_fn(self.params, (self.x[batch], self.y[batch]))
+                if batch is not None:  # a partition one sample short may get one empty batch: it only ticks
+                    loss, grads = self.grad_fn(self.params, batch)
                     losses.append(float(loss))
-                    samples += len(batch)
+                    samples += len(batch[0])
                 self.steps_done += 1
                 if fused:
                     calls = StepCalls("tick" if grads is None else "push_pull", grads, epoch)
@@ -186,7 +201,7 @@ class WorkerLoop:
                     if grads is not None:
                         pending_grads.add(grads)
                     calls = StepCalls(None, None, epoch)
-                    if (i + 1) % self.n_push == 0 or i == len(batches) - 1:
+                    if (i + 1) % self.n_push == 0 or i == num_steps - 1:
                         mean = pending_grads.take_mean()
                         calls = StepCalls("tick" if mean is None else "push", mean, epoch)
                     # prefetch: the pull the next step wants goes with this step's calls, in the background
@@ -214,7 +229,7 @@ class WorkerLoop:
             if background is not None:
                 background.shutdown(wait=True)
         return EpochReport(self.worker_id, epoch, samples, len(losses), float(np.mean(losses)) if losses else math.nan,
-                           time.perf_counter() - started, self.clock)
+                           time.perf_counter() - started, self.clock, self.rows_skipped)
 
 
 class GradientSum:
