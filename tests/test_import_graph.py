@@ -30,9 +30,6 @@ KNOWN_PRIVATE_USES = {
     ("rayps.deploy.ctr_command", "rayps.deploy.train_command._placement"): "issue 15 part 3: one epoch driver",
     ("rayps.deploy.ctr_command", "rayps.deploy.train_command._resources"): "issue 15 part 3: one epoch driver",
     ("rayps.server.persistence", "rayps.server.checkpoint._unpack"): "issue 15 part 1: one checkpoint home",
-    **{("rayps.deploy.manifests", f"rayps.deploy.manifest_fields.{name}"):
-       "issue 15 part 1: the manifest linter leaves the package" for name in ("_PINNED_RAY", "_RAYPS_REQUIREMENT",
-                                                                             "_cpu_cores", "_get")},
 }
 
 

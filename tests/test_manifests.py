@@ -16,8 +16,8 @@ import pytest
 
 yaml = pytest.importorskip("yaml")
 
-from rayps.deploy import manifests  # noqa: E402
-from rayps.deploy.manifests import (  # noqa: E402
+from manifest_lint import checks as manifests  # noqa: E402
+from manifest_lint.checks import (  # noqa: E402
     ManifestError,
     check_dockerfile,
     check_manifest,

@@ -1,6 +1,6 @@
 """Checks for the deployment files in deploy/: `ray up` cluster configs, KubeRay manifests, the Dockerfile.
 
-Every YAML in this folder is one document of one of three shapes, told apart by its keys:
+Every YAML in deploy/ is one document of one of three shapes, told apart by its keys:
 
 - a KubeRay ``RayJob`` or ``RayCluster`` (it has ``kind``): ``apiVersion: ray.io/v1``, ``metadata.name``,
   ``rayVersion`` equal to the installed Ray, a head group and worker groups whose containers all name an image of
@@ -14,7 +14,7 @@ Every YAML in this folder is one document of one of three shapes, told apart by 
   with ``RAY_AUTH_MODE=token``.
 
 ``check_manifest(doc, path)`` returns the problems as one line each (``"<file>: <field>: <what is wrong>"``),
-``[]`` when there are none. ``python -m rayps.deploy.manifests [FILE ...]`` prints them for the shipped files (or
+``[]`` when there are none. ``python -m manifest_lint [FILE ...]`` (from tests/) prints them for the shipped files (or
 the named ones) and exits 1 if there are any. No Ray import here: the expected Ray version comes from the
 installed distribution's metadata.
 """
@@ -27,11 +27,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .manifest_fields import (  # noqa: F401 - re-exported: the checks' public names live here too
-    _cpu_cores,
-    _get,
-    _PINNED_RAY,
-    _RAYPS_REQUIREMENT,
+from .fields import (  # noqa: F401 - re-exported: the checks' public names live here too
+    cpu_cores,
+    field_at,
+    PINNED_RAY,
+    RAYPS_REQUIREMENT,
     check_container_resources,
     check_image,
     DEPLOY_DIR,
@@ -52,7 +52,7 @@ from .manifest_fields import (  # noqa: F401 - re-exported: the checks' public n
 
 
 def _ray_container(group: dict) -> tuple[int, dict] | None:
-    containers = _get(group, "template.spec.containers")
+    containers = field_at(group, "template.spec.containers")
     if isinstance(containers, list) and containers and isinstance(containers[0], dict):
         return 0, containers[0]  # KubeRay runs Ray in the first container
     return None
@@ -68,7 +68,7 @@ def _check_group(group: dict, where: str, ray_version: str) -> list[str]:
         if not isinstance(value, str):
             problems.append(f"{where}.rayStartParams.{key}: must be a string (KubeRay's map[string]string), "
                             f"got {value!r}; quote it")
-    containers = _get(group, "template.spec.containers")
+    containers = field_at(group, "template.spec.containers")
     if not isinstance(containers, list) or not containers:
         problems.append(f"{where}.template.spec.containers: missing (the Ray container comes first)")
         return problems
@@ -81,7 +81,7 @@ def _check_group(group: dict, where: str, ray_version: str) -> list[str]:
         problems += check_container_resources(container, cwhere)
     first = _ray_container(group)
     if first is not None:
-        limit = _cpu_cores(_get(first[1], "resources.limits.cpu"))
+        limit = cpu_cores(field_at(first[1], "resources.limits.cpu"))
         num_cpus = params.get("num-cpus")
         if limit is not None and isinstance(num_cpus, str):
             try:
@@ -97,7 +97,7 @@ def _check_group(group: dict, where: str, ray_version: str) -> list[str]:
 
 def _token_auth_on(doc: dict) -> bool:
     spec_path = "spec.rayClusterSpec" if doc.get("kind") == "RayJob" else "spec"
-    if _get(doc, f"{spec_path}.authOptions.mode") == "token":
+    if field_at(doc, f"{spec_path}.authOptions.mode") == "token":
         return True
     groups = list(ray_groups(doc))
     if not groups:
@@ -159,11 +159,11 @@ def _check_kuberay(doc: dict, ray_version: str) -> list[str]:
     kind = doc.get("kind")
     if doc.get("apiVersion") != KUBERAY_API_VERSION:
         problems.append(f"apiVersion: {doc.get('apiVersion')!r}, expected {KUBERAY_API_VERSION!r}")
-    name = _get(doc, "metadata.name")
+    name = field_at(doc, "metadata.name")
     if not isinstance(name, str) or not name:
         problems.append("metadata.name: missing")
     spec_path = "spec.rayClusterSpec" if kind == "RayJob" else "spec"
-    cluster = _get(doc, spec_path)
+    cluster = field_at(doc, spec_path)
     if not isinstance(cluster, dict):
         return problems + [f"{spec_path}: missing"]
     version = cluster.get("rayVersion")
@@ -187,7 +187,7 @@ def _check_kuberay(doc: dict, ray_version: str) -> list[str]:
                         "{mode: token} (KubeRay >= 1.5.1) or RAY_AUTH_MODE=token with RAY_AUTH_TOKEN in every "
                         "Ray container")
     if kind == "RayJob":
-        entrypoint = _get(doc, "spec.entrypoint")
+        entrypoint = field_at(doc, "spec.entrypoint")
         if not isinstance(entrypoint, str) or not entrypoint.strip():
             problems.append("spec.entrypoint: missing (expected a `rayps train ...` command)")
         elif not _runs_rayps_train(entrypoint):
@@ -236,7 +236,7 @@ def installs_rayps(command: str) -> bool:
             argument = argument.rstrip(";")
             if argument in ("&&", "||", "|", ";") or argument.endswith(";"):
                 break
-            if _RAYPS_REQUIREMENT.search(argument):
+            if RAYPS_REQUIREMENT.search(argument):
                 return True
     return False
 
@@ -288,7 +288,7 @@ def _check_ray_up(doc: dict, ray_version: str) -> list[str]:
     setup = _commands(doc, *RAY_UP_SETUP_FIELDS)
     if not any(installs_rayps(c) for c in setup):
         problems.append(f"setup_commands: no command installs rayps (looked in {', '.join(RAY_UP_SETUP_FIELDS)})")
-    pins = [m.group(1) for c in setup for m in _PINNED_RAY.finditer(c)]
+    pins = [m.group(1) for c in setup for m in PINNED_RAY.finditer(c)]
     docker_images = [v for _, v in iter_images(doc.get("docker") or {})]
     if not pins and not docker_images:
         problems.append(f"setup_commands: Ray is not pinned; install \"ray[default]=={ray_version}\" (or use a "
@@ -385,7 +385,7 @@ def check_deploy_dir(directory: str | Path | None = None, ray_version: str | Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m rayps.deploy.manifests [FILE ...]``: print the problems; exit 1 if there are any."""
+    """``python -m manifest_lint [FILE ...]``: print the problems; exit 1 if there are any."""
     args = sys.argv[1:] if argv is None else argv
     try:
         if not args:

@@ -1,6 +1,6 @@
 """The parts of a deployment file that every check reads: where the files are, which Ray they must pin,
 dotted-field access, container and image walks, and the resource and image checks shared by KubeRay and
-``ray up`` configs (``manifests.py`` holds the per-kind checks)."""
+``ray up`` configs (``checks.py`` holds the per-kind checks)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,16 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
-DEPLOY_DIR = Path(__file__).resolve().parent
+DEPLOY_DIR = Path(__file__).resolve().parents[2] / "deploy"  # tests/manifest_lint/ -> the checkout's deploy/
 KUBERAY_API_VERSION = "ray.io/v1"
 KUBERAY_KINDS = ("RayJob", "RayCluster")
 RAY_IMAGE_REPOSITORY = "rayproject/ray"
 RAY_UP_SETUP_FIELDS = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands")
 # a version inside a custom image's tag, e.g. rayps:0.1.0-ray2.60.0-py311
 _CUSTOM_TAG_RAY_VERSION = re.compile(r"ray(\d+\.\d+\.\d+\w*)")
-_PINNED_RAY = re.compile(r"""\bray(?:\[[^\]]*\])?==([0-9][0-9A-Za-z.+-]*)""")
+PINNED_RAY = re.compile(r"""\bray(?:\[[^\]]*\])?==([0-9][0-9A-Za-z.+-]*)""")
 # how a pip argument names rayps: the name (with a version or extras), the checkout, a wheel, a git URL
-_RAYPS_REQUIREMENT = re.compile(r"^(rayps($|[\[=<>~!]))|(^|/)rayps/?$|^\.$|(^|/)rayps-[^/]*\.whl$|^git\+.*rayps")
+RAYPS_REQUIREMENT = re.compile(r"^(rayps($|[\[=<>~!]))|(^|/)rayps/?$|^\.$|(^|/)rayps-[^/]*\.whl$|^git\+.*rayps")
 _CPU_QUANTITY = re.compile(r"^(\d+(?:\.\d+)?)(m?)$")
 
 
@@ -103,7 +103,7 @@ def check_image(image: Any, field: str, ray_version: str) -> list[str]:
 # KubeRay
 
 
-def _get(doc: Any, dotted: str) -> Any:
+def field_at(doc: Any, dotted: str) -> Any:
     node = doc
     for key in dotted.split("."):
         if not isinstance(node, dict) or key not in node:
@@ -112,7 +112,7 @@ def _get(doc: Any, dotted: str) -> Any:
     return node
 
 
-def _cpu_cores(quantity: Any) -> float | None:
+def cpu_cores(quantity: Any) -> float | None:
     match = _CPU_QUANTITY.match(str(quantity).strip())
     if not match:
         return None
@@ -123,7 +123,7 @@ def _cpu_cores(quantity: Any) -> float | None:
 def ray_groups(doc: dict) -> Iterator[tuple[str, dict]]:
     """(field path, group spec) for the head group and every worker group of a RayJob or RayCluster."""
     spec_path = "spec.rayClusterSpec" if doc.get("kind") == "RayJob" else "spec"
-    cluster = _get(doc, spec_path)
+    cluster = field_at(doc, spec_path)
     if not isinstance(cluster, dict):
         return
     head = cluster.get("headGroupSpec")
