@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from . import ctr_command
+from . import ctr_command, data_flags
 from .cli import UsageError
 
 UPDATER_FLAGS = ("sgd", "nesterovs", "adagrad", "rmsprop", "adadelta", "adam", "adamax", "nadam", "amsgrad",
@@ -52,7 +52,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--dataset", default="digits", choices=("digits", "synthetic-ctr"),
                         help="bundled data set (default digits); synthetic-ctr: the CTR workload "
                              "(deploy/ctr_command.py)")
-    parser.add_argument("--data", default=None, help="your own .npz with x_train, y_train, x_test, y_test")
+    data_flags.add_arguments(parser)  # --data (.npz, Parquet, CSV), --label-column, --feature-columns, --test-*
     parser.add_argument("--model", default="mlp", choices=("softmax", "mlp"))
     parser.add_argument("--hidden", default="128", help="hidden sizes, e.g. 128 or 2048,2048")
     parser.add_argument("--updater", default="adam", choices=UPDATER_FLAGS)
@@ -78,7 +78,7 @@ def add_parser(subparsers) -> None:
                         help="Ray CPUs reserved per shard (default: the cluster's CPUs shared out)")
     parser.add_argument("--cpus-per-worker", type=_non_negative_float, default=None,
                         help="Ray CPUs reserved per worker (default: the cluster's CPUs shared out)")
-    # -- placement (deploy/placement.py): GPUs per shard/worker; shards spread over nodes by a placement group --
+    # -- placement (server/placement.py): GPUs per shard/worker; shards spread over nodes by a placement group --
     parser.add_argument("--gpus-per-shard", type=_non_negative_float, default=0.0,
                         help="Ray GPUs reserved per shard (default 0)")
     parser.add_argument("--gpus-per-worker", type=_non_negative_float, default=0.0,
@@ -206,8 +206,8 @@ def _fit(args) -> None:
 def _resources(args, ray) -> tuple[float, float]:
     """CPUs per shard and per worker: the user's, or the cluster's CPUs shared out (at most 1 each). A cluster too
     small for the shards and workers (CPUs or GPUs, in total or on any one node) is a one-line UsageError naming
-    what is missing (deploy/placement.py: capacity_problems)."""
-    from .placement import capacity_problems  # noqa: PLC0415
+    what is missing (server/placement.py: capacity_problems)."""
+    from ..server.placement import capacity_problems  # noqa: PLC0415
 
     total = float(ray.cluster_resources().get("CPU", 0.0))
     share = min(1.0, total / (args.shards + args.workers)) if total else 0.0
@@ -221,8 +221,8 @@ def _resources(args, ray) -> tuple[float, float]:
 
 
 def _placement(args, per_shard: float, per_worker: float):
-    """The placement group of the shards (deploy/placement.py); a cluster that cannot hold it is a UsageError."""
-    from .placement import PlacementError, ShardPlacement  # noqa: PLC0415
+    """The placement group of the shards (server/placement.py); a cluster that cannot hold it is a UsageError."""
+    from ..server.placement import PlacementError, ShardPlacement  # noqa: PLC0415
 
     try:
         return ShardPlacement(args.shards, per_shard, args.gpus_per_shard, per_worker, args.gpus_per_worker,
@@ -250,12 +250,12 @@ def run(args) -> int:
     args.epochs = 20 if args.epochs is None else args.epochs
     args.batch_size = 32 if args.batch_size is None else args.batch_size
 
-    from ..worker.data import load_dataset  # noqa: PLC0415
     from ..worker.models import build_model  # noqa: PLC0415
+    from .cluster import connect  # noqa: PLC0415
 
     updater = build_updater(args.updater, args.learning_rate, args.lr_decay)
+    data = data_flags.load_data(args, lambda: connect(args.address))  # Parquet/CSV: read on the run's Ray
     try:
-        data = load_dataset(args.dataset, path=args.data, seed=args.seed)
         model = build_model(args.model, data.num_features, data.num_classes, hidden=args.hidden)
     except (ValueError, FileNotFoundError) as error:
         raise UsageError(str(error)) from None
@@ -269,7 +269,6 @@ def run(args) -> int:
     import ray  # noqa: PLC0415
 
     from ..server.client import ParameterServer  # noqa: PLC0415
-    from .cluster import connect  # noqa: PLC0415
     from .training_checkpoints import load_progress, resume_dir, save_progress, shards_dir  # noqa: PLC0415
     from ..worker.training import train  # noqa: PLC0415
 

@@ -97,7 +97,7 @@ def scenario(work_dir: str) -> None:
     import ray
     from ray.util.placement_group import placement_group_table
 
-    from rayps.deploy.placement import ShardPlacement
+    from rayps.server.placement import ShardPlacement
     from rayps.server import ParameterServer
     from rayps.updaters import Adam
 

@@ -1,4 +1,4 @@
-"""Placement of shards and workers (deploy/placement.py) and the too-small-cluster errors of ``rayps train``.
+"""Placement of shards and workers (server/placement.py) and the too-small-cluster errors of ``rayps train``.
 
 The strategy choice and the capacity checks are pure functions over a node list (``ray.nodes()`` entries), tested
 here on made-up clusters; the placement group itself runs on the session's one-node Ray. Several nodes and node
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from rayps.deploy.cli import UsageError, main
-from rayps.deploy.placement import (MIN_BUNDLE_CPUS, PlacementError, capacity_problems, choose_strategy,
+from rayps.server.placement import (MIN_BUNDLE_CPUS, PlacementError, capacity_problems, choose_strategy,
                                     eligible_nodes, shard_bundle)
 
 
@@ -180,7 +180,7 @@ def test_options_put_each_shard_in_its_bundle_and_leave_workers_outside(ray_sess
     from ray.util.placement_group import placement_group_table
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from rayps.deploy.placement import ShardPlacement
+    from rayps.server.placement import ShardPlacement
 
     placement = ShardPlacement(2, 0.25, 0, 0.5, 0, num_workers=1)
     try:
@@ -206,7 +206,7 @@ def test_options_put_each_shard_in_its_bundle_and_leave_workers_outside(ray_sess
 def test_a_parameter_server_runs_in_the_placement_group_even_with_zero_cpu_shards(ray_session):
     import ray
 
-    from rayps.deploy.placement import ShardPlacement
+    from rayps.server.placement import ShardPlacement
     from rayps.server import ParameterServer
     from rayps.updaters import Sgd
 
@@ -228,7 +228,7 @@ def test_a_parameter_server_runs_in_the_placement_group_even_with_zero_cpu_shard
 
 
 def test_a_shard_larger_than_the_cluster_fails_at_once(ray_session):
-    from rayps.deploy.placement import ShardPlacement
+    from rayps.server.placement import ShardPlacement
 
     with pytest.raises(PlacementError, match=r"no node of the Ray cluster can hold one shard \(3 CPU"):
         ShardPlacement(1, 3, 0, 0, 0)
@@ -239,7 +239,7 @@ def test_a_shard_larger_than_the_cluster_fails_at_once(ray_session):
 def test_shards_that_other_actors_crowd_out_time_out_with_what_is_free(ray_session):
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    from rayps.deploy.placement import ShardPlacement
+    from rayps.server.placement import ShardPlacement
 
     blocker = placement_group([{"CPU": 1.5}])  # holds 1.5 of the session's 2 CPUs
     assert blocker.wait(60)
@@ -256,7 +256,7 @@ def test_shards_that_other_actors_crowd_out_time_out_with_what_is_free(ray_sessi
 
 
 def test_constructor_arguments_are_checked_by_name():
-    from rayps.deploy.placement import ShardPlacement
+    from rayps.server.placement import ShardPlacement
 
     with pytest.raises(ValueError, match="num_shards must be an integer >= 1, got 0"):
         ShardPlacement(0)
