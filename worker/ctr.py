@@ -7,7 +7,10 @@ vocabulary, ``P(rank >= k) ~ k^(1 - alpha)`` (inverse-CDF of the continuous law 
 table-sized array), so the smallest ids of each field are the hot set. Its label is drawn from a KNOWN logistic
 model: ``P(click) = sigmoid(bias + sum_f w*(id_f))`` with a hidden weight per id, ``w*(id) = weight_scale *
 N(0, 1)`` made on demand from a counter-based hash of ``(seed, id)`` (``CtrGroundTruth``), so millions of ids
-cost no memory. Memory is O(num_samples * num_fields), whatever ``table_rows`` is.
+cost no memory. Memory is O(num_samples * num_fields), whatever ``table_rows`` is. ``hashed=True`` (the
+hashing trick of production CTR pipelines, ``rayps train --id-space N``): each field-offset id ``r`` becomes
+``mix64(r ^ mix64(seed)) mod table_rows``, so the ids (hot ones too) scatter over the whole id space, up to
+10^9 and beyond, still with nothing materialized; collisions merge features, as they do in production.
 
 **Model** (``EmbeddingBagLogistic``): a sparse table ``emb`` ``(table_rows, dim)``, never materialized on the
 worker, and dense ``w`` ``(dim,)``, ``b`` ``(1,)``:
@@ -31,7 +34,7 @@ from typing import Mapping
 
 import numpy as np
 
-from ..server.row_index import HashedUniformInit, counter_uniform
+from ..server.row_index import HashedUniformInit, counter_uniform, mix64
 
 CTR_DATASET = "synthetic-ctr"
 COMBINERS = ("sum", "mean")
@@ -108,7 +111,7 @@ class CtrDataset:
 
 def synthetic_ctr(num_samples: int, num_fields: int = 8, table_rows: int = 2_000_000, dim: int = 16,
                   alpha: float = 1.1, seed: int = 0, test_fraction: float = 0.2, weight_scale: float = 0.6,
-                  bias: float = -1.0) -> CtrDataset:
+                  bias: float = -1.0, hashed: bool = False) -> CtrDataset:
     """Train/test click data from the known logistic ground truth (see the module docstring); deterministic
     for the arguments. ``dim`` is recorded for the model; the data do not depend on it."""
     num_samples = _check_int(num_samples, "num_samples", 2)
@@ -125,6 +128,9 @@ def synthetic_ctr(num_samples: int, num_fields: int = 8, table_rows: int = 2_000
     ids = np.empty((num_samples, num_fields), dtype=np.int64)
     for f in range(num_fields):
         ids[:, f] = f * rows_per_field + power_law_ranks(rng, num_samples, rows_per_field, float(alpha))
+    if hashed:  # the hashing trick: scatter the ids over the whole id space
+        key = mix64(np.array([seed], dtype=np.uint64))
+        ids = (mix64(ids.astype(np.uint64) ^ key) % np.uint64(table_rows)).astype(np.int64)
     truth = CtrGroundTruth(seed, weight_scale, bias)
     clicks = (rng.random(num_samples) < _sigmoid(truth.logit(ids))).astype(np.int64)
     num_test = min(max(1, int(round(num_samples * test_fraction))), num_samples - 1)

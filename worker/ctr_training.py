@@ -43,15 +43,18 @@ CTR_RESULT_KEYS = ("test_auc", "test_logloss", "final_loss", "samples_per_second
 
 
 def ctr_params(model: EmbeddingBagLogistic, seed: int = 0, scale: float = 0.05, dense_table: bool = False,
-               dtype=np.float32) -> tuple[dict, list | None]:
+               dtype=np.float32, admission=None, eviction=None) -> tuple[dict, list | None]:
     """``(params, sparse)`` for ``ParameterServer(params, sparse=sparse, ...)``: the table as a ``RowTable`` spec
-    with ``HashedUniformInit(dim, scale, seed)`` (nothing table-sized is built), plus the dense ``w``, ``b``.
-    ``dense_table``: the same initial values as one dense ``(table_rows, dim)`` array (benchmarks only)."""
+    with ``HashedUniformInit(dim, scale, seed)`` (nothing table-sized is built) and the given admission and
+    eviction policies, plus the dense ``w``, ``b``. ``dense_table``: the same initial values as one dense
+    ``(table_rows, dim)`` array (benchmarks only)."""
     initial = model.table_initializer(scale, seed)
     dense = model.init_dense(seed, dtype)
     if dense_table:
         return {TABLE: initial(np.arange(model.table_rows)).astype(dtype), **dense}, None
-    return {TABLE: RowTable(model.table_rows, model.dim, str(np.dtype(dtype)), initial=initial), **dense}, [TABLE]
+    table = RowTable(model.table_rows, model.dim, str(np.dtype(dtype)), initial=initial, admission=admission,
+                     eviction=eviction)
+    return {TABLE: table, **dense}, [TABLE]
 
 
 def _is_sparse(client) -> bool:
@@ -185,6 +188,8 @@ def train_ctr(ps, model: EmbeddingBagLogistic, data, num_workers: int = 2, epoch
         "bytes_pushed": stats["bytes_pushed"], "bytes_pulled": stats["bytes_pulled"], "epochs": epochs,
         "table_rows": model.table_rows, "embedding_dim": model.dim, "sparse_table": _is_sparse(ps),
         "rows_touched": int(sum(t.get("rows_touched", 0) for t in table)),
+        **{f"table_{key}": int(sum(t.get(key, 0) for t in table)) for key in ("admitted", "evicted",
+                                                                               "dropped_gradients")},
         "table_state_bytes": int(sum(t.get("allocated_bytes", 0) for t in table)),
         "worker_restarts": worker_restarts, "shard_restarts": stats["restarts"], "history": history,
     }
