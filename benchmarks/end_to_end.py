@@ -65,7 +65,7 @@ from textbook_ps import train_textbook  # noqa: E402
 from ray_floor import train_floor  # noqa: E402
 from socket_ps import train_socket_ps  # noqa: E402
 
-from rayps.deploy.train_command import DEFAULT_LEARNING_RATES, build_updater  # noqa: E402
+from rayps.updaters.by_name import DEFAULT_LEARNING_RATES, build_updater  # noqa: E402
 from rayps.server.client import ParameterServer  # noqa: E402
 from rayps.worker.data import load_dataset  # noqa: E402
 from rayps.worker.models import build_model  # noqa: E402

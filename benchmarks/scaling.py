@@ -27,7 +27,7 @@ from common import FIGURE_DIR, machine, median, plot_scaling, start_ray, table, 
 from end_to_end import run_rayps, steady_rate  # noqa: E402
 from textbook_ps import train_textbook  # noqa: E402
 
-from rayps.deploy.train_command import build_updater  # noqa: E402
+from rayps.updaters.by_name import build_updater  # noqa: E402
 from rayps.worker.data import load_dataset  # noqa: E402
 from rayps.worker.models import build_model  # noqa: E402
 

@@ -202,7 +202,7 @@ def _async_epoch(ps, workers, current_weights, steps: list[int]):
 
 
 def main(argv=None) -> int:
-    from rayps.deploy.train_command import build_updater  # noqa: PLC0415
+    from rayps.updaters.by_name import build_updater  # noqa: PLC0415
     from rayps.worker.data import load_dataset  # noqa: PLC0415
     from rayps.worker.models import build_model  # noqa: PLC0415
 

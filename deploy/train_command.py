@@ -19,8 +19,6 @@ from .cli import UsageError
 
 UPDATER_FLAGS = ("sgd", "nesterovs", "adagrad", "rmsprop", "adadelta", "adam", "adamax", "nadam", "amsgrad",
                  "adabelief", "noop")
-DEFAULT_LEARNING_RATES = {"sgd": 0.1, "nesterovs": 0.05, "adagrad": 0.05, "rmsprop": 0.001, "adam": 0.005,
-                          "adamax": 0.005, "nadam": 0.005, "amsgrad": 0.005, "adabelief": 0.005}
 
 
 def _number(kind, minimum: float, inclusive: bool = True):
@@ -109,20 +107,14 @@ def add_parser(subparsers) -> None:
 
 
 def build_updater(name: str, learning_rate: float | None, lr_decay: float = 1.0):
-    """The updater of ``--updater``; with ``--lr-decay`` < 1 its learning rate is DL4J's
-    ``ExponentialSchedule(EPOCH, lr, gamma)``: ``lr * gamma^epoch`` (async noise settles as the rate falls)."""
-    from ..updaters import UPDATERS_BY_FLAG  # noqa: PLC0415
-    from ..updaters.schedules import ExponentialSchedule  # noqa: PLC0415
+    """The updater of ``--updater``, ``--learning-rate`` and ``--lr-decay`` (``rayps.updaters.build_updater``); a
+    learning rate for a rule without one is a UsageError naming the flag."""
+    from ..updaters.by_name import build_updater as updater_by_name  # noqa: PLC0415 - NumPy only when training
 
-    cls = UPDATERS_BY_FLAG[name]
-    if name in ("adadelta", "noop"):
-        if learning_rate is not None:
-            raise UsageError(f"--learning-rate: {cls.__name__} has no learning rate")
-        return cls()
-    lr = DEFAULT_LEARNING_RATES[name] if learning_rate is None else learning_rate
-    if lr_decay < 1.0:
-        lr = ExponentialSchedule("epoch", initial_value=lr, gamma=lr_decay)
-    return cls(learning_rate=lr)
+    try:
+        return updater_by_name(name, learning_rate, lr_decay)
+    except ValueError as error:
+        raise UsageError(str(error).replace("learning_rate:", "--learning-rate:", 1)) from None
 
 
 def _decay(text: str) -> float:

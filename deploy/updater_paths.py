@@ -95,7 +95,8 @@ ROSENBROCK = Objective(
 
 OBJECTIVES: dict[str, Objective] = {objective.name: objective for objective in (QUADRATIC, ROSENBROCK)}
 
-# Learning rate per objective and updater; None: the rule has no learning rate (AdaDelta, NoOp).
+# Learning rate per objective and updater, chosen for the pictures; None: the rule has no learning rate (AdaDelta,
+# NoOp).
 LEARNING_RATES: dict[str, dict[str, float | None]] = {
     "quadratic": {
         "Sgd": 0.09,  # just under the stability limit 2/20: y zig-zags (factor -0.8 per step), x crawls
@@ -135,13 +136,15 @@ def _objective(objective) -> Objective:
 
 
 def make_updater(name: str, objective) -> Updater:
-    """The updater ``name`` with the learning rate ``LEARNING_RATES`` gives it on ``objective``."""
+    """The updater ``name`` with the learning rate ``LEARNING_RATES`` gives it on ``objective`` (a rule not listed
+    there: its DL4J default)."""
     objective = _objective(objective)
     if name not in UPDATER_CLASSES:
         raise ValueError(f"updater must be one of {sorted(UPDATER_CLASSES)}, got {name!r}")
-    learning_rate = LEARNING_RATES[objective.name][name]
     cls = UPDATER_CLASSES[name]
-    return cls() if learning_rate is None else cls(learning_rate=learning_rate)
+    if "learning_rate" not in cls.defaults:
+        return cls()
+    return cls(learning_rate=LEARNING_RATES[objective.name].get(name, cls.defaults["learning_rate"]))
 
 
 def trajectory(updater: Updater, function, start, steps: int) -> np.ndarray:
@@ -169,7 +172,7 @@ def trajectory(updater: Updater, function, start, steps: int) -> np.ndarray:
 
 
 def updater_paths(function, steps: int = DEFAULT_STEPS) -> dict[str, np.ndarray]:
-    """``{updater name: trajectory}`` for all eleven updaters (``ALL_UPDATERS`` order) from ``function.start``."""
+    """``{updater name: trajectory}`` for every updater (``ALL_UPDATERS`` order) from ``function.start``."""
     function = _objective(function)
     return {name: trajectory(make_updater(name, function), function, function.start, steps)
             for name in UPDATER_CLASSES}

@@ -10,6 +10,7 @@ Contract::
 
 from . import schedules
 from .base import StepAdjustments, Updater, from_config, state_dtype_for
+from .by_name import DEFAULT_LEARNING_RATES, UPDATERS_BY_FLAG, build_updater
 from .fused_kernels import FusedKernels
 from .groups import ParameterUpdater, ParamGroup
 from .normalization import GRADIENT_NORMALIZATIONS
@@ -17,11 +18,9 @@ from .regularization import L1, L2, WeightDecay
 from .rules import (ALL_UPDATERS, AdaBelief, AdaDelta, AdaGrad, AdaMax, Adam, AMSGrad, Nadam, Nesterovs, NoOp,
                     RmsProp, Sgd)
 
-UPDATERS_BY_FLAG = {cls.__name__.lower(): cls for cls in ALL_UPDATERS}
-
 __all__ = [
-    "ALL_UPDATERS", "AdaBelief", "AdaDelta", "AdaGrad", "AdaMax", "Adam", "AMSGrad", "FusedKernels",
-    "GRADIENT_NORMALIZATIONS",
+    "ALL_UPDATERS", "AdaBelief", "AdaDelta", "AdaGrad", "AdaMax", "Adam", "AMSGrad", "DEFAULT_LEARNING_RATES",
+    "FusedKernels", "GRADIENT_NORMALIZATIONS",
     "L1", "L2", "Nadam", "Nesterovs", "NoOp", "ParamGroup", "ParameterUpdater", "RmsProp", "Sgd", "StepAdjustments",
-    "UPDATERS_BY_FLAG", "Updater", "WeightDecay", "from_config", "schedules", "state_dtype_for",
+    "UPDATERS_BY_FLAG", "Updater", "WeightDecay", "build_updater", "from_config", "schedules", "state_dtype_for",
 ]
