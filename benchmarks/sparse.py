@@ -15,6 +15,7 @@
 
     python benchmarks/sparse.py            # all three parts, writes benchmarks/RESULTS-sparse.md
     python benchmarks/sparse.py --quick    # fewer repeats, smaller CTR data, 12 digits epochs
+    python benchmarks/sparse.py --scale    # embedding tables at scale instead (benchmarks/sparse_scale.py)
 """
 
 from __future__ import annotations
@@ -179,8 +180,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--skip-digits", action="store_true")
+    parser.add_argument("--scale", action="store_true", help="admission, eviction, deltas: sparse_scale.py")
     args = parser.parse_args()
     start_ray()
+    if args.scale:
+        import sparse_scale  # noqa: PLC0415
+
+        print(sparse_scale.run(args.quick, machine()))
+        return
     started, load_at_start = time.perf_counter(), os.getloadavg()[0]
     pull = row_pull_vs_dense_pull(20 if args.quick else 60)
     print(pull, flush=True)

@@ -74,7 +74,7 @@ def add_arguments(parser, _positive_int, _positive_float) -> None:
     parser.add_argument("--table-rows", type=_positive_int, default=None,
                         help="synthetic-ctr: rows of the embedding table (default 2,000,000; never materialized)")
     parser.add_argument("--id-space", type=_id_space, default=None,
-                        help="synthetic-ctr: hash the feature ids over a table of N rows (e.g. 1e9; never materialized)")
+                        help="synthetic-ctr: hash the feature ids over N table rows (e.g. 1e9; never materialized)")
     parser.add_argument("--admission", type=parse_admission, default=None,
                         help="synthetic-ctr: count:K (a row is stored after K pushes) or prob:P")
     parser.add_argument("--eviction", type=parse_eviction, default=None,

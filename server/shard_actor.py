@@ -79,7 +79,8 @@ class ShardMetrics:
         self.malformed = metrics.Counter("rayps_malformed_rejected_total", "Data-plane messages rejected as "
                                          "malformed", tag_keys=keys)
         table_keys = ("shard", "table")
-        self.table_rows = metrics.Gauge("rayps_table_rows", "Rows a row table stores on this shard", tag_keys=table_keys)
+        self.table_rows = metrics.Gauge("rayps_table_rows", "Rows a row table stores on this shard",
+                                        tag_keys=table_keys)
         self.table_bytes = metrics.Gauge("rayps_table_bytes", "Bytes a row table holds on this shard",
                                          tag_keys=table_keys)
         self.table_counters = {key: metrics.Counter(f"rayps_table_{key}_total", text, tag_keys=table_keys)
@@ -118,7 +119,7 @@ class ShardMetrics:
         for name, table in state.row_tables.items():
             table_tags = dict(tags, table=name)
             self.table_rows.set(table.n, tags=table_tags)
-            self.table_bytes.set(table.allocated_bytes(), tags=table_tags)
+            self.table_bytes.set(table.used_bytes(), tags=table_tags)
             reported = self.table_reported.setdefault(name, dict.fromkeys(self.table_counters, 0))
             for key, counter in self.table_counters.items():
                 if table.counters[key] > reported[key]:

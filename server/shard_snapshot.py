@@ -40,7 +40,8 @@ def snapshot(state: ShardState, restarts: int = 0, since: dict | None = None) ->
             "applied_seq": dict(state.applied_seq), "clocks": {str(w): c for w, c in state.clocks.items()},
             "sync_clock": state.sync_clock, "sync_steps": sync_steps, "model_version": state.version,
             "restarts": restarts, "counters": {k: v for k, v in state.counters.items()},
-            "row_tables": {name: table.snapshot((since or {}).get(name)) for name, table in state.row_tables.items()}}
+            "row_tables": {name: table.snapshot((since or {}).get(name))
+                           for name, table in state.row_tables.items()}}
 
 
 def _int(value, what: str, minimum: int = 0) -> int:

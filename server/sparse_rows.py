@@ -11,11 +11,8 @@ lazily — plain logic, no Ray (the actor wraps it as it wraps ``ShardState``).
   order, never a table-sized allocation), or an explicit array (memory: the owned rows, values only; no state).
 * **Per-row updates** — duplicate ids of one push are summed (in the given order, in the updater's compute
   dtype); then every touched row takes ONE step of the dense updater with its OWN iteration count (bias
-  correction: Adam's ``alpha_t`` of a row pushed 3 times uses ``t = 3`` even if the table saw 1000 pushes).
-  ``kernel="reference"`` groups rows by iteration count and calls ``updater.apply(kernel="reference")`` on a
-  gathered copy per count (the contract path); ``kernel="auto"`` does one vectorized pass with per-row
-  scalars (columns ``(k, 1)`` in the compute dtype, so the math is the same as the float scalars of the
-  reference path). Cost is proportional to the rows touched, never to the table.
+  correction: Adam's ``alpha_t`` of a row pushed 3 times uses ``t = 3`` even if the table saw 1000 pushes):
+  server/row_updates.py, a reference path and a vectorized one. Cost is proportional to the rows touched.
 * **Admission and eviction** (server/row_policies.py) — a push stores a new row only once the admission
   policy admits its id (else the row's gradient is dropped and counted); under a cap the rows the eviction
   policy picks are dropped first, their slots reused (the last stored rows move into the holes, so the stored
@@ -33,10 +30,10 @@ from typing import Callable
 
 import numpy as np
 
-from ..updaters.base import NO_ADJUSTMENTS, StepAdjustments, Updater, state_dtype_for
+from ..updaters.base import Updater, state_dtype_for
 from ..updaters.groups import ParamGroup
 from . import row_policies as policies
-from . import row_records
+from . import row_checks, row_records, row_updates
 from .checkpoint import CheckpointError
 from .row_index import RowIndex, row_owner
 
@@ -103,6 +100,10 @@ class RowTableShard:
 
     # -- storage -------------------------------------------------------------------------------------------
     def _reset_storage(self, capacity: int) -> None:
+        """Arrays for ``capacity`` rows; under a cap, for the cap at once: ``np.zeros`` pages become resident
+        only when rows are written, and the arrays never need a grow-and-copy (which would hold old and new)."""
+        if self.cap is not None:
+            capacity = max(capacity, self.cap)
         self.index = RowIndex(2 * capacity + 1)
         self.n = 0
         self._ids = np.zeros(capacity, dtype=np.int64)
@@ -199,29 +200,7 @@ class RowTableShard:
 
     def check_ids(self, ids, what: str = "ids") -> np.ndarray:
         """``ids`` as int64 after every check (1-D, integer dtype, in range, owned by this shard)."""
-        where = f"table {self.name!r}: {what}"
-        ids = np.asarray(ids)
-        if ids.ndim != 1:
-            raise ValueError(f"{where} must be a 1-D array of row ids, got shape {ids.shape}")
-        if ids.size == 0:
-            return np.zeros(0, dtype=np.int64)
-        if ids.dtype.kind not in "iu":
-            kind = "booleans are not row ids" if ids.dtype.kind == "b" else "row ids are integers"
-            raise ValueError(f"{where} must have an integer dtype, got {ids.dtype} ({kind})")
-        if ids.min() < 0:
-            raise ValueError(f"{where}: negative row ids {ids[ids < 0][:5].tolist()}; rows are 0..{self.num_rows - 1}")
-        if ids.max() >= self.num_rows:
-            bad = ids[ids >= self.num_rows][:5].tolist()
-            raise ValueError(f"{where}: row ids {bad} out of range; the table has {self.num_rows} rows "
-                             f"(0..{self.num_rows - 1})")
-        ids = ids.astype(np.int64, copy=False)
-        owners = row_owner(ids, self.num_shards)
-        foreign = owners != self.shard_index
-        if foreign.any():
-            raise ValueError(f"{where}: row ids {ids[foreign][:5].tolist()} belong to shard(s) "
-                             f"{sorted(set(owners[foreign][:5].tolist()))}, not shard {self.shard_index} "
-                             f"(route ids with row_owner(ids, {self.num_shards}))")
-        return ids
+        return row_checks.check_row_ids(self, ids, what)
 
     def grads_problem(self, grads, ids: np.ndarray) -> tuple[str, bool] | None:
         """``(message, nonfinite)`` when ``grads`` cannot be pushed for ``ids``, else None (a shard's check)."""
@@ -232,20 +211,7 @@ class RowTableShard:
         return None
 
     def _check_grads(self, grads, ids: np.ndarray) -> np.ndarray:
-        where = f"table {self.name!r}: grads"
-        if not isinstance(grads, np.ndarray):
-            raise ValueError(f"{where} must be a NumPy float array, got {type(grads).__name__}")
-        if grads.dtype.kind != "f":
-            raise ValueError(f"{where} must have a float dtype, got {grads.dtype}")
-        if grads.ndim != 2 or grads.shape[1] != self.dim:
-            raise ValueError(f"{where} has shape {grads.shape}, expected ({len(ids)}, {self.dim}): one row of "
-                             f"dim {self.dim} per id")
-        if grads.shape[0] != len(ids):
-            raise ValueError(f"{where} has {grads.shape[0]} rows but {len(ids)} ids were given (one row per id)")
-        finite = np.isfinite(grads).all(axis=1)
-        if not finite.all():
-            raise ValueError(f"{where}: non-finite value (NaN or Inf) in the rows of ids {ids[~finite][:5].tolist()}")
-        return grads
+        return row_checks.check_row_grads(self, grads, ids)
 
     def _initial_rows(self, ids: np.ndarray) -> np.ndarray:
         if self._initial_rows_owned is not None:
@@ -285,10 +251,8 @@ class RowTableShard:
         slots, summed = slots[kept], summed[kept]
         if len(slots):
             its = self._iterations[slots]
-            if kernel == "reference":
-                self._apply_by_count(slots, summed, its, int(epoch))
-            else:
-                self._apply_vectorized(slots, summed, its, int(epoch))
+            apply = row_updates.apply_by_count if kernel == "reference" else row_updates.apply_vectorized
+            apply(self.updater, self.group, self._values, self._state, slots, summed, its, int(epoch))
             self._iterations[slots] += 1
             self._changed[slots] = version
             self._stamps[slots] = self._clock()
@@ -343,47 +307,6 @@ class RowTableShard:
             return [self._counts[slots], self._stamps[slots], self._ids[slots]]
         return [self._stamps[slots], self._ids[slots]]
 
-    def _adjustments(self, iteration: int, epoch: int) -> StepAdjustments:
-        return NO_ADJUSTMENTS if self.group is None else self.group.adjustments(iteration, epoch)
-
-    def _apply_by_count(self, slots, grads, its, epoch) -> None:
-        """The contract path: ``updater.apply(kernel="reference")`` once per distinct iteration count."""
-        for count in np.unique(its):
-            sel = its == count
-            rows = slots[sel]
-            params, state = self._values[rows], self._state[:, rows]  # contiguous gathered copies
-            self.updater.apply(params, np.ascontiguousarray(grads[sel]), state, int(count), epoch,
-                               adjustments=self._adjustments(int(count), epoch), kernel="reference")
-            self._values[rows], self._state[:, rows] = params, state
-
-    def _apply_vectorized(self, slots, grads, its, epoch) -> None:
-        """One pass over the touched rows with per-row scalars (``reference_step`` with scalar columns)."""
-        counts, inverse = np.unique(its, return_inverse=True)
-        compute = self.state_dtype
-
-        def column(values):  # one value per distinct count -> a float if all equal, else a (k, 1) column
-            if all(v == values[0] for v in values):
-                return values[0]
-            return np.asarray(values, dtype=compute)[inverse][:, None]
-
-        rules = [self.updater.rule_scalars(int(c), epoch) for c in counts]
-        scalars = tuple(column([r[i] for r in rules]) for i in range(len(rules[0])))
-        adjust = [self._adjustments(int(c), epoch) for c in counts]
-        l1, l2, decay = (column([getattr(a, f) for a in adjust]) for f in ("l1", "l2", "weight_decay"))
-        w = self._values[slots].astype(compute, copy=False)
-        g = grads.astype(compute)
-        state = self._state[:, slots]
-        if _nonzero(l1):
-            g += l1 * np.sign(w)
-        if _nonzero(l2):
-            g += l2 * w
-        update = self.updater.reference_update(g, state, scalars)
-        if _nonzero(decay):
-            update = update + decay * w
-        w -= update
-        self._values[slots] = w.astype(self.dtype, copy=False)
-        self._state[:, slots] = state
-
     def pull_rows(self, ids) -> np.ndarray:
         """The rows of ``ids`` in the order asked, ``(len(ids), dim)``: stored rows, else their initial values.
         A pull is an access of the stored rows it reads (their recency and frequency for eviction)."""
@@ -435,17 +358,25 @@ class RowTableShard:
         return out
 
     def allocated_bytes(self) -> int:
-        """Bytes of every array this table shard holds: rows, bookkeeping, index, sketch, eviction log."""
+        """Bytes of every array this table shard holds: rows, bookkeeping, index, sketch, eviction log (under a
+        cap the row arrays are allocated for the cap; their pages become resident as rows are stored)."""
         arrays = (self._values, self._state) + self._columns()
-        log = 8 * self._evicted_logged
-        return int(sum(a.nbytes for a in arrays) + self.index.nbytes + (self.sketch.nbytes if self.sketch else 0) + log)
+        return int(sum(a.nbytes for a in arrays) + self._fixed_bytes())
+
+    def used_bytes(self) -> int:
+        """Bytes of the stored rows (values, updater state, bookkeeping) plus the index, sketch and log."""
+        per_row = self.dim * self.dtype.itemsize + self.slots * self.dim * self.state_dtype.itemsize + 8 * 5
+        return int(self.n * per_row + self._fixed_bytes())
+
+    def _fixed_bytes(self) -> int:
+        return self.index.nbytes + (self.sketch.nbytes if self.sketch else 0) + 8 * self._evicted_logged
 
     def stats(self) -> dict:
         n = self.n
         return {"table": self.name, "shard": self.shard_index, "rows_touched": n, "rows": n,
                 "value_bytes": n * self.dim * self.dtype.itemsize,
                 "state_bytes": self.slots * n * self.dim * self.state_dtype.itemsize,
-                "allocated_bytes": self.allocated_bytes(), "bytes": self.allocated_bytes(),
+                "allocated_bytes": self.allocated_bytes(), "bytes": self.used_bytes(),
                 "cap": self.cap, "version": self.version,
                 "iterations_max": int(self._iterations[:n].max()) if n else 0, **self.counters}
 
@@ -520,10 +451,6 @@ class RowTableShard:
         this shard owns (restoring under another shard count); ``strict=True`` refuses foreign rows. ``sketch``:
         the admission counts (``depth * width``, e.g. the sum of the old shards' sketches: still never low)."""
         row_records.load_rows(self, ids, values, state, iterations, what, strict, sketch)
-
-
-def _nonzero(value) -> bool:
-    return isinstance(value, np.ndarray) or value != 0
 
 
 InitialRows = Callable[[np.ndarray], np.ndarray]

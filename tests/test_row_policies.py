@@ -62,7 +62,8 @@ CASES = [
     ("ttl", TTLEviction(6), None, {"kind": "ttl", "max_idle": 6}),
     ("count", None, CountAdmission(3, width=4096), {"admission": ("count", 3)}),
     ("prob", None, ProbabilityAdmission(0.4, seed=7), {"admission": ("prob", 0.4, 7)}),
-    ("lru+count", LRUEviction(30), CountAdmission(2, width=4096), {"kind": "lru", "cap": 15, "admission": ("count", 2)}),
+    ("lru+count", LRUEviction(30), CountAdmission(2, width=4096),
+     {"kind": "lru", "cap": 15, "admission": ("count", 2)}),
     ("lfu+prob", LFUEviction(30), ProbabilityAdmission(0.7, seed=1),
      {"kind": "lfu", "cap": 15, "admission": ("prob", 0.7, 1)}),
 ]
