@@ -176,7 +176,9 @@ def test_fused_cpu_kernel_takes_state_slots_that_are_contiguous_only_one_by_one(
 
 
 @needs_numba
-def test_fused_cpu_small_arrays_restore_the_thread_count():
+def test_fused_cpu_small_arrays_run_the_one_thread_twin_and_keep_the_thread_count():
+    """Below SERIAL_BELOW the step calls the loop compiled without ``parallel`` (no parallel launch, no thread
+    count switched); above it, the parallel loop. Both give the reference's bits (the tests above)."""
     import numba  # noqa: PLC0415
 
     threads = numba.get_num_threads()
@@ -184,6 +186,8 @@ def test_fused_cpu_small_arrays_restore_the_thread_count():
     updater = Adam()
     updater.apply(params, grads[0], updater.init(params), 0, kernel="fused")
     assert params.size < fused_cpu.SERIAL_BELOW and numba.get_num_threads() == threads
+    serial = fused_cpu._RULE_LOOPS[(Adam, False)]
+    assert not serial.targetoptions.get("parallel")
 
 
 @needs_numba

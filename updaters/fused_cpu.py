@@ -46,13 +46,19 @@ _CACHE = True
 
 def _parallel(fn):
     """``@njit(parallel=True, fastmath=False)``, cached on disk where numba finds a writable directory."""
+    return _compiled(fn, parallel=True)
+
+
+def _compiled(fn, parallel: bool):
+    """``fn`` compiled by numba (``parallel``: ``prange`` spreads over numba's threads; else it is a plain
+    ``range`` and the call is one thread with no parallel launch at all), cached on disk where possible."""
     global _CACHE
     if _CACHE:
         try:
-            return numba.njit(parallel=True, fastmath=False, cache=True)(fn)
+            return numba.njit(parallel=parallel, fastmath=False, cache=True)(fn)
         except RuntimeError:  # "cannot cache function ...: no locator available"
             _CACHE = False
-    return numba.njit(parallel=True, fastmath=False)(fn)
+    return numba.njit(parallel=parallel, fastmath=False)(fn)
 
 
 def _inline(fn):
@@ -222,16 +228,18 @@ def _inlined_call(kernels: FusedKernels, slots: int):
     namespace = {"element": numba.njit(inline="always", fastmath=False)(kernels.element)}
     exec(compile(source, f"<fused call of {kernels.element.__qualname__}>", "exec"), namespace)  # noqa: S102
     return numba.njit(inline="always", fastmath=False)(namespace["call"])
-_RULE_LOOPS: dict = {}  # rule class -> its compiled loop
+_RULE_LOOPS: dict = {}  # (rule class, parallel) -> its compiled loop
 
 
-def _rule_loop(rule_class, kernels: FusedKernels):
-    """The rule's loop, compiled: ``_LOOPS[slots]`` with ``element`` bound to the rule's compiled element.
+def _rule_loop(rule_class, kernels: FusedKernels, parallel: bool = True):
+    """The rule's loop, compiled: ``_LOOPS[slots]`` with ``element`` bound to the rule's compiled element;
+    ``parallel`` or the one-thread twin of the same loop (the same arithmetic per element, so the same bits).
 
-    Its qualified name carries a digest of the element's source, so numba's disk cache (keyed by this file and
-    the loop's name) never serves a loop built from an older element; an element without source is compiled
-    in memory only."""
-    if rule_class not in _RULE_LOOPS:
+    Its qualified name carries a digest of the element's source (and ``serial`` for the twin), so numba's disk
+    cache (keyed by this file and the loop's name) never serves a loop built from an older element or the other
+    variant; an element without source is compiled in memory only."""
+    key = (rule_class, parallel)
+    if key not in _RULE_LOOPS:
         template = _LOOPS[len(rule_class.state_keys)]
         namespace = dict(globals(), element=_inlined_call(kernels, len(rule_class.state_keys)))
         loop = types.FunctionType(template.__code__, namespace, f"fused_{rule_class.__name__}")
@@ -240,18 +248,19 @@ def _rule_loop(rule_class, kernels: FusedKernels):
         except (OSError, TypeError):
             source = None
         if source is None:
-            _RULE_LOOPS[rule_class] = numba.njit(parallel=True, fastmath=False)(loop)
+            _RULE_LOOPS[key] = numba.njit(parallel=parallel, fastmath=False)(loop)
         else:
-            loop.__qualname__ = f"{loop.__name__}_{hashlib.sha256(source.encode()).hexdigest()[:16]}"
-            _RULE_LOOPS[rule_class] = _parallel(loop)
-    return _RULE_LOOPS[rule_class]
+            variant = "" if parallel else "_serial"
+            loop.__qualname__ = f"{loop.__name__}_{hashlib.sha256(source.encode()).hexdigest()[:16]}{variant}"
+            _RULE_LOOPS[key] = _compiled(loop, parallel)
+    return _RULE_LOOPS[key]
 
 
 _COMPUTE = {np.dtype(np.float16): (np.float32, np.uint16), np.dtype(np.float32): (np.float32, None),
             np.dtype(np.float64): (np.float64, None)}
 
-# Below this many elements one thread does the whole pass: waking the second costs more than it saves
-# (figures in BENCHMARKS.md, "Figures that were in code comments").
+# Below this many elements the one-thread twin of the loop does the whole pass (no parallel launch): waking a
+# second thread costs more than it saves (figures in BENCHMARKS.md, "Figures that were in code comments").
 SERIAL_BELOW = 1 << 15
 
 _STEPS: dict = {}
@@ -286,7 +295,15 @@ def kernel_for(updater, param_dtype):
 def _fused_step(rule_class, kernels: FusedKernels, dtype: np.dtype):
     compute, bits = _COMPUTE[dtype]
     zero_update = kernels.zero_update
-    kernel = _weight_decay_only if zero_update else _rule_loop(rule_class, kernels)
+    if zero_update:
+        loops = {True: _weight_decay_only, False: _weight_decay_only}
+    else:  # the one-thread twin is compiled the first time a small array asks for it
+        loops = {True: None, False: None}
+
+    def loop(parallel: bool):
+        if loops[parallel] is None:
+            loops[parallel] = _rule_loop(rule_class, kernels, parallel)
+        return loops[parallel]
 
     def fused_step(params, grads, state, scalars, adjustments):
         if zero_update and not adjustments.weight_decay:
@@ -302,18 +319,7 @@ def _fused_step(rule_class, kernels: FusedKernels, dtype: np.dtype):
             slots = tuple(_slot_view(state, k) for k in range(state.shape[0]))
             rule = tuple(compute(x) for x in kernels.kernel_scalars(scalars))
             args = (p, g, *slots, rule) + adjust
-        if p.size >= SERIAL_BELOW:
-            kernel(*args)
-            return
-        threads = numba.get_num_threads()  # per calling thread in numba: safe under concurrent callers
-        if threads == 1:  # e.g. a shard whose thread was set to one numba thread: nothing to switch
-            kernel(*args)
-            return
-        numba.set_num_threads(1)
-        try:
-            kernel(*args)
-        finally:
-            numba.set_num_threads(threads)
+        loop(p.size >= SERIAL_BELOW)(*args)
 
     fused_step.__name__ = f"fused_cpu_{rule_class.__name__}_{dtype.name}"
     return fused_step
