@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from . import ctr_command
+from . import ctr_command, data_flags
 from .cli import UsageError
 
 UPDATER_FLAGS = ("sgd", "nesterovs", "adagrad", "rmsprop", "adadelta", "adam", "adamax", "nadam", "amsgrad",
@@ -50,7 +50,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--dataset", default="digits", choices=("digits", "synthetic-ctr"),
                         help="bundled data set (default digits); synthetic-ctr: the CTR workload "
                              "(deploy/ctr_command.py)")
-    parser.add_argument("--data", default=None, help="your own .npz with x_train, y_train, x_test, y_test")
+    data_flags.add_arguments(parser)  # --data (.npz, Parquet, CSV), --label-column, --feature-columns, --test-*
     parser.add_argument("--model", default="mlp", choices=("softmax", "mlp"))
     parser.add_argument("--hidden", default="128", help="hidden sizes, e.g. 128 or 2048,2048")
     parser.add_argument("--updater", default="adam", choices=UPDATER_FLAGS)
@@ -242,12 +242,12 @@ def run(args) -> int:
     args.epochs = 20 if args.epochs is None else args.epochs
     args.batch_size = 32 if args.batch_size is None else args.batch_size
 
-    from ..worker.data import load_dataset  # noqa: PLC0415
     from ..worker.models import build_model  # noqa: PLC0415
+    from .cluster import connect  # noqa: PLC0415
 
     updater = build_updater(args.updater, args.learning_rate, args.lr_decay)
+    data = data_flags.load_data(args, lambda: connect(args.address))  # Parquet/CSV: read on the run's Ray
     try:
-        data = load_dataset(args.dataset, path=args.data, seed=args.seed)
         model = build_model(args.model, data.num_features, data.num_classes, hidden=args.hidden)
     except (ValueError, FileNotFoundError) as error:
         raise UsageError(str(error)) from None
@@ -261,7 +261,6 @@ def run(args) -> int:
     import ray  # noqa: PLC0415
 
     from ..server.client import ParameterServer  # noqa: PLC0415
-    from .cluster import connect  # noqa: PLC0415
     from .training_checkpoints import load_progress, resume_dir, save_progress, shards_dir  # noqa: PLC0415
     from ..worker.training import train  # noqa: PLC0415
 

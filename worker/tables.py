@@ -25,7 +25,7 @@ CSV_SUFFIXES = (".csv",)
 
 
 def import_ray_data():
-    """``ray.data``, with its per-execution progress logging turned down to warnings in this process."""
+    """``ray.data``, with its per-execution logging (progress included) turned down to warnings here."""
     try:
         import ray.data  # noqa: PLC0415 - optional: the data extra
         import pyarrow  # noqa: F401, PLC0415
@@ -33,7 +33,6 @@ def import_ray_data():
         raise ImportError(f"reading Parquet/CSV and ray.data.Dataset training need Ray Data; {DATA_INSTALL_HINT}") \
             from exc
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    ray.data.DataContext.get_current().enable_progress_bars = False
     return ray.data
 
 
@@ -113,14 +112,19 @@ def file_format(path: str) -> str:
 
 
 def read_table(path, fmt: str | None = None):
-    """A ``ray.data.Dataset`` reading the Parquet or CSV file (or directory) at ``path``."""
+    """A ``ray.data.Dataset`` reading the Parquet or CSV file (or directory) at ``path``, in order."""
     rd = import_ray_data()
     path = os.path.abspath(os.fspath(path))
     fmt = fmt or file_format(path)
+    context = rd.DataContext.get_current()  # a Dataset keeps the context it was made in
+    preserve = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True  # rows in file order (files in name order), every run alike
     try:
         return rd.read_parquet(path) if fmt == "parquet" else rd.read_csv(path)
     except Exception as error:  # noqa: BLE001 - Ray Data wraps pyarrow's errors in its own
         raise ValueError(f"{path}: not a readable {fmt} file ({_first_line(error)})") from None
+    finally:
+        context.execution_options.preserve_order = preserve
 
 
 def _first_line(error: Exception) -> str:
