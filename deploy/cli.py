@@ -1,4 +1,5 @@
-"""The ``rayps`` command line: ``rayps train`` (the main job) and ``rayps plot updaters``.
+"""The ``rayps`` command line: ``rayps train`` (the main job), ``rayps tune`` (a Ray Tune sweep) and
+``rayps plot updaters``.
 
 Each subcommand lives in its own module with ``add_parser(subparsers)`` and ``run(args) -> int``.
 A bad flag value prints one line and exits with code 2, without a traceback.
@@ -10,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMAND_MODULES = ("rayps.deploy.train_command", "rayps.deploy.plot_command")
+SUBCOMMAND_MODULES = ("rayps.deploy.train_command", "rayps.deploy.plot_command", "rayps.deploy.tune_command")
 
 
 class UsageError(Exception):
