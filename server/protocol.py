@@ -45,6 +45,8 @@ MAX_ARRAYS = 4096
 ARRAY_DTYPES = frozenset({"float16", "float32", "float64", "uint16", "int8", "uint8", "int32", "int64"})
 CAST_MODES = ("fp16", "bf16")
 REJECTION_CODES = ("malformed", "restarted", "timeout", "overloaded")
+_DTYPE_OF = {name: np.dtype(name) for name in ARRAY_DTYPES}  # header name -> dtype (looked up per frame)
+_NAME_OF = {dtype: name for name, dtype in _DTYPE_OF.items()}  # native dtype -> header name
 
 
 class ProtocolError(ValueError):
@@ -180,12 +182,15 @@ class _Arrays:
     def ref(self, array) -> int | None:
         if array is None:
             return None
-        array = np.asarray(array)
-        if not array.dtype.isnative:  # frames are native byte order (the header names only the dtype)
+        if type(array) is not np.ndarray:
+            array = np.asarray(array)
+        name = _NAME_OF.get(array.dtype)
+        if name is None:  # frames are native byte order (the header names only the dtype)
             array = array.astype(array.dtype.newbyteorder("="))
+            name = array.dtype.name
         if not array.flags.c_contiguous:
             array = np.ascontiguousarray(array)
-        self.specs.append([array.dtype.name, list(array.shape)])
+        self.specs.append([name, list(array.shape)])
         self.frames.append(array.reshape(-1) if array.ndim != 1 else array)
         return len(self.frames) - 1
 
@@ -283,7 +288,7 @@ def _arrays(header: dict, frames) -> list:
                 or not isinstance(spec[1], list) or len(spec[1]) > 4
                 or not all(type(d) is int and 0 <= d < 1 << 40 for d in spec[1])):
             raise ProtocolError(f"a[{index}]", f"[dtype in {sorted(ARRAY_DTYPES)}, shape of <= 4 sizes]", spec)
-        dtype = np.dtype(spec[0])
+        dtype = _DTYPE_OF[spec[0]]
         size = math.prod(spec[1])
         length = _buffer(frames[index + 1]).nbytes
         if length != size * dtype.itemsize:
@@ -293,7 +298,7 @@ def _arrays(header: dict, frames) -> list:
     out = []  # only now are buffers read
     for (dtype, shape), frame in zip(checked, frames[1:]):
         array = np.frombuffer(_buffer(frame), dtype=dtype)
-        if array.ctypes.data % dtype.itemsize:  # a kernel wants aligned elements: copy the rare odd frame
+        if not array.flags.aligned:  # a kernel wants aligned elements: copy the rare odd frame
             array = array.copy()
         array.flags.writeable = False  # a received frame is read, never written
         out.append(array.reshape(shape))

@@ -70,11 +70,10 @@ class PushPlan:
         if not (rows and isinstance(grads, Mapping) and not grads):
             check_gradients(grads, self.layout.shapes, self.layout.dtypes)
         shard_rows, nonfinite = self._route_rows(rows)
-        with np.errstate(over="ignore", invalid="ignore"):  # the finiteness sums may overflow: rechecked exactly
-            for name, value in grads.items():
-                if not all_finite(value):
-                    nonfinite = name
-                    break
+        for name, value in grads.items():
+            if not all_finite(value):
+                nonfinite = name
+                break
         if nonfinite is not None:
             if self.nan_policy == "reject":
                 raise ValueError(f"grads[{nonfinite!r}] contains NaN or Inf (nan_policy='reject'; "
@@ -154,9 +153,8 @@ class PushPlan:
                 raise TypeError(f"rows[{name!r}] must be a tuple (ids, grads)")
             ids, grads = check_rows(name, self.tables[name], *part)
             if nonfinite is None:
-                with np.errstate(over="ignore", invalid="ignore"):
-                    if not all_finite(grads):
-                        nonfinite = name
+                if not all_finite(grads):
+                    nonfinite = name
             grads = grads.astype(self.tables[name].dtype, copy=False)
             for shard, positions in enumerate(route(ids, self.num_shards)):
                 per_shard[shard][name] = (ids[positions], grads[positions])

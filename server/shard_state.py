@@ -65,6 +65,7 @@ class Range:
     start: int
     stop: int
     piece_indices: np.ndarray  # indices into the shard's piece list
+    pieces_at: slice | np.ndarray  # the same, as a slice when they are consecutive (a view: no gather)
 
 
 @dataclass
@@ -107,6 +108,8 @@ class ShardState:
             for key, r in self.ranges.items()}
         self.full_sizes = {dtype: int(buf.size) for dtype, buf in self.params.items()}
         self.iterations = np.zeros(len(self.pieces), dtype=np.int64)
+        self.every_piece = np.arange(len(self.pieces))  # ``present_idx`` of a full push
+        self.every_piece.flags.writeable = False
         self.piece_slices = {}
         for piece in self.pieces:
             self.piece_slices.setdefault(piece.name, []).append(piece.index)
@@ -132,7 +135,10 @@ class ShardState:
             start, stop = pieces[0].offset, pieces[-1].offset + pieces[-1].size
             if stop - start != sum(p.size for p in pieces):
                 raise ValueError(f"shard {self.shard_index}: group {key[1]} is not contiguous in the {key[0]} buffer")
-            ranges[key] = Range(key[0], key[1], start, stop, np.array([p.index for p in pieces], dtype=np.int64))
+            indices = np.array([p.index for p in pieces], dtype=np.int64)
+            consecutive = bool(np.all(np.diff(indices) == 1))
+            ranges[key] = Range(key[0], key[1], start, stop, indices,
+                                slice(int(indices[0]), int(indices[-1]) + 1) if consecutive else indices)
         return ranges
 
     # -- messages ------------------------------------------------------------------------------------------
@@ -180,7 +186,7 @@ class ShardState:
         staleness = self.version - self.pulled_version.get(worker_id, 0)
         self.counters["max_staleness"] = max(self.counters["max_staleness"], staleness)
         self.counters["max_clock_gap"] = max(self.counters["max_clock_gap"], self.clock_gap())
-        present_idx = np.arange(len(self.pieces)) if present is None else np.asarray(present, dtype=np.int64)
+        present_idx = self.every_piece if present is None else np.asarray(present, dtype=np.int64)
         problem = (Problem(undecodable) if undecodable else None) or self._check_payload(payload, present_idx) \
             or self._check_rows(rows)
         if problem is not None:
@@ -281,11 +287,11 @@ class ShardState:
         full = len(present_idx) == len(self.pieces)
         if full and not factors:
             for r in self.ranges.values():
-                its = self.iterations[r.piece_indices]
-                if its.min() == its.max():
+                its = self.iterations[r.pieces_at]
+                if np.minimum.reduce(its) == np.maximum.reduce(its):
                     self._kernel(r.dtype, r.group, r.start, r.stop, payload[r.dtype][r.start:r.stop],
                                  int(its[0]), epoch, DEFAULT_FACTORS)
-                    self.iterations[r.piece_indices] += 1
+                    self.iterations[r.pieces_at] += 1
                 else:
                     self._apply_runs(payload, r.piece_indices.tolist(), None, epoch, offsets_match=True)
         else:

@@ -77,12 +77,20 @@ def check_gradients(grads, shapes: Mapping[str, tuple], dtypes: Mapping[str, str
     return grads
 
 
+SUM_FROM = 1 << 14  # elements from which all_finite sums instead of testing each element
+
+
 def all_finite(array: np.ndarray) -> bool:
-    """True when no element is NaN or +-Inf: one summing pass (a NaN or Inf makes the sum non-finite); only
-    when the sum is not finite, the exact elementwise check (an overflowing sum of finite values). Call it under
-    ``np.errstate(over="ignore", invalid="ignore")`` (once per push) to keep such sums quiet."""
-    if array.dtype == np.float16:  # float16 sums overflow at 65504: accumulate in float32 (buffered, no temporary)
-        total = np.add.reduce(array, axis=None, dtype=np.float32)
-    else:
-        total = np.add.reduce(array, axis=None)
+    """True when no element is NaN or +-Inf. A small array is tested element by element (cheapest at that
+    size, and it sets no floating-point flag); a large one in one summing pass without a temporary (a NaN or Inf
+    makes the sum non-finite), and only when the sum is not finite, the exact elementwise check (an overflowing
+    sum of finite values). The sum's overflow/invalid flags are silenced here: a non-finite gradient is an
+    answer, not a warning."""
+    if array.size < SUM_FROM:
+        return bool(np.isfinite(array).all())
+    with np.errstate(over="ignore", invalid="ignore"):
+        if array.dtype == np.float16:  # float16 sums overflow at 65504: accumulate in float32 (buffered)
+            total = np.add.reduce(array, axis=None, dtype=np.float32)
+        else:
+            total = np.add.reduce(array, axis=None)
     return math.isfinite(total) or bool(np.isfinite(array).all())
