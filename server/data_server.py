@@ -17,7 +17,10 @@ of the state the thread waits for those sends to finish (``MessageTracker``).
 from __future__ import annotations
 
 import logging
+import os
 import random
+import stat
+import tempfile
 import threading
 import time
 
@@ -70,6 +73,43 @@ def bind_in_range(socket: zmq.Socket, host: str, ports: tuple[int, int]) -> int:
     raise RuntimeError(f"data_ports {low}-{high}: every port is in use on {host}; widen RAYPS_DATA_PORTS")
 
 
+def local_socket_dir() -> str | None:
+    """``<tmp>/rayps-<uid>``: where shards put their same-node (ipc://) sockets, created 0700 so only this user
+    may connect at all; None (tcp only) when it is not a directory of ours with that mode, or when
+    ``RAYPS_DATA_IPC=0``."""
+    if os.environ.get("RAYPS_DATA_IPC", "1") == "0":
+        return None
+    directory = os.path.join(tempfile.gettempdir(), f"rayps-{os.getuid()}")
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        info = os.lstat(directory)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) != 0o700:
+        log.warning("rayps data plane: %s is not a private directory of this user; same-node clients use TCP",
+                    directory)
+        return None
+    return directory
+
+
+def bind_local(socket: zmq.Socket, host: str, port: int) -> str | None:
+    """Also bind ``socket`` on a Unix socket for clients on this node (cheaper than TCP loopback): its
+    endpoint, or None. Named by the TCP address, which this process holds, so a restarted shard on the same
+    port replaces a file its dead predecessor left."""
+    directory = local_socket_dir()
+    if directory is None:
+        return None
+    endpoint = f"ipc://{directory}/{host}-{port}.sock"
+    if len(endpoint) > 100:  # sun_path holds ~107 bytes
+        return None
+    try:
+        socket.bind(endpoint)
+    except zmq.ZMQError as error:
+        log.warning("rayps data plane: no same-node socket at %s (%s); clients use TCP", endpoint, error)
+        return None
+    return endpoint
+
+
 class DataServer:
     def __init__(self, service: ShardService, credentials: RunCredentials, host: str, ports: tuple[int, int],
                  lock: threading.Lock, on_change=None, on_start=None):
@@ -86,6 +126,7 @@ class DataServer:
         credentials.configure_server(socket)
         self.port = bind_in_range(socket, host, ports)
         self.endpoint = f"tcp://{host}:{self.port}"
+        self.local_endpoint = bind_local(socket, host, self.port)  # ipc://, for clients on this node
         self.monitor = socket.get_monitor_socket(MONITORED)
         self.connections = {"accepted": 0, "succeeded": 0, "failed": 0}  # for handshakes that end without an event
         self.counters = {"handshakes_failed": 0, "malformed_rejected": 0}

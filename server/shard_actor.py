@@ -173,6 +173,7 @@ class ShardActor:
         self.data = DataServer(self.service, credentials, host, tuple(data_ports), self.lock, self._after_change,
                                self._pin_kernel_threads)
         self.data.thread.name = f"rayps-data-plane-{shard_index}"
+        self.node_id = ray.get_runtime_context().get_node_id()
         self.data.start()
 
     def _restore_after_restart(self) -> None:
@@ -264,11 +265,14 @@ class ShardActor:
         return table
 
     # -- control plane -------------------------------------------------------------------------------------
-    def endpoint(self, client_id=None) -> list:
+    def endpoint(self, client_id=None, node_id=None) -> list:
         """``[data-plane endpoint, incarnation, client_id's last applied sequence number]``: what a client asks
-        after a start or a restart of this shard."""
+        after a start or a restart of this shard. A client that names this shard's node (``node_id``) gets the
+        same-node ``ipc://`` endpoint where the shard has one, else the TCP one."""
+        local = node_id is not None and node_id == self.node_id and self.data.local_endpoint is not None
         with self.lock:
-            return [self.data.endpoint, self.incarnation, self.state.applied_seq.get(client_id, 0)]
+            return [self.data.local_endpoint if local else self.data.endpoint, self.incarnation,
+                    self.state.applied_seq.get(client_id, 0)]
 
     def table_rows(self, name):
         """Every stored row of table ``name`` on this shard, and its updater state: ``(ids, values, state,

@@ -87,13 +87,16 @@ class ShardLinks:
         self.route = None  # tests: route(shard, endpoint) -> the endpoint to connect to (e.g. a fault proxy)
         self.resend_after = RESEND_AFTER
         self.context = zmq.Context.instance()
+        self.node_id = ray.get_runtime_context().get_node_id()
         self.poller = zmq.Poller()
         self.sockets: dict = {}  # socket -> shard
 
     # -- connections -------------------------------------------------------------------------------------------
     def _discover(self, shard: int, timeout: float):
-        """``[endpoint, incarnation, applied]`` from the shard's actor (Ray)."""
-        return ray.get(self.actors[shard].endpoint.remote(self.client_id), timeout=timeout)
+        """``[endpoint, incarnation, applied]`` from the shard's actor (Ray); the shard's same-node (ipc://)
+        endpoint when this client runs on its node, unless a ``route`` (tests) wants the TCP one."""
+        node = self.node_id if self.route is None else None
+        return ray.get(self.actors[shard].endpoint.remote(self.client_id, node), timeout=timeout)
 
     def _open(self, shard: int, endpoint: str) -> None:
         link = self.links[shard]

@@ -171,6 +171,61 @@ def test_an_outsider_gets_nothing_changes_nothing_and_is_counted(plain_server, a
     _assert_same(ps.pull(), {n: before[n] - step[n] for n in before})
 
 
+def _local_endpoints(ps) -> list[str]:
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    return [ray.get(actor.endpoint.remote(None, node), timeout=WAIT)[0] for actor in ps.shard_actors]
+
+
+def test_a_client_on_the_shards_node_gets_a_private_unix_socket_that_admits_only_members(plain_server):
+    """Same node: ``ipc://`` in a 0700 directory of this user (the TCP endpoint for anyone else); the run's
+    credentials are checked there as on TCP."""
+    import os
+    import stat
+
+    ps = plain_server
+    local, tcp = _local_endpoints(ps)[0], _endpoints(ps)[0]
+    assert tcp.startswith("tcp://127.0.0.1:") and local.startswith("ipc://")
+    directory = os.path.dirname(local.removeprefix("ipc://"))
+    info = os.stat(directory)
+    assert info.st_uid == os.getuid() and stat.S_IMODE(info.st_mode) == 0o700
+    for configure in (None, lambda s: RunCredentials.new().configure_client(s)):
+        before, failed = ps.pull(), _counter(ps, "handshakes_failed")
+        _outsider_dealer(configure)(local)
+        _wait_increase(ps, "handshakes_failed", failed)
+        _assert_same(ps.pull(), before)
+    member = _dealer(local, ps.credentials.configure_client)
+    try:
+        before = ps.pull()
+        grads = {n: np.full_like(v, 0.25) for n, v in PARAMS.items()}
+        member.send_multipart(_frames(PushMessage(1, "ipc-member", 1, 0, 0, _payload(ps, grads), pull=True,
+                                                  pull_worker=0)))
+        reply = _receive(member, WAIT)
+        assert isinstance(reply, Reply) and reply.ack.applied == 1
+        _assert_same(ps.pull(), {n: before[n] - grads[n] for n in before})
+    finally:
+        member.close(linger=0)
+
+
+def test_no_unix_socket_when_the_directory_is_not_private(tmp_path, monkeypatch):
+    """A socket directory someone else could enter (not 0700) is not used: TCP only (logic, no Ray)."""
+    import os
+    import tempfile
+
+    from rayps.server import data_server
+
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    shared = tmp_path / f"rayps-{os.getuid()}"
+    shared.mkdir(mode=0o755)
+    os.chmod(shared, 0o755)
+    assert data_server.local_socket_dir() is None
+    os.chmod(shared, 0o700)
+    assert data_server.local_socket_dir() == str(shared)
+    monkeypatch.setenv("RAYPS_DATA_IPC", "0")
+    assert data_server.local_socket_dir() is None
+
+
 def test_encrypted_shard_refuses_wrong_curve_keys():
     ps = _server(PARAMS, num_shards=1, encrypt=True)
     try:
