@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,3 +64,35 @@ def test_a_four_trial_sweep_ranks_the_trials_and_checkpoints_through_tune(ray_se
         assert accuracy == reports[-1]["test_accuracy"] and math.isclose(loss, reports[-1]["test_loss"])
         assert (checkpoints[-1] / "epoch.txt").read_text() == "1"  # the last finished epoch (from 0)
         assert np.isfinite(reports[-1]["train_loss"])
+
+
+def test_a_failed_trial_resumes_from_its_tune_checkpoint(ray_session, tmp_path):
+    """Tune restarts the trial (max_failures=1); the trainable picks up its checkpoint and runs only the second
+    epoch: the trial reports epochs 1 then 2 (a restart from scratch would report 1, 1, 2)."""
+    from ray import tune
+
+    from rayps.worker.tune import trial_resources
+
+    def flaky_trial(config):  # defined here so that Ray ships it by value
+        """The rayps trainable, but the first attempt dies right after its first epoch's report (a lost node)."""
+        import os
+
+        from rayps.worker.tune import trainable
+
+        if not os.path.exists(config["marker"]):
+            open(config["marker"], "w").close()
+            trainable({**config, "epochs": 1})
+            raise RuntimeError("the trial's node was lost")
+        trainable(config)
+
+    tuner = tune.Tuner(
+        tune.with_resources(flaky_trial, trial_resources(num_shards=1, num_workers=2)),
+        param_space={"updater": "adam", "epochs": 2, "model": "softmax", "batch_size": 64,
+                     "marker": str(tmp_path / "failed-once")},
+        run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=1)))
+    result = tuner.fit()[0]
+    assert result.error is None and (tmp_path / "failed-once").exists()
+    reports = [json.loads(line) for line in (Path(result.path) / "result.json").read_text().splitlines()]
+    assert [r["epoch"] for r in reports] == [1, 2]
+    assert reports[-1]["test_accuracy"] > reports[0]["test_accuracy"] - 0.05
