@@ -149,9 +149,13 @@ def test_a_ray_dataset_run_survives_a_worker_death_and_reports_the_rows_it_skipp
     def grad_fn(params, batch):
         x, y = batch
         grad_fn.batches = getattr(grad_fn, "batches", 0) + 1
-        if grad_fn.batches == 5 and not marker.exists():  # the first process to get here dies, once
-            marker.touch()
-            os._exit(1)
+        if grad_fn.batches == 5:  # the first process to get here dies (O_EXCL: only one ever creates the marker)
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                pass
+            else:
+                os._exit(1)
         loss, grads = model.loss_and_grads({k: v for k, v in params.items() if k != "n"}, x, y)
         return loss, {**grads, "n": np.array([-float(len(y))])}
 

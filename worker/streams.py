@@ -8,6 +8,8 @@ same number of rows per epoch, ``rows // num_workers`` (``equal`` drops the rema
 rows per epoch, reported as ``data_rows_dropped``), so every worker takes the same number of steps, ``ceil(split
 rows / batch_size)``, and BSP steps line up. Ray Data reads, and re-reads each epoch, where the data lives;
 batches arrive as NumPy (``TableColumns.arrays``: features stacked into float32 rows, or one tensor column).
+The order is Ray Data's (``seed`` does not apply): shuffle with ``ds.randomize_block_order()`` or
+``ds.random_shuffle()`` before passing the dataset.
 
 A worker's death. Ray restarts the worker (``max_worker_restarts``) and the driver asks it for the same epoch
 again. The rows its dead process had taken from its split cannot be read again in that epoch (a split is a
