@@ -293,5 +293,12 @@ class ShardActor:
                      endpoint=self.data.endpoint)
         return stats
 
+    def validate(self) -> bool:
+        """Check this shard's invariants between two messages (``ShardState.validate``, its row tables too):
+        raises ``InvariantError`` naming the first one broken, else True. For tests and debugging."""
+        with self.lock:
+            self.state.validate()
+        return True
+
     def ping(self) -> str:
         return self.incarnation

@@ -29,6 +29,7 @@ from ..updaters.groups import ParamGroup
 from . import transport
 from .layout import Piece
 from .payload_checks import check_payload, check_rows
+from .shard_invariants import check_shard_state
 from .validation import CONSISTENCY_MODES, NAN_POLICIES
 
 DEFAULT_FACTORS = (1.0, math.inf)
@@ -394,6 +395,11 @@ class ShardState:
         rows = table.pull_rows(ids)
         self.counters["bytes_pulled"] += int(rows.nbytes)
         return rows
+
+    def validate(self) -> None:
+        """Check every invariant of this state (server/shard_invariants.py); raise ``InvariantError`` naming
+        the first one broken. O(state size): for tests and debugging, not called by the shard itself."""
+        check_shard_state(self)
 
     def pending_count(self, client_id: str) -> int:
         """Early pushes of ``client_id`` waiting for the ones before them."""

@@ -33,7 +33,7 @@ import numpy as np
 from ..updaters.base import Updater, state_dtype_for
 from ..updaters.groups import ParamGroup
 from . import row_policies as policies
-from . import row_checks, row_records, row_updates
+from . import row_checks, row_records, row_updates, shard_invariants
 from .checkpoint import CheckpointError
 from .row_index import RowIndex, row_owner
 
@@ -379,6 +379,13 @@ class RowTableShard:
                 "allocated_bytes": self.allocated_bytes(), "bytes": self.used_bytes(),
                 "cap": self.cap, "version": self.version,
                 "iterations_max": int(self._iterations[:n].max()) if n else 0, **self.counters}
+
+    def validate(self) -> None:
+        """Check every invariant of this table shard (server/shard_invariants.py); raise ``InvariantError``
+        naming the first one broken. O(stored rows): for tests and debugging."""
+        shard_invariants.check_row_table(self, self._ids, self._values, self._state,
+                                         dict(zip(COLUMNS[1:], self._columns()[1:])), self._evicted_log,
+                                         self._evicted_logged)
 
     # -- changes: serving deltas and incremental checkpoints -----------------------------------------------
     def columns(self, since: int | None = None) -> dict:

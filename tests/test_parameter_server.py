@@ -26,6 +26,8 @@ from rayps.updaters import (ALL_UPDATERS, L2, AdaBelief, AdaDelta, AdaGrad, AdaM
                             Nesterovs, NoOp, ParameterUpdater, ParamGroup, RmsProp, Sgd, WeightDecay)
 from rayps.updaters.groups import as_groups, assign_groups
 
+from state_invariants import validate_shards
+
 TOLERANCE = {np.dtype(np.float32): dict(rtol=5e-6, atol=1e-6), np.dtype(np.float64): dict(rtol=1e-12, atol=1e-14)}
 PUSHES = 5
 WAIT_SECONDS = 120  # a generous deadline for conditions the tests wait on (never asserted as a time)
@@ -144,6 +146,7 @@ def async_run(request, ray_session):
             reference.apply(grads)
         pulled = ps.pull()
         stats = ps.stats()
+        assert validate_shards(ps) == num_shards
     finally:
         ps.shutdown()
     assert stats["updates_applied"] == PUSHES and stats["pushes"] == PUSHES
@@ -209,6 +212,7 @@ def test_sync_with_three_workers_equals_the_updater_applied_to_each_steps_mean(r
         stats = ps.stats()
         assert stats["updates_applied"] == 3 and stats["consistency"] == "sync"
         assert all(s["sync_clock"] == 3 for s in stats["shards"])
+        assert validate_shards(ps) == 2
     finally:
         ps.shutdown()
 
@@ -268,6 +272,7 @@ def test_ssp_a_slow_worker_never_lets_another_run_more_than_s_clocks_ahead(ray_s
         # this run drove it to exactly that bound
         assert stats["max_clock_gap"] == staleness + 1
         assert stats["updates_applied"] == 2 * fast_steps
+        assert validate_shards(ps) == 1
     finally:
         ps.shutdown()
 
@@ -286,7 +291,10 @@ def sgd_server(ray_session):
     ps = ParameterServer(params, updater=Sgd(learning_rate=0.5), num_shards=2)
     assert len({p.shard for p in ps.layout.pieces_of["W"]}) == 2
     yield ps
-    ps.shutdown()
+    try:
+        assert validate_shards(ps) == 2  # after every test that used it, bad pushes included
+    finally:
+        ps.shutdown()
 
 
 def _sgd_reference(start, grads):
@@ -394,6 +402,7 @@ def test_nan_policy_skip_drops_a_non_finite_push_and_counts_it(ray_session):
         reference.apply(good)
         assert_params_close(ps.pull(), reference.params)
         assert ps.stats()["updates_applied"] == 1
+        assert validate_shards(ps) == 1
     finally:
         ps.shutdown()
 

@@ -27,6 +27,16 @@ from rayps.server.shard_service import ShardService
 from rayps.updaters import Sgd
 from rayps.updaters.groups import as_groups, assign_groups
 from rayps.server.compression import EncodedTensor
+from state_invariants import record_instances, validate_all
+
+
+@pytest.fixture(autouse=True)
+def _invariants_hold_after_each_test(monkeypatch):
+    """Every ShardState a test builds passes ``validate()`` when the test is done (tests/state_invariants.py)."""
+    made = record_instances(monkeypatch, ShardState)
+    yield
+    validate_all(made)
+
 
 LR = 0.5
 INCARNATION = "inc-1"

@@ -15,6 +15,15 @@ from rayps.server.sparse_rows import RowTableShard
 from rayps.updaters import Sgd
 
 from row_policy_model import ShardModel, owner, stream
+from state_invariants import record_instances, validate_all
+
+
+@pytest.fixture(autouse=True)
+def _invariants_hold_after_each_test(monkeypatch):
+    """Every RowTableShard a test builds passes ``validate()`` when the test is done (tests/state_invariants.py)."""
+    made = record_instances(monkeypatch, RowTableShard)
+    yield
+    validate_all(made)
 
 DIM, ROWS, LR = 2, 10_000, 0.1
 INIT = HashedUniformInit(DIM, 0.1, seed=4)

@@ -11,6 +11,7 @@ from rayps.server.row_index import HashedUniformInit
 from rayps.updaters import Sgd
 
 from row_policy_model import ShardModel, owner, stream
+from state_invariants import validate_shards
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -70,6 +71,7 @@ def test_the_server_matches_the_dict_model_and_sums_its_stats(eviction, admissio
         assert stats["dropped_gradients"] == sum(m.dropped for m in models) > 0
         if isinstance(eviction, LRUEviction):
             assert all(s["rows"] <= 20 for s in stats["shards"])
+        assert validate_shards(ps) == 2
     finally:
         ps.shutdown()
 
@@ -149,6 +151,7 @@ def test_incremental_saves_grow_with_touched_rows_and_restore_into_3_shards(tmp_
             assert 500 * SPREAD not in live[0].tolist()  # counted once before the save: one more push admits it
             restored.push_rows("emb", np.array([500]) * SPREAD, np.ones((1, DIM), np.float32))
             assert 500 * SPREAD in _table(restored)[0].tolist()
+            assert validate_shards(restored) == num_shards
         finally:
             restored.shutdown()
 
@@ -166,6 +169,7 @@ def test_a_killed_shard_replays_row_pushes_exactly_once_over_incremental_checkpo
         got = _table(ps)
         assert ps.stats()["restarts"] >= 1
         assert any(f.name.startswith("rows-s1-") for f in tmp_path.iterdir())  # the table's chain files
+        assert validate_shards(ps) == 2  # shard 1 restored its chain and took the replay
     finally:
         ps.shutdown()
     clean = _server(CountAdmission(2, width=4096), TTLEviction(8))

@@ -26,6 +26,8 @@ import pytest
 from rayps.server.protocol import PullRequest, PushMessage, Rejection, RowsRequest, from_frames, to_frames
 from rayps.updaters import Sgd
 
+from state_invariants import validate_shards
+
 pytestmark = pytest.mark.usefixtures("ray_session")
 WAIT_SECONDS = 120
 INLINE, PLASMA = 256, 64 * 1024  # float32 elements: 1 KB, 256 KB
@@ -185,6 +187,7 @@ def test_sync_a_pull_blocks_until_every_worker_pushed_its_step():
         assert not thread.is_alive() and not errors, errors
         for name, value in params.items():  # Sgd(1.0) of the mean (1 + 3) / 2
             np.testing.assert_array_equal(result["params"][name], value - 2.0)
+        assert validate_shards(ps) == 2
     finally:
         ps.shutdown()
 
@@ -204,6 +207,7 @@ def test_sync_dead_worker_policy_forces_the_step_and_drops_the_late_push():
         assert all(s["sync_clock"] == 1 for s in stats["shards"])
         for name, value in ps.pull().items():
             np.testing.assert_array_equal(value, params[name] - 1.0)
+        assert validate_shards(ps) == 2  # a forced step and a dropped late push leave a valid state
     finally:
         ps.shutdown()
 
@@ -225,6 +229,7 @@ def test_a_non_finite_push_reaches_no_shard():
         assert [s["clocks"] for s in shards_after] == [s["clocks"] for s in shards_before]
         for name in params:
             np.testing.assert_array_equal(after[name], before[name], strict=True)
+        assert validate_shards(ps) == 2
     finally:
         ps.shutdown()
 
@@ -326,5 +331,6 @@ def test_a_shard_restarted_on_the_same_port_rejects_the_old_incarnation_and_the_
         stats = ps.stats()
         assert stats["recovery_causes"].get("rejected", 0) >= 1, stats["recovery_causes"]
         assert stats["updates_applied"] == 6 and stats["restarts"] == 1
+        assert validate_shards(ps) == 1  # restored from its checkpoint, then replayed to
     finally:
         ps.shutdown()

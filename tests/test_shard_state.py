@@ -13,6 +13,16 @@ import pytest
 from rayps.server import ParameterLayout, ShardState
 from rayps.updaters import AdaGrad, Adam, Nesterovs, ParamGroup, RmsProp, Sgd
 from rayps.updaters.groups import as_groups, assign_groups
+from state_invariants import record_instances, validate_all
+
+
+@pytest.fixture(autouse=True)
+def _invariants_hold_after_each_test(monkeypatch):
+    """Every ShardState a test builds passes ``validate()`` when the test is done (tests/state_invariants.py)."""
+    made = record_instances(monkeypatch, ShardState)
+    yield
+    validate_all(made)
+
 
 TOLERANCE = {np.dtype(np.float32): dict(rtol=2e-6, atol=1e-7), np.dtype(np.float64): dict(rtol=1e-13, atol=1e-15)}
 

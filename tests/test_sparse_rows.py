@@ -16,6 +16,16 @@ from rayps.server.sparse_rows import RowTableShard
 from rayps.updaters import L2, AdaGrad, Adam, Nesterovs, ParamGroup, RmsProp, Sgd, WeightDecay
 from rayps.updaters.schedules import ExponentialSchedule
 from rayps.worker.ctr import power_law_ranks
+from state_invariants import record_instances, validate_all
+
+
+@pytest.fixture(autouse=True)
+def _invariants_hold_after_each_test(monkeypatch):
+    """Every RowTableShard a test builds passes ``validate()`` when the test is done (tests/state_invariants.py)."""
+    made = record_instances(monkeypatch, RowTableShard)
+    yield
+    validate_all(made)
+
 
 NUM_ROWS, DIM = 200, 3
 
