@@ -119,6 +119,21 @@ def test_regression_with_a_torch_module_and_mse_loss(ray_session):
     assert result["test_loss"] < 0.05
 
 
+def test_a_torch_module_takes_float64_regression_targets_in_its_own_dtype():
+    torch = pytest.importorskip("torch", reason="the torch extra is not installed")
+    from rayps.worker.torch_adapter import TorchModule
+
+    model = TorchModule(torch.nn.Sequential(torch.nn.Linear(3, 1), torch.nn.Flatten(0)),
+                        loss_fn=torch.nn.functional.mse_loss)
+    params = model.init_params(seed=0)
+    x = np.random.default_rng(0).standard_normal((5, 3))
+    y = x.sum(axis=1)  # float64, the module is float32
+    loss, grads = model.loss_and_grads(params, x, y)
+    err = x.astype(np.float32) @ params["0.weight"][0] + params["0.bias"][0] - y.astype(np.float32)
+    assert loss == pytest.approx(float(np.mean(err.astype(np.float64) ** 2)), rel=1e-5)
+    np.testing.assert_allclose(grads["0.weight"][0], 2 * x.T.astype(np.float32) @ err / 5, rtol=1e-4)
+
+
 # -- a ray.data.Dataset, from a Parquet file --------------------------------------------------------------
 def _digits_parquet(path):
     import pyarrow as pa

@@ -116,14 +116,17 @@ class TorchModule:
     def loss_and_grads(self, params: Mapping[str, np.ndarray], x, y) -> tuple[float, dict[str, np.ndarray]]:
         """Loss on the batch ``(x, y)`` at ``params`` and its gradients (same names, shapes and dtypes as params).
 
-        ``x`` is cast to the module's parameter dtype; ``y`` is passed to ``loss_fn`` as int64 class ids
-        (floating targets keep their dtype). A parameter the forward pass does not use gets a zero gradient.
+        ``x`` is cast to the module's parameter dtype; ``y`` is passed to ``loss_fn`` as int64 class ids, or,
+        when it is floating (regression targets, e.g. ``loss_fn=torch.nn.functional.mse_loss``), in the module's
+        parameter dtype. A parameter the forward pass does not use gets a zero gradient.
         """
         torch = _import_torch()
         self._load(params)
         inputs = self._inputs(x)
         y = np.asarray(y)
-        targets = _as_tensor(torch, y.astype(np.int64) if y.dtype.kind in "biu" else y).to(inputs.device)
+        dtype = _numpy_dtype(next(iter(self._params.values())).dtype)
+        targets = _as_tensor(torch, y.astype(np.int64) if y.dtype.kind in "biu" else y.astype(dtype, copy=False))
+        targets = targets.to(inputs.device)
         self.module.train()
         self.module.zero_grad(set_to_none=True)
         loss = self.loss_fn(self.module(inputs), targets)
