@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,7 +39,8 @@ def test_a_four_trial_sweep_ranks_the_trials_and_checkpoints_through_tune(ray_se
 
     storage = tmp_path / "tune"
     assert main(["tune", "--updaters", "sgd,adam", "--learning-rates", "0.01,0.1", "--epochs", "2", "--model",
-                 "softmax", "--batch-size", "64", "--scheduler", "fifo", "--storage-path", str(storage)]) == 0
+                 "softmax", "--batch-size", "64", "--workers", "1", "--scheduler", "fifo",
+                 "--storage-path", str(storage)]) == 0
     table = capsys.readouterr().out.strip().splitlines()
     rows = [line.split() for line in table[table.index(next(l for l in table if l.lstrip().startswith("rank"))) + 1:]]
     assert len(rows) == 4
@@ -68,7 +68,7 @@ def test_a_four_trial_sweep_ranks_the_trials_and_checkpoints_through_tune(ray_se
 
 def test_a_failed_trial_resumes_from_its_tune_checkpoint(ray_session, tmp_path):
     """Tune restarts the trial (max_failures=1); the trainable picks up its checkpoint and runs only the second
-    epoch: the trial reports epochs 1 then 2 (a restart from scratch would report 1, 1, 2)."""
+    epoch: its last report says it started after one finished epoch (a restart from scratch would say 0)."""
     from ray import tune
 
     from rayps.worker.tune import trial_resources
@@ -86,13 +86,12 @@ def test_a_failed_trial_resumes_from_its_tune_checkpoint(ray_session, tmp_path):
         trainable(config)
 
     tuner = tune.Tuner(
-        tune.with_resources(flaky_trial, trial_resources(num_shards=1, num_workers=2)),
-        param_space={"updater": "adam", "epochs": 2, "model": "softmax", "batch_size": 64,
+        tune.with_resources(flaky_trial, trial_resources(num_shards=1, num_workers=1)),
+        param_space={"updater": "adam", "epochs": 2, "model": "softmax", "batch_size": 64, "num_workers": 1,
                      "marker": str(tmp_path / "failed-once")},
         run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=1)))
     result = tuner.fit()[0]
     assert result.error is None and (tmp_path / "failed-once").exists()
-    reports = [json.loads(line) for line in (Path(result.path) / "result.json").read_text().splitlines()]
-    assert [r["epoch"] for r in reports] == [1, 2]
-    assert reports[-1]["test_accuracy"] > reports[0]["test_accuracy"] - 0.05
+    assert result.metrics["epoch"] == 2 and result.metrics["first_epoch"] == 1
+    assert result.checkpoint is not None and result.metrics["test_accuracy"] > 0.5

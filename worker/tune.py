@@ -12,7 +12,8 @@
 
 ``trainable(config, data=None)`` starts a ``ParameterServer`` and ``num_workers`` workers, runs ``train`` and,
 after every epoch, saves the server into a Tune checkpoint and calls ``tune.report`` with that epoch's row
-(``epoch``, ``train_loss``, ``test_loss``, ``test_accuracy``, ``samples_per_second``, ...). So a scheduler (ASHA,
+(``epoch``, ``train_loss``, ``test_loss``, ``test_accuracy``, ``samples_per_second``, ..., and ``first_epoch``:
+the epochs this attempt found done in its checkpoint). So a scheduler (ASHA,
 median stopping) stops a bad trial after any epoch, and a trial that Tune restarts or resumes (a failure, PBT,
 ``Tuner.restore``) continues from its last finished epoch with the server's parameters and updater state.
 
@@ -120,6 +121,7 @@ def trainable(config: dict, data=None) -> None:
 
     def report(row: dict) -> None:
         metrics = {k: v for k, v in row.items() if isinstance(v, (int, float))}
+        metrics["first_epoch"] = first_epoch  # > 0: this attempt resumed from a checkpoint of that many epochs
         directory = saved.pop("directory")
         try:
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))  # Tune copies it to storage
