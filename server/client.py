@@ -59,6 +59,7 @@ from .delta_tokens import TableDelta
 from .row_tables import check_rows, route, split_sparse
 from .shard_actor import ShardActor
 from .shard_links import ShardLinks
+from .shard_spec import InitialState, ShardOptions, ShardSpec
 from .shard_state import TICK
 from .validation import check_initial_params, check_server_config
 
@@ -96,7 +97,11 @@ def _nbytes(payload) -> int:
 
 
 class ParameterServer:
-    """Sharded parameters plus DL4J updater state on Ray actors. See the module docstring."""
+    """Sharded parameters plus DL4J updater state on Ray actors. See the module docstring.
+
+    ``initial_state`` (keyword only): an ``InitialState`` (server/shard_spec.py), the updater state and
+    iteration count of every dense parameter and the stored rows of row tables to start from instead of fresh
+    ones; ``restore`` makes one from a checkpoint."""
 
     def __init__(self, params: Mapping[str, np.ndarray], updater=None, num_shards: int = 1,
                  consistency: str = "async", staleness: int = 0, num_workers: int = 1, *,
@@ -105,10 +110,11 @@ class ParameterServer:
                  sync_timeout: float | None = None, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
                  pull_timeout: float | None = 300.0, recovery_timeout: float = 120.0,
                  placement=None, sparse=None, compression: str = "none", encrypt: bool = False,
-                 data_host: str | None = None, data_ports=None, _named_state=None, _named_rows=None):
+                 data_host: str | None = None, data_ports=None, initial_state: InitialState | None = None):
         from ..updaters import Adam  # noqa: PLC0415
 
-        check_server_config(num_shards, consistency, staleness, num_workers, nan_policy)
+        check_server_config(num_shards=num_shards, consistency=consistency, staleness=staleness,
+                            num_workers=num_workers, nan_policy=nan_policy)
         if checkpoint_dir is not None and (isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int)
                                            or checkpoint_every < 1):
             raise ValueError(f"checkpoint_every must be an integer >= 1 (updates per shard), got {checkpoint_every!r}")
@@ -121,6 +127,9 @@ class ParameterServer:
         shapes = {n: tuple(a.shape) for n, a in params.items()}
         dtypes = {n: str(a.dtype) for n, a in params.items()}
         self.layout = ParameterLayout.build(shapes, dtypes, num_shards, {n: group_of[n] for n in params})
+        if initial_state is not None:
+            initial_state.check(shapes, {n: len(self.groups[group_of[n]].updater.state_keys) for n in params},
+                                self.tables)
         for name, t in self.tables.items():  # a cap needs at least one row per shard
             t.check_shards(name, num_shards)
         row_specs = [{"name": name, "num_rows": int(t.num_rows), "dim": int(t.dim), "dtype": str(np.dtype(t.dtype)),
@@ -145,21 +154,27 @@ class ParameterServer:
         if self.checkpoint_dir:
             ckpt.write_manifest(self.checkpoint_dir, persistence.manifest_for(self))
         # the parameters change on the shard's data-plane thread only (shard_actor.py), whatever Ray's threads
-        options = {"num_cpus": cpus_per_shard, "max_restarts": -1 if self.checkpoint_dir else 0}
+        actor_options = {"num_cpus": cpus_per_shard, "max_restarts": -1 if self.checkpoint_dir else 0}
         self._shard_actors = []
-        # the constructor's array arguments go through refs this handle keeps: Ray re-runs the constructor
-        # when it restarts a shard, and an argument it had put in the object store itself may be gone by then
-        self._init_refs = [ray.put(row_specs), ray.put(_named_rows)]
+        updater_state = initial_state.updater_state if initial_state is not None else None
+        # what the shards are built from (server/shard_spec.py) goes through refs this handle keeps: Ray re-runs
+        # the constructor when it restarts a shard, and an argument it had put in the store itself may be gone
+        self._init_refs = [ray.put(ShardOptions(
+            groups=self.groups, consistency=consistency, staleness=staleness, num_workers=num_workers,
+            nan_policy=nan_policy, sync_timeout=sync_timeout, checkpoint_dir=self.checkpoint_dir,
+            checkpoint_every=checkpoint_every, row_tables=tuple(row_specs),
+            row_states=(initial_state.table_rows or None) if initial_state is not None else None,
+            data_host=host, data_ports=ports))]
         for shard in range(num_shards):
-            shard_options = dict(options, **(placement.options_for(shard) if placement is not None else {}))
-            states = None if _named_state is None else persistence.piece_states(self.layout, shard, _named_state)
-            kernel_threads = max(1, int(shard_options.get("num_cpus") or 0))  # the numba pool: the shard's CPUs
-            self._init_refs += [ray.put(self.layout.pack(shard, params)[0]), ray.put(states)]
+            shard_options = dict(actor_options, **(placement.options_for(shard) if placement is not None else {}))
+            spec = ShardSpec(shard_index=shard, pieces=self.layout.shard_pieces[shard],
+                             buffers=self.layout.pack(shard, params)[0],
+                             piece_states=None if not updater_state else
+                             persistence.piece_states(self.layout, shard, updater_state),
+                             kernel_threads=max(1, int(shard_options.get("num_cpus") or 0)))  # the shard's CPUs
+            self._init_refs.append(ray.put(spec))
             self._shard_actors.append(ShardActor.options(**shard_options).remote(
-                shard, self.layout.shard_pieces[shard], self.groups, self._init_refs[-2], consistency, staleness,
-                num_workers, nan_policy, self.checkpoint_dir, checkpoint_every, self._init_refs[-1], sync_timeout,
-                self._init_refs[0], self._init_refs[1], kernel_threads, credentials=self.credentials,
-                data_host=host, data_ports=ports))
+                self._init_refs[-1], self._init_refs[0], credentials=self.credentials))
         self._owner = True
         self._new_identity()
         try:  # constructor errors surface here
@@ -172,8 +187,9 @@ class ParameterServer:
     def _new_identity(self) -> None:
         self.client_id = uuid.uuid4().hex
         self.seq = 0
-        self._links = ShardLinks(self._shard_actors, self.client_id, self.credentials, self.max_in_flight,
-                                 self.recovery_timeout, replay=bool(self.checkpoint_dir))
+        self._links = ShardLinks(self._shard_actors, self.client_id, credentials=self.credentials,
+                                 window=self.max_in_flight, recovery_timeout=self.recovery_timeout,
+                                 replay=bool(self.checkpoint_dir))
         # a push kept for replay must own its arrays; encoded ones (compression) always do
         own = bool(self.checkpoint_dir) and self.config["compression"] == "none"
         self._plan = PushPlan(self.layout, self.groups, self.tables, self.config["nan_policy"], own_payloads=own)
@@ -384,8 +400,8 @@ class ParameterServer:
         config.update(overrides)
         params = dict(loaded["params"], **loaded["tables"])
         return cls(params, updater=list(loaded["groups"]), num_shards=num_shards or loaded["num_shards"],
-                   sparse=list(loaded["tables"]) or None, _named_state=loaded["named_state"],
-                   _named_rows=loaded["table_rows"] or None, **config)
+                   sparse=list(loaded["tables"]) or None, **config,
+                   initial_state=InitialState(updater_state=loaded["named_state"], table_rows=loaded["table_rows"]))
 
     # -- housekeeping ------------------------------------------------------------------------------------
     def stats(self) -> dict:

@@ -101,8 +101,9 @@ class ParameterLayout:
                 dtype = str(np.dtype(dtypes[name]))
                 offset = offsets.get(dtype, 0)
                 offsets[dtype] = offset + size
-                pieces.append(Piece(name, shard, dtype, start, stop, offset, size, piece_shape,
-                                    group_of[name], len(pieces)))
+                pieces.append(Piece(name=name, shard=shard, dtype=dtype, row_start=start, row_stop=stop,
+                                    offset=offset, size=size, shape=piece_shape, group=group_of[name],
+                                    index=len(pieces)))
             shard_pieces.append(pieces)
         return cls(shapes, {n: str(np.dtype(dtypes[n])) for n in names}, num_shards, shard_pieces)
 

@@ -124,7 +124,8 @@ def load(path) -> dict:
         if not isinstance(records, list):
             raise CheckpointError(f"{pointer['file']}: pieces must be a list")
         for record in records:
-            _place(record, params, state, iterations, covered, shapes, slots, f"{pointer['file']}")
+            _place(record, params=params, state=state, iterations=iterations, covered=covered, shapes=shapes,
+                   slots=slots, what=f"{pointer['file']}")
         blob, _ = table_chains.read_tables(path, blob, pointer["file"])  # each table: a base and its deltas
         for name, chain in blob["row_tables"].items():
             if name not in tables:
@@ -160,8 +161,9 @@ def _tables(path, specs: dict, what: str) -> dict:
         try:
             initial = spec.get("initial")
             initial = HashedUniformInit(**{k: v for k, v in initial.items() if k != "type"}) if initial else None
-            table = RowTable(spec["num_rows"], spec["dim"], spec["dtype"], initial,
-                             policy_from_config(spec.get("admission")), policy_from_config(spec.get("eviction")))
+            table = RowTable(spec["num_rows"], spec["dim"], spec["dtype"], initial=initial,
+                             admission=policy_from_config(spec.get("admission")),
+                             eviction=policy_from_config(spec.get("eviction")))
         except (AttributeError, KeyError, TypeError, ValueError) as error:
             raise CheckpointError(f"{what}: row table {name!r} is malformed ({error})") from None
         if spec.get("values_file"):

@@ -180,8 +180,9 @@ class ShardPlacement:
         self.cpus_per_worker, self.gpus_per_worker = float(cpus_per_worker), float(gpus_per_worker)
         self.bundle = shard_bundle(cpus_per_shard, gpus_per_shard)
         nodes = ray.nodes()
-        problems = capacity_problems(nodes, num_shards, cpus_per_shard, gpus_per_shard, num_workers,
-                                     cpus_per_worker, gpus_per_worker)
+        problems = capacity_problems(nodes, num_shards, cpus_per_shard=cpus_per_shard, gpus_per_shard=gpus_per_shard,
+                                     num_workers=num_workers, cpus_per_worker=cpus_per_worker,
+                                     gpus_per_worker=gpus_per_worker)
         if problems:
             raise PlacementError("; ".join(problems))
         self.strategy = choose_strategy(strategy, num_shards, nodes, self.bundle)

@@ -1,6 +1,7 @@
 """``ShardActor``: the thin Ray actor around a shard — Ray is its control plane, ZeroMQ its data plane.
 
-The constructor builds the ``ShardState``, restores the last checkpoint after a restart, and starts the
+The constructor builds the ``ShardState`` from a ``ShardSpec`` and the server's ``ShardOptions``
+(server/shard_spec.py), restores the last checkpoint after a restart, and starts the
 shard's ``DataServer`` (server/data_server.py): one ZeroMQ socket on this node's address and one thread that
 serves every push, pull, fused push+pull, row push and pull, and replay (``ShardService``), so the parameters
 change on that thread only. Ray calls carry what is rare: ``endpoint`` (where the socket is, this process's
@@ -47,8 +48,8 @@ from . import shard_snapshot
 from . import table_chains
 from .data_server import DataServer
 from .shard_service import ShardService
+from .shard_spec import ShardOptions, ShardSpec, build_state
 from .shard_state import ShardState
-from .sparse_rows import RowTableShard
 
 METRICS_EVERY = 100  # pushes between two reports to Prometheus
 METRICS_SECONDS = 1.0  # ... or seconds, whichever comes first
@@ -133,33 +134,23 @@ class ShardMetrics:
 class ShardActor:
     """Remote wrapper; see ``ShardService`` for the protocol and the module docstring for threads."""
 
-    def __init__(self, shard_index, pieces, groups, buffers, consistency, staleness, num_workers, nan_policy,
-                 checkpoint_dir=None, checkpoint_every=0, piece_states=None, sync_timeout=None, row_tables=None,
-                 row_states=None, kernel_threads=1, *, credentials, data_host=None, data_ports=(47000, 47999)):
-        tables = {spec["name"]: RowTableShard(spec["name"], spec["num_rows"], spec["dim"], spec["dtype"], shard_index,
-                                              spec["num_shards"], groups[spec["group"]], spec["initial"],
-                                              spec.get("admission"), spec.get("eviction"))
-                  for spec in row_tables or []}
-        for name, rows in (row_states or {}).items():  # restored under another shard count: keep the owned rows
-            ids, values, state, iterations, *sketch = rows  # the sketch: the old shards' admission counts, summed
-            tables[name].load_rows(ids, values, state, iterations, what=f"table {name!r}",
-                                   sketch=sketch[0] if sketch else None)
-        self.state = ShardState(shard_index, pieces, groups, buffers, consistency, staleness, num_workers,
-                                nan_policy, tables)
-        if piece_states is not None:
-            shard_snapshot.load_pieces(self.state, [(None, slots, it) for slots, it in piece_states])
+    def __init__(self, spec: ShardSpec, options: ShardOptions, *, credentials):
+        """``spec``: this shard's part, ``options``: what every shard of the server shares (server/shard_spec.py);
+        ``credentials``: the run's data-plane credentials."""
+        shard_index = spec.shard_index
+        self.state = build_state(spec, options)
         self.lock = threading.Lock()
         self.metrics = ShardMetrics(shard_index)
-        self.checkpoint_dir = checkpoint_dir
-        self.checkpoint_every = int(checkpoint_every or 0)
-        self.kernel_threads = max(1, int(kernel_threads))
+        self.checkpoint_dir = options.checkpoint_dir
+        self.checkpoint_every = int(options.checkpoint_every or 0)
+        self.kernel_threads = max(1, int(spec.kernel_threads))
         self.restarts = 0
         self.table_chains: dict = {}  # table -> the chain of its incremental checkpoints in checkpoint_dir
         self.updates_at_checkpoint = 0
         self.checkpoint_writing = False
         self.checkpoints_written = 0
         self.incarnation = uuid.uuid4().hex  # new in every process: clients detect a restart by it
-        self.service = ShardService(self.state, self.incarnation, sync_timeout)
+        self.service = ShardService(self.state, self.incarnation, options.sync_timeout)
         with warnings.catch_warnings():  # Ray's property warns about its own internal use of a deprecated API
             warnings.simplefilter("ignore")
             reconstructed = ray.get_runtime_context().was_current_actor_reconstructed
@@ -169,9 +160,9 @@ class ShardActor:
             _, self.table_chains = table_chains.write_shard(self.checkpoint_dir, shard_index, 0,
                                                             shard_snapshot.snapshot(self.state), {})
         self.metrics.restarts.set(self.restarts, tags=self.metrics.tags)
-        host = data_host or ray.util.get_node_ip_address()
-        self.data = DataServer(self.service, credentials, host, tuple(data_ports), self.lock, self._after_change,
-                               self._pin_kernel_threads)
+        host = options.data_host or ray.util.get_node_ip_address()
+        self.data = DataServer(self.service, credentials=credentials, host=host, ports=tuple(options.data_ports),
+                               lock=self.lock, on_change=self._after_change, on_start=self._pin_kernel_threads)
         self.data.thread.name = f"rayps-data-plane-{shard_index}"
         self.node_id = ray.get_runtime_context().get_node_id()
         self.data.start()

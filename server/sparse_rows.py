@@ -383,9 +383,9 @@ class RowTableShard:
     def validate(self) -> None:
         """Check every invariant of this table shard (server/shard_invariants.py); raise ``InvariantError``
         naming the first one broken. O(stored rows): for tests and debugging."""
-        shard_invariants.check_row_table(self, self._ids, self._values, self._state,
-                                         dict(zip(COLUMNS[1:], self._columns()[1:])), self._evicted_log,
-                                         self._evicted_logged)
+        shard_invariants.check_row_table(self, ids=self._ids, values=self._values, state=self._state,
+                                         columns=dict(zip(COLUMNS[1:], self._columns()[1:])),
+                                         evicted_log=self._evicted_log, evicted_logged=self._evicted_logged)
 
     # -- changes: serving deltas and incremental checkpoints -----------------------------------------------
     def columns(self, since: int | None = None) -> dict:
