@@ -60,12 +60,15 @@ def write_manifest(directory, manifest: dict) -> None:
     directory.write(MANIFEST_NAME, pack({"format": FORMAT, "version": VERSION, **manifest}))
 
 
-def write_shard(directory, shard: int, generation: int, blob: bytes) -> dict:
-    """Write one shard's snapshot and then its pointer; delete that shard's older blobs. Returns the pointer."""
+def write_shard(directory, shard: int, generation: int, blob: bytes, before_publish=None) -> dict:
+    """Write one shard's snapshot and then its pointer; delete that shard's older blobs. Returns the pointer.
+    ``before_publish()`` runs between the two (tests: a death there, server/faults.py)."""
     directory = storage.directory(directory)
     directory.make()
     name = f"shard-{shard}-g{generation}.blob"
     directory.write(name, blob)
+    if before_publish is not None:
+        before_publish()
     pointer = {"format": POINTER_FORMAT, "version": VERSION, "shard": shard, "file": name,
                "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob), "generation": generation}
     directory.write(f"shard-{shard}.msgpack", pack(pointer))  # published: the pointer is written last

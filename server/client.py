@@ -50,6 +50,7 @@ from . import storage
 from . import transport
 from .credentials import RunCredentials
 from .data_server import parse_ports
+from .faults import NO_FAULTS, FaultPlan
 from .layout import ParameterLayout
 from .protocol import PullRequest, PushMessage, RowsRequest
 from .push_plan import PushPlan
@@ -176,6 +177,9 @@ class ParameterServer:
             self._shard_actors.append(ShardActor.options(**shard_options).remote(
                 self._init_refs[-1], self._init_refs[0], credentials=self.credentials))
         self._owner = True
+        self.run_id = uuid.uuid4().hex  # names the workers' identities of this run (``as_worker``)
+        self.worker = None  # the worker identity this handle pushes as (``as_worker``)
+        self.faults = NO_FAULTS  # tests: where a process dies (``inject_faults``, server/faults.py)
         self._new_identity()
         try:  # constructor errors surface here
             ray.get([actor.ping.remote() for actor in self._shard_actors])
@@ -184,12 +188,13 @@ class ParameterServer:
             raise unwrap(error) from None
 
     # -- identity and pickling ---------------------------------------------------------------------------
-    def _new_identity(self) -> None:
-        self.client_id = uuid.uuid4().hex
+    def _new_identity(self, client_id: str | None = None) -> None:
+        self.client_id = client_id or uuid.uuid4().hex
         self.seq = 0
         self._links = ShardLinks(self._shard_actors, self.client_id, credentials=self.credentials,
                                  window=self.max_in_flight, recovery_timeout=self.recovery_timeout,
                                  replay=bool(self.checkpoint_dir))
+        self._links.faults, self._links.worker = self.faults, self.worker
         # a push kept for replay must own its arrays; encoded ones (compression) always do
         own = bool(self.checkpoint_dir) and self.config["compression"] == "none"
         self._plan = PushPlan(self.layout, self.groups, self.tables, self.config["nan_policy"], own_payloads=own)
@@ -207,6 +212,30 @@ class ParameterServer:
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._new_identity()
+
+    def as_worker(self, worker_id: int) -> int:
+        """From now on push as worker ``worker_id`` of this run: one identity (``<run_id>.w<worker_id>``) in
+        every process that runs that worker, so a restarted worker's pushes are told apart from new ones. Its
+        sequence goes on from the smallest number of its pushes any shard applied, which is returned: the steps
+        to resume after. A shard that applied more drops the pushes it has (exactly once per shard); in sync
+        mode ``pull(..., at_seq=that number)`` reads the parameters those pushes were computed on."""
+        if isinstance(worker_id, bool) or not isinstance(worker_id, int) or worker_id < 0:
+            raise ValueError(f"worker_id must be an integer >= 0, got {worker_id!r}")
+        if self.seq or self._links.pending or any(link.unacked for link in self._links.links):
+            raise RuntimeError("as_worker must come before this handle's first push")
+        self._links.close()
+        self.worker = worker_id
+        self._new_identity(f"{self.run_id}.w{worker_id}")
+        self.seq = min(self._links.applied(shard) for shard in range(self.layout.num_shards))
+        return self.seq
+
+    def inject_faults(self, plan: FaultPlan) -> None:
+        """Tests: install ``plan`` (server/faults.py) in this handle, the handles made from it (workers) and
+        the shards, so a process dies at a chosen point (once)."""
+        if not isinstance(plan, FaultPlan):
+            raise TypeError(f"plan must be a FaultPlan, got {type(plan).__name__}")
+        self.faults = self._links.faults = plan
+        ray.get([actor.inject_faults.remote(plan) for actor in self._shard_actors])
 
     def route_data_plane(self, route, resend_after: float | None = None) -> None:
         """Connect this handle's data plane through ``route(shard, endpoint) -> endpoint`` (a proxy: fault
@@ -246,10 +275,12 @@ class ParameterServer:
         its arrays once this returns (the push keeps its own copies while it is in flight)."""
         messages = self._messages(grads, rows, own=True)  # validates everything before anything is sent
         self.seq = seq = self.seq + 1
-        for shard, payload, present, factors, shard_rows in messages:
+        for sent, (shard, payload, present, factors, shard_rows) in enumerate(messages, 1):
             self._links.push(shard, PushMessage(0, self.client_id, seq, worker_id, epoch, payload, present, factors,
                                                 shard_rows))
             self.bytes_pushed += transport.message_nbytes(payload, shard_rows)
+            self.faults.hit("client.sent", lambda: self._links.settle(seq), worker=self.worker, seq=seq, sent=sent)
+        self.faults.hit("client.before_ack", lambda: self._links.settle(seq), worker=self.worker, seq=seq)
 
     def tick(self, worker_id: int = 0, epoch: int = 0) -> None:
         """Advance ``worker_id``'s clock on every shard without a gradient (a step with nothing to push);
@@ -257,6 +288,9 @@ class ParameterServer:
         self.seq = seq = self.seq + 1
         for shard in range(self.layout.num_shards):
             self._links.push(shard, PushMessage(0, self.client_id, seq, worker_id, epoch, {}, TICK))
+            self.faults.hit("client.sent", lambda: self._links.settle(seq), worker=self.worker, seq=seq,
+                            sent=shard + 1)
+        self.faults.hit("client.before_ack", lambda: self._links.settle(seq), worker=self.worker, seq=seq)
 
     def flush(self) -> None:
         """Block until every push issued by this handle is acknowledged; raise the first error among them."""
@@ -264,12 +298,17 @@ class ParameterServer:
 
     # -- pull --------------------------------------------------------------------------------------------
     def pull(self, names: Sequence[str] | None = None, worker_id: int | None = None, *,
-             copy: bool = True) -> dict[str, np.ndarray]:
+             copy: bool = True, at_seq: int | None = None) -> dict[str, np.ndarray]:
         """The parameters in their original shapes and dtypes. Sees every earlier push of this handle; with
         ``worker_id`` in ssp/sync mode it waits as the consistency model requires.
 
         ``copy=True``: caller-owned writeable arrays. ``copy=False``: read-only arrays, views of the received
-        buffers where a parameter is one piece (no copy at all), else freshly assembled."""
+        buffers where a parameter is one piece (no copy at all), else freshly assembled. ``at_seq`` (sync mode,
+        with ``worker_id``; see ``as_worker``): the parameters on which this handle's push ``at_seq + 1`` is
+        computed, from every shard, also one that already applied that push."""
+        if at_seq is not None and (isinstance(at_seq, bool) or not isinstance(at_seq, int) or at_seq < 0
+                                   or worker_id is None):
+            raise ValueError(f"at_seq must be an integer >= 0 and comes with a worker_id, got {at_seq!r}")
         wanted = list(self.layout.names) if names is None else [names] if isinstance(names, str) else list(names)
         unknown = [n for n in wanted if n not in self.layout.shapes and n not in self.tables]
         if unknown:
@@ -285,7 +324,7 @@ class ParameterServer:
                 pieces = None if whole else [p.index for p in self.layout.shard_pieces[shard] if p.name in wanted_set]
                 requests[shard] = pieces
         rids = {shard: self._links.request(shard, PullRequest(0, self.client_id, self.seq, worker_id, pieces,
-                                                               timeout=self.pull_timeout))
+                                                               timeout=self.pull_timeout, at_seq=at_seq))
                 for shard, pieces in requests.items()}
         out = {n: self._whole_table(n) for n in table_names}
         if rids:
@@ -304,11 +343,13 @@ class ParameterServer:
         self.seq = seq = self.seq + 1
         links = self._links
         rids = {}
-        for shard, payload, present, factors, shard_rows in messages:
+        for sent, (shard, payload, present, factors, shard_rows) in enumerate(messages, 1):
             rids[shard] = links.push(shard, PushMessage(0, self.client_id, seq, worker_id, epoch, payload, present,
                                                         factors, shard_rows, pull_worker=worker_id, pull=True,
                                                         timeout=self.pull_timeout), wait_reply=True)
             self.bytes_pushed += transport.message_nbytes(payload, shard_rows)
+            self.faults.hit("client.sent", lambda: self._links.settle(seq), worker=self.worker, seq=seq, sent=sent)
+        self.faults.hit("client.before_ack", lambda: self._links.settle(seq), worker=self.worker, seq=seq)
         replies = links.wait(list(rids.values()))
         received = {shard: replies[rid].params for shard, rid in rids.items()}
         self.bytes_pulled += sum(_nbytes(buffers) for buffers in received.values())
@@ -409,7 +450,8 @@ class ParameterServer:
         shards = self._ask_all("stats")
         total = {key: sum(s[key] for s in shards) for key in ("bytes_pushed", "bytes_pulled", "duplicates_dropped",
                                                                "restarts", "checkpoints_written",
-                                                               "late_pushes_dropped", "replays_received")}
+                                                               "late_pushes_dropped", "replays_received",
+                                                               "resume_reads_inexact")}
         return {
             "shards": shards,
             "num_shards": len(shards),

@@ -18,7 +18,8 @@ Kinds (``Message.kind``):
   or a compressed ``EncodedPayload``; None: the client dropped a non-finite push), row gradients, and
   optionally the pull that follows it (``pull_worker``, the fused push+pull of a training step).
 * ``pull`` (``PullRequest``): parameters (all, or some pieces) once this client's pushes up to ``after_seq``
-  are applied and the consistency model lets ``worker_id`` read.
+  are applied and the consistency model lets ``worker_id`` read; with ``at_seq`` (sync mode, a restarted
+  worker), the parameters of the step on which this client's push ``at_seq + 1`` is computed.
 * ``rows`` (``RowsRequest``): rows ``ids`` of a table (None: every row the shard owns), after ``after_seq``.
 * ``reply`` (``Reply``): the shard's answer: the acknowledgement of a push (``Ack``), the push's rejected
   parts (``errors``, e.g. a NaN gradient naming its parameter), and the read's arrays. ``waiting``: the push
@@ -133,6 +134,7 @@ class PullRequest:
     pieces: list | None = None
     incarnation: str | None = None
     timeout: float | None = None
+    at_seq: int | None = None  # sync mode: the parameters this client's push ``at_seq + 1`` is computed on
 
 
 @dataclass
@@ -233,7 +235,7 @@ def to_frames(message: Message) -> list:
                   "pl": message.pull, "pw": message.pull_worker, "t": message.timeout}
     elif kind == "pull":
         header = {"c": message.client_id, "s": message.after_seq, "w": message.worker_id, "pc": message.pieces,
-                  "i": message.incarnation, "t": message.timeout}
+                  "i": message.incarnation, "t": message.timeout, "as": message.at_seq}
     elif kind == "rows":
         header = {"c": message.client_id, "s": message.after_seq, "tb": message.table,
                   "ids": arrays.ref(message.ids), "i": message.incarnation, "t": message.timeout}
@@ -426,7 +428,8 @@ def from_frames(frames) -> Message:
             _field(header, "pc", "pieces", lambda v: v is None or (_is_present(v) and v != "tick"),
                    "nil or a list of piece indices"),
             _field(header, "i", "incarnation", _is_opt_str, "nil or an incarnation id"),
-            _field(header, "t", "timeout", _is_timeout, "nil or seconds >= 0"))
+            _field(header, "t", "timeout", _is_timeout, "nil or seconds >= 0"),
+            _field(header, "as", "at_seq", _is_opt_count, "nil or a sequence number >= 0"))
     if kind == "rows":
         return RowsRequest(
             rid, _field(header, "c", "client_id", _is_client_id, "a client id (1-256 characters)"),

@@ -47,6 +47,7 @@ from . import checkpoint as ckpt
 from . import shard_snapshot
 from . import table_chains
 from .data_server import DataServer
+from .faults import NO_FAULTS
 from .shard_service import ShardService
 from .shard_spec import ShardOptions, ShardSpec, build_state
 from .shard_state import ShardState
@@ -150,6 +151,7 @@ class ShardActor:
         self.checkpoint_writing = False
         self.checkpoints_written = 0
         self.incarnation = uuid.uuid4().hex  # new in every process: clients detect a restart by it
+        self.faults = NO_FAULTS  # tests: where this process dies (server/faults.py)
         self.service = ShardService(self.state, self.incarnation, options.sync_timeout)
         with warnings.catch_warnings():  # Ray's property warns about its own internal use of a deprecated API
             warnings.simplefilter("ignore")
@@ -216,8 +218,9 @@ class ShardActor:
 
     def _write_checkpoint(self, applied: dict, snapshot: dict, generation: int) -> None:
         try:
-            _, self.table_chains = table_chains.write_shard(self.checkpoint_dir, self.state.shard_index, generation,
-                                                            snapshot, self.table_chains)
+            _, self.table_chains = table_chains.write_shard(
+                self.checkpoint_dir, self.state.shard_index, generation, snapshot, self.table_chains,
+                lambda: self.faults.hit("shard.checkpoint_blob", shard=self.state.shard_index))
             self.service.covered = applied
             self.checkpoints_written += 1
         except Exception:  # noqa: BLE001 - a failed write must not stop training; the next one retries
@@ -264,6 +267,10 @@ class ShardActor:
         with self.lock:
             return [self.data.local_endpoint if local else self.data.endpoint, self.incarnation,
                     self.state.applied_seq.get(client_id, 0)]
+
+    def inject_faults(self, plan) -> None:
+        """Tests: where this shard's process dies (server/faults.py); a restarted process starts without."""
+        self.faults = plan
 
     def table_rows(self, name):
         """Every stored row of table ``name`` on this shard, and its updater state: ``(ids, values, state,

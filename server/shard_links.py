@@ -30,6 +30,7 @@ import ray
 import zmq
 
 from .credentials import RunCredentials
+from .faults import NO_FAULTS
 from .protocol import Ack, PullRequest, PushMessage, Rejection, Reply, from_frames, to_frames
 from .replay import ReplayBuffer
 
@@ -85,6 +86,8 @@ class ShardLinks:
         self.recoveries = 0
         self.recovery_causes = collections.Counter()
         self.route = None  # tests: route(shard, endpoint) -> the endpoint to connect to (e.g. a fault proxy)
+        self.faults = NO_FAULTS  # tests: where this process dies (server/faults.py)
+        self.worker = None  # the worker identity of the handle (for the fault points)
         self.resend_after = RESEND_AFTER
         self.context = zmq.Context.instance()
         self.node_id = ray.get_runtime_context().get_node_id()
@@ -118,6 +121,10 @@ class ShardLinks:
         endpoint, incarnation, _applied = self._ask_actor(shard, lambda: self._discover(shard, 30))
         self.links[shard].incarnation = incarnation
         self._open(shard, endpoint)
+
+    def applied(self, shard: int) -> int:
+        """How many of this client's pushes ``shard`` has applied (asked through Ray)."""
+        return int(self._ask_actor(shard, lambda: self._discover(shard, 30))[2])
 
     def close(self) -> None:
         for link in self.links:
@@ -181,6 +188,10 @@ class ShardLinks:
         """Wait for every push's acknowledgement; raise the problems the shards reported."""
         self.pump(lambda: not any(link.unacked for link in self.links))
         self.raise_errors()
+
+    def settle(self, seq: int) -> None:
+        """Wait until every shard that was sent push ``seq`` acknowledged it (tests: server/faults.py)."""
+        self.pump(lambda: not any(seq in link.unacked for link in self.links))
 
     def raise_errors(self) -> None:
         if self.errors:
@@ -320,10 +331,11 @@ class ShardLinks:
         self.recovery_causes[cause] += 1
         self._open(shard, endpoint)
         link.unacked = {}
-        for seq, message in link.replay.after(applied):
+        for count, (seq, message) in enumerate(link.replay.after(applied), 1):
             message.replayed = True
             link.unacked[seq] = message
             self._send(shard, message)
+            self.faults.hit("client.replayed", worker=self.worker, shard=shard, count=count)
         for entry in self.pending.values():
             if entry.shard == shard and not entry.done:
                 entry.acked = entry.acked or (isinstance(entry.message, PushMessage) and entry.message.seq <= applied)

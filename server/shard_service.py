@@ -15,6 +15,8 @@ and sends the replies it returns; ``expire(now)`` runs when the socket has been 
   ``(peer, client, rid)`` (a resent request replaces the one waiting), until a change makes it ready or its
   ``timeout`` passes (``Rejection`` ``timeout``). A fused push whose pull must wait is acknowledged at once
   with ``waiting=True``; the parameters follow under the same request id.
+* ``at_seq`` (sync mode): a restarted worker reads the parameters of the step its next push is computed on,
+  which a shard that already applied that push holds as ``ShardState.previous`` (see ``_read_at``).
 * Sync mode's dead-worker policy: when reads wait and nothing changed for ``sync_timeout`` seconds, the
   waiting step is applied with the workers that pushed (``ShardState.force_sync_step``).
 
@@ -129,6 +131,8 @@ class ShardService:
         """The read's reply if it may be answered now, else None."""
         state = self.state
         worker = request.worker_id if isinstance(request, PullRequest) else None
+        if worker is not None and request.at_seq is not None and state.consistency == "sync":
+            return self._read_at(request, ack, errors)
         if not state.pull_ready(request.client_id, request.after_seq, worker):
             return None
         if isinstance(request, PullRequest):
@@ -142,6 +146,24 @@ class ShardService:
             return Reply(request.rid, ack, errors or [], rows=state.read_rows(request.table, request.ids))
         except (TypeError, ValueError) as error:
             return Rejection(request.rid, "malformed", "ids", str(error))
+
+    def _read_at(self, request: PullRequest, ack, errors) -> Reply | Rejection | None:
+        """A restarted worker's first read in sync mode: the parameters of the step its next push is computed
+        on (``ShardState.step_of``), once this shard reached that step; the step before the last one applied
+        is kept (``ShardState.previous``), older ones are not: then the live parameters, counted in
+        ``resume_reads_inexact`` (the recomputed gradient is exactly-once but not bit-identical)."""
+        state = self.state
+        if state.applied_seq.get(request.client_id, 0) < request.after_seq:
+            return None
+        step = state.step_of(request.client_id, request.worker_id, request.at_seq)
+        if state.sync_clock < step:
+            return None
+        params = state.read_at(step, request.pieces, copy=False)
+        if params is None:  # more than one step ago (a worker lost pushes a restarted shard needed): the live ones
+            state.counters["resume_reads_inexact"] += 1
+            params = state.read(request.pieces, None, copy=False)
+        state.pulled_version[request.worker_id] = state.version
+        return Reply(request.rid, ack, errors or [], params=params)
 
     def _answer_ready(self) -> list:
         out = []

@@ -122,10 +122,14 @@ class ShardState:
         self.sync_clock = 0  # steps applied in sync mode
         self.version = 0  # updates applied to this shard
         self.pulled_version: dict[int, int] = {}
+        # sync mode: the dense parameters before the last applied step (``read_at``: a restarted worker
+        # recomputes a gradient this shard already applied on the step's own parameters); None: not known
+        self.previous: dict[str, np.ndarray] | None = None
         self.counters = {"pushes": 0, "updates_applied": 0, "bytes_pushed": 0, "bytes_pulled": 0,
                          "duplicates_dropped": 0, "nonfinite_skipped": 0, "nonfinite_rejected": 0,
                          "max_staleness": 0, "max_clock_gap": 0, "apply_seconds": 0.0,
-                         "sync_steps_forced": 0, "late_pushes_dropped": 0, "replays_received": 0}
+                         "sync_steps_forced": 0, "late_pushes_dropped": 0, "replays_received": 0,
+                         "resume_reads_inexact": 0}
 
     def _ranges(self) -> dict[tuple[str, int], Range]:
         members: dict[tuple[str, int], list[Piece]] = {}
@@ -245,6 +249,10 @@ class ShardState:
             self._apply_sync_step(self.sync_steps.pop(self.sync_clock), self.num_workers)
 
     def _apply_sync_step(self, step: SyncStep, divisor: int) -> None:
+        if self.previous is None:
+            self.previous = {dtype: np.empty_like(buf) for dtype, buf in self.params.items()}
+        for dtype, buf in self.params.items():
+            np.copyto(self.previous[dtype], buf)
         present_idx = np.flatnonzero(step.present)
         for array in step.sums.values():
             array /= divisor
@@ -384,6 +392,32 @@ class ShardState:
             for i in piece_indices:
                 piece = self.pieces[int(i)]
                 parts.setdefault(piece.dtype, []).append(self.params[piece.dtype][piece.offset:piece.offset + piece.size])
+            out = {dtype: np.concatenate(chunks) for dtype, chunks in parts.items()}
+        self.counters["bytes_pulled"] += int(sum(a.nbytes for a in out.values()))
+        return out
+
+    def step_of(self, client_id: str, worker_id: int, at_seq: int) -> int:
+        """Sync mode: the step whose parameters ``client_id``'s push ``at_seq + 1`` (as worker ``worker_id``)
+        is computed on: this shard's clock of the worker, less the pushes of ``client_id`` after ``at_seq``
+        that it already applied."""
+        return self.clocks.get(worker_id, 0) - (self.applied_seq.get(client_id, 0) - at_seq)
+
+    def read_at(self, step: int, piece_indices: Sequence[int] | None = None, copy: bool = True) -> dict | None:
+        """Sync mode: the dense parameters as they were after ``step`` steps (``sync_clock == step``): the live
+        ones, or those before the last step applied; None if this shard no longer has them (more than one step
+        ago, or before its restart)."""
+        if step == self.sync_clock:
+            return self.read(piece_indices, None, copy)
+        if step != self.sync_clock - 1 or self.previous is None:
+            return None
+        if piece_indices is None:
+            out = {dtype: buf.copy() for dtype, buf in self.previous.items()}
+        else:
+            parts: dict[str, list] = {}
+            for i in piece_indices:
+                piece = self.pieces[int(i)]
+                parts.setdefault(piece.dtype, []).append(
+                    self.previous[piece.dtype][piece.offset:piece.offset + piece.size])
             out = {dtype: np.concatenate(chunks) for dtype, chunks in parts.items()}
         self.counters["bytes_pulled"] += int(sum(a.nbytes for a in out.values()))
         return out

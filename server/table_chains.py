@@ -71,12 +71,14 @@ def write_tables(directory, shard: int, snapshot: dict, chains: dict) -> tuple[d
     return dict(snapshot, row_tables=refs), new_chains
 
 
-def write_shard(directory, shard: int, generation: int, snapshot: dict, chains: dict) -> tuple[dict, dict]:
+def write_shard(directory, shard: int, generation: int, snapshot: dict, chains: dict,
+                before_publish=None) -> tuple[dict, dict]:
     """The shard checkpoint with its table chains: row files, then the blob and its pointer, then the row files
-    no chain names any more are deleted. Returns ``(pointer, new chains)``."""
+    no chain names any more are deleted. Returns ``(pointer, new chains)``. ``before_publish``: as in
+    ``checkpoint.write_shard``."""
     directory = storage.directory(directory)
     snapshot, new_chains = write_tables(directory, shard, snapshot, chains)
-    pointer = ckpt.write_shard(directory, shard, generation, ckpt.pack(snapshot))
+    pointer = ckpt.write_shard(directory, shard, generation, ckpt.pack(snapshot), before_publish)
     keep = {entry["file"] for chain in new_chains.values() for entry in chain["files"]}
     for name in directory.names():
         if name.startswith(f"rows-s{shard}-") and name not in keep:

@@ -33,7 +33,7 @@ class LoopActor:
         with warnings.catch_warnings():  # Ray's property warns about its own internal use of a deprecated API
             warnings.simplefilter("ignore")
             self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
-        if self.restarted:
+        if self.restarted or hasattr(loop.client, "as_worker"):  # the worker's identity, in every process
             loop.resume()
 
     def run_epoch(self, epoch: int, resumed: bool = False):

@@ -35,6 +35,8 @@ prefetch it must return fresh arrays each call (the built-in models and ``TorchM
 
 from __future__ import annotations
 
+import dataclasses
+
 import inspect
 import math
 import time
@@ -73,12 +75,17 @@ def epoch_batches(num_samples: int, num_workers: int, worker_id: int, epoch: int
     return [b for b in np.array_split(parts[worker_id], steps)]
 
 
-def accepts_copy(method) -> bool:
-    """Does ``method`` accept ``copy=`` (the zero-copy pull of ``ParameterServer``)?"""
+def accepts_keyword(method, name: str) -> bool:
+    """Does ``method`` accept the keyword ``name``?"""
     try:
-        return "copy" in inspect.signature(method).parameters
+        return name in inspect.signature(method).parameters
     except (TypeError, ValueError):
         return False
+
+
+def accepts_copy(method) -> bool:
+    """Does ``method`` accept ``copy=`` (the zero-copy pull of ``ParameterServer``)?"""
+    return accepts_keyword(method, "copy")
 
 
 @dataclass
@@ -119,6 +126,7 @@ class WorkerLoop:
         self.clock = 0  # pushes sent
         self.steps_done = 0  # steps over all epochs (for the fetch/push intervals)
         self.params: dict | None = None
+        self.resume_at: int | None = None  # a restarted worker's first read: ``pull(at_seq=...)``
         self._pull_options = {"copy": False} if client is not None and accepts_copy(client.pull) else {}
         self._push_pull_options = {"copy": False} if client is not None and accepts_copy(client.push_pull) else {}
 
@@ -128,14 +136,26 @@ class WorkerLoop:
         return self.n_fetch == 1 and self.n_push == 1
 
     def resume(self) -> None:
-        """After a restart: take this worker's clock from the server, where its pushes are counted, so
-        ``run_epoch`` skips the batches whose gradients were already pushed."""
-        self.clock = int(self.client.worker_clock(self.worker_id))
+        """At a worker's (re)start: push as this worker's identity of the run (``ParameterServer.as_worker``) and
+        take its clock from the server — the fewest of its pushes any shard applied — so ``run_epoch`` skips the
+        batches whose gradients every shard has and recomputes the rest: a shard that already has one drops it
+        (exactly once per shard). The first read after a restart (``at_seq``) gets, in sync mode, the parameters
+        those gradients were first computed on, from every shard. A client without identities (a test double):
+        the worker's clock as the server counts it."""
+        as_worker = getattr(self.client, "as_worker", None)
+        if as_worker is None:
+            self.clock = int(self.client.worker_clock(self.worker_id))
+            return
+        self.clock = int(as_worker(self.worker_id))
+        self.resume_at = self.clock if self.clock and accepts_keyword(self.client.pull, "at_seq") else None
 
     def pushes_per_epoch(self, num_batches: int) -> int:
         return num_batches if self.fused else math.ceil(num_batches / self.n_push)
 
     def _pull(self) -> dict:
+        if self.resume_at is not None:
+            at_seq, self.resume_at = self.resume_at, None
+            return self.client.pull(worker_id=self.worker_id, at_seq=at_seq, **self._pull_options)
         return self.client.pull(worker_id=self.worker_id, **self._pull_options)
 
     def _call(self, calls: StepCalls) -> dict | None:
@@ -167,8 +187,26 @@ class WorkerLoop:
 
     def run_epoch(self, epoch: int, should_stop: Callable[[], bool] | None = None,
                   resumed: bool = False) -> EpochReport:
-        """One epoch's steps; ``resumed``: this process replaces one that died during this epoch."""
+        """One epoch's steps; ``resumed``: this process replaces one that died during this epoch. A restarted
+        worker whose clock is behind an earlier epoch (a shard lost pushes the dead process had kept for replay)
+        first recomputes that epoch's remaining steps; the report counts them with this epoch's."""
         started = time.perf_counter()
+        num_steps, _ = self.epoch_plan(epoch, resumed)
+        per_epoch = self.pushes_per_epoch(num_steps)
+        behind = self.first_epoch + self.clock // per_epoch if per_epoch else epoch
+        samples, losses = 0, []
+        for catch_up in range(min(behind, epoch), epoch):
+            report = self._run_epoch_steps(catch_up, should_stop, resumed, time.perf_counter())
+            samples += report.samples
+            losses += [report.mean_loss] * report.steps if report.steps else []
+        report = self._run_epoch_steps(epoch, should_stop, resumed, started)
+        if samples:
+            losses += [report.mean_loss] * report.steps if report.steps else []
+            report = dataclasses.replace(report, samples=report.samples + samples, steps=len(losses),
+                                         mean_loss=float(np.mean(losses)) if losses else math.nan)
+        return report
+
+    def _run_epoch_steps(self, epoch: int, should_stop, resumed: bool, started: float) -> EpochReport:
         num_steps, batches = self.epoch_plan(epoch, resumed)
         fused = self.fused
         per_epoch = self.pushes_per_epoch(num_steps)
