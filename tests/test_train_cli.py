@@ -193,3 +193,16 @@ def test_default_workers_and_shards_fit_the_cpus_and_flags_given_are_kept(cpus):
     assert f"{cpus} CPUs seen: {args.workers} workers x {args.shards} shard" in line
     given = argparse.Namespace(workers=3, shards=2)
     assert fit_processes(given, cpus) is None and (given.workers, given.shards) == (3, 2)
+
+
+def test_a_default_run_prints_no_ray_internals():
+    """The console of ``rayps train`` (embedded Ray): the run's own lines only — no token-auth warning, no
+    core_worker line about constructor arguments in the object store (the workers get the server handle and
+    the data with their first run_epoch, worker/actor.py), no traceback."""
+    completed = subprocess.run([sys.executable, "-m", "rayps.deploy.cli", "train", "--epochs", "1", "--workers", "2"],
+                               capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr
+    console = completed.stdout + completed.stderr
+    for internal in ("core_worker", "constructor arguments", "Token authentication", "Traceback", "WARNING"):
+        assert internal not in console, console
+    assert "test accuracy" in completed.stdout

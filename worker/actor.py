@@ -17,27 +17,46 @@ from .loop import WorkerLoop
 
 class LoopActor:
     """What every worker actor shares: the loop it runs (``run_epoch``, ``stop``, ``clock``), its data fetched
-    from the object store, and the resume after Ray restarted the process."""
+    from the object store, and the resume after Ray restarted the process.
+
+    The server handle and the training data travel in ``run_epoch(..., data=(client, [x_ref], [y_ref]))``, not
+    in the constructor: Ray re-runs a restartable actor's constructor with its original arguments, and
+    object-store arguments there (the data, and the shard actors' handles inside the client) are what
+    ray-project/ray#53727 warns about on every run. The loop is built on the first ``run_epoch`` of each process
+    (a restarted one gets the same call again from the driver)."""
+
+    build = None  # (client, x, y) -> the loop; set by a subclass constructor that was given no client
 
     @staticmethod
     def fetch(x, y):
-        """``x, y`` as arrays: nested ``[ObjectRef]``s are fetched here, so a restarted actor fetches them again
-        (a top-level object-store argument of a restartable actor is one Ray warns about, ray-project/ray#53727)."""
+        """``x, y`` as arrays: nested ``[ObjectRef]``s are fetched here (zero-copy from the store)."""
         if isinstance(x, list):
             x, y = ray.get(x[0]), ray.get(y[0])
         return x, y
 
     def adopt(self, loop) -> None:
         self.loop = loop
-        self.stop_requested = threading.Event()
+        if not hasattr(self, "stop_requested"):
+            self.stop_requested = threading.Event()
         with warnings.catch_warnings():  # Ray's property warns about its own internal use of a deprecated API
             warnings.simplefilter("ignore")
             self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
         if self.restarted or hasattr(loop.client, "as_worker"):  # the worker's identity, in every process
             loop.resume()
 
-    def run_epoch(self, epoch: int, resumed: bool = False):
-        """``resumed``: the driver asks again after this worker's process died during ``epoch``."""
+    def later(self, build) -> None:
+        """Build the loop with ``build(client, x, y)`` on the first ``run_epoch``, from the ``data`` it passes."""
+        self.build, self.loop, self.stop_requested = build, None, threading.Event()
+
+    def run_epoch(self, epoch: int, resumed: bool = False, data=None):
+        """``resumed``: the driver asks again after this worker's process died during ``epoch``. ``data``:
+        ``(client, [x_ref], [y_ref])`` for a worker built without a client."""
+        if self.loop is None:
+            if data is None:
+                raise ValueError("data: this worker was built without a client; pass data=(client, [x_ref], "
+                                 "[y_ref])")
+            client, x, y = data
+            self.adopt(self.build(client, *self.fetch(x, y)))
         if resumed:
             return self.loop.run_epoch(epoch, should_stop=self.stop_requested.is_set, resumed=True)
         return self.loop.run_epoch(epoch, should_stop=self.stop_requested.is_set)
@@ -46,16 +65,23 @@ class LoopActor:
         self.stop_requested.set()
 
     def clock(self) -> int:
-        return self.loop.clock
+        return 0 if self.loop is None else self.loop.clock
 
 
 @ray.remote(max_concurrency=4)  # threads: clock() and stop() are answered while run_epoch() runs
 class WorkerActor(LoopActor):
+    """``WorkerLoop`` on a Ray actor. ``client, x, y``: given, or None to take them from the first
+    ``run_epoch(..., data=(client, [x_ref], [y_ref]))`` (what ``train`` does)."""
+
     def __init__(self, client, grad_fn, x, y, worker_id, num_workers, batch_size, seed, n_fetch, n_push,
                  first_epoch=0, prefetch=False):
-        x, y = self.fetch(x, y)  # the data set stays in the object store, read zero-copy here
-        self.adopt(WorkerLoop(client, grad_fn, x, y, worker_id, num_workers, batch_size, seed, n_fetch, n_push,
-                              first_epoch, prefetch))
+        def build(client, x, y):
+            return WorkerLoop(client, grad_fn, x, y, worker_id, num_workers, batch_size, seed, n_fetch, n_push,
+                              first_epoch, prefetch)
+        if client is None:
+            self.later(build)
+        else:
+            self.adopt(build(client, *self.fetch(x, y)))
 
 
 def start_workers(actor_class, num_workers: int, cpus_per_worker: float, max_restarts: int, placement,

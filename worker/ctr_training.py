@@ -117,13 +117,16 @@ class CtrWorkerLoop(WorkerLoop):
 
 @ray.remote(max_concurrency=4)  # threads: clock() and stop() are answered while run_epoch() runs
 class CtrWorkerActor(LoopActor):
-    """``CtrWorkerLoop`` on a Ray actor; the ids and labels arrive by reference (zero-copy from the store),
-    nested in a list like ``WorkerActor``'s (a top-level object-store argument of a restartable actor is one
-    Ray warns about, ray-project/ray#53727)."""
+    """``CtrWorkerLoop`` on a Ray actor; the server handle, ids and labels arrive with the first ``run_epoch``
+    (the arrays by reference, zero-copy from the store), like ``WorkerActor``'s (worker/actor.py says why)."""
 
     def __init__(self, client, model, x, y, worker_id, num_workers, batch_size, seed, first_epoch=0):
-        x, y = self.fetch(x, y)
-        self.adopt(CtrWorkerLoop(client, model, x, y, worker_id, num_workers, batch_size, seed, first_epoch))
+        def build(client, x, y):
+            return CtrWorkerLoop(client, model, x, y, worker_id, num_workers, batch_size, seed, first_epoch)
+        if client is None:
+            self.later(build)
+        else:
+            self.adopt(build(client, *self.fetch(x, y)))
 
 
 def evaluate_ctr(ps, model: EmbeddingBagLogistic, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -154,13 +157,13 @@ def train_ctr(ps, model: EmbeddingBagLogistic, data, num_workers: int = 2, epoch
         raise ValueError(f"num_workers ({num_workers}) exceeds the training samples ({data.num_train})")
     x_ref, y_ref = ray.put(data.x_train), ray.put(data.y_train)
     workers = start_workers(CtrWorkerActor, num_workers, cpus_per_worker, max_worker_restarts, placement,
-                            lambda w: (ps, model, [x_ref], [y_ref], w, num_workers, batch_size, seed))
+                            lambda w: (None, model, None, None, w, num_workers, batch_size, seed))
     started = time.perf_counter()
     samples, train_seconds, history, worker_restarts = 0, 0.0, [], 0
     try:
         for epoch in range(epochs):
             epoch_started = time.perf_counter()
-            reports, restarted = _run_epoch(workers, epoch, max_worker_restarts)
+            reports, restarted = _run_epoch(workers, epoch, max_worker_restarts, data=(ps, [x_ref], [y_ref]))
             train_seconds += time.perf_counter() - epoch_started
             worker_restarts += restarted
             samples += sum(r.samples for r in reports)

@@ -86,6 +86,7 @@ def train(ps, model, data, num_workers: int = 4, epochs: int = 20, batch_size: i
     grad_fn, model_evaluate = _model_parts(model)
     user_evaluate = evaluate
     stream = None
+    data_refs = None  # in-memory data: (ps, [x_ref], [y_ref]), handed to the workers with each run_epoch
     if is_ray_dataset(data):
         stream = StreamSource(data, num_workers, batch_size, label_column, feature_columns)
         test, classification = stream.eval_arrays(eval_data), stream.classification
@@ -98,11 +99,12 @@ def train(ps, model, data, num_workers: int = 4, epochs: int = 20, batch_size: i
         test = (data.x_test, data.y_test) if eval_data is None else (eval_data.x_test, eval_data.y_test) \
             if isinstance(eval_data, Dataset) else tuple(eval_data)
         classification = data.is_classification
-        # put once; passed nested in a list, so a restarted worker fetches them again (a top-level object-store
-        # argument of a restartable actor is one Ray warns about, ray-project/ray#53727)
+        # put once; handed to the workers with the server handle in each run_epoch (worker/actor.py says why not
+        # in the constructor)
         x_ref, y_ref = ray.put(data.x_train), ray.put(data.y_train)
+        data_refs = (ps, [x_ref], [y_ref])
         workers = start_workers(WorkerActor, num_workers, cpus_per_worker, max_worker_restarts, placement,
-                                lambda w: (ps, grad_fn, [x_ref], [y_ref], w, num_workers, batch_size, seed, n_fetch,
+                                lambda w: (None, grad_fn, None, None, w, num_workers, batch_size, seed, n_fetch,
                                            n_push, first_epoch, prefetch))
     else:
         raise TypeError(f"data must be a rayps Dataset (load_dataset, Dataset.from_arrays) or a ray.data.Dataset, "
@@ -114,7 +116,8 @@ def train(ps, model, data, num_workers: int = 4, epochs: int = 20, batch_size: i
     samples, history, worker_restarts, rows_skipped = 0, [], 0, 0
     try:
         for epoch in range(first_epoch, epochs):
-            reports, restarted = _run_epoch(workers, epoch, max_worker_restarts, resume_flag=stream is not None)
+            reports, restarted = _run_epoch(workers, epoch, max_worker_restarts, resume_flag=stream is not None,
+                                            data=data_refs)
             worker_restarts += restarted
             rows_skipped += sum(r.rows_skipped for r in reports)
             samples += sum(r.samples for r in reports)
@@ -160,12 +163,13 @@ def mean_train_loss(reports) -> float:
     return float(np.average([r.mean_loss for r in reports], weights=weights)) if sum(weights) else math.nan
 
 
-def _run_epoch(workers, epoch: int, max_worker_restarts: int = 3, resume_flag: bool = False) -> tuple[list, int]:
+def _run_epoch(workers, epoch: int, max_worker_restarts: int = 3, resume_flag: bool = False,
+               data=None) -> tuple[list, int]:
     """Run one epoch on every worker; returns the reports and how many worker restarts it took. A worker
     process that died is asked again (Ray restarts it and it resumes where its pushes stopped; with
     ``resume_flag`` it is told so: ``run_epoch(epoch, resumed=True)``); any other error stops the others and is
     raised as itself."""
-    pending = {worker.run_epoch.remote(epoch): i for i, worker in enumerate(workers)}
+    pending = {worker.run_epoch.remote(epoch, False, data): i for i, worker in enumerate(workers)}
     reports = [None] * len(workers)
     retries = [0] * len(workers)
     while pending:
@@ -179,8 +183,7 @@ def _run_epoch(workers, epoch: int, max_worker_restarts: int = 3, resume_flag: b
                     ray.kill(worker)
                 raise RuntimeError(f"worker {index} died {retries[index] + 1} times in epoch {epoch}") from None
             retries[index] += 1
-            again = workers[index].run_epoch.remote(epoch, True) if resume_flag else \
-                workers[index].run_epoch.remote(epoch)
+            again = workers[index].run_epoch.remote(epoch, resume_flag, data)
             pending[again] = index
         except Exception as error:  # noqa: BLE001 - the worker's own exception is re-raised
             for worker in workers:
