@@ -269,11 +269,15 @@ class ParameterServer:
             return messages
         return transport.encode_messages(messages, self.config["compression"], self._encoders)
 
-    def push(self, grads: Mapping[str, np.ndarray], worker_id: int = 0, epoch: int = 0, rows=None) -> None:
+    def push(self, grads: Mapping[str, np.ndarray], worker_id: int = 0, epoch: int = 0, rows=None, *,
+             copy: bool = True) -> None:
         """Send ``grads`` (and ``rows``: table -> (ids, row grads)) to the shards and return at once; errors
         surface on ``flush()``/``pull()``. One push is one clock tick of ``worker_id``. The caller may change
-        its arrays once this returns (the push keeps its own copies while it is in flight)."""
-        messages = self._messages(grads, rows, own=True)  # validates everything before anything is sent
+        its arrays once this returns (the push keeps its own copies while it is in flight), unless ``copy=False``:
+        then the push is sent from the caller's arrays, which must stay unchanged until ``flush()`` returns (a
+        push may be resent until it is acknowledged; with a ``checkpoint_dir`` pushes are always copied, since
+        they are kept for replay)."""
+        messages = self._messages(grads, rows, own=copy)  # validates everything before anything is sent
         self.seq = seq = self.seq + 1
         for sent, (shard, payload, present, factors, shard_rows) in enumerate(messages, 1):
             self._links.push(shard, PushMessage(0, self.client_id, seq, worker_id, epoch, payload, present, factors,

@@ -501,3 +501,24 @@ def test_a_bad_config_is_rejected_naming_the_field(ray_session, kwargs, error, f
     params = kwargs.pop("params", GOOD)
     with pytest.raises(error, match=re.escape(field)):
         ParameterServer(params, **kwargs)
+
+
+def test_push_copy_false_sends_the_callers_arrays_and_copy_true_keeps_its_own(sgd_server):
+    """``push(copy=False)``: applied from the caller's arrays (unchanged until flush); the default copies, so
+    changing the array right after ``push`` returns changes nothing. Reference: plain float64 SGD."""
+    ps = sgd_server
+    start = ps.pull()
+    grads = {n: np.full_like(v, 0.25) for n, v in start.items()}
+    ps.push(grads, copy=False)
+    ps.flush()
+    after = ps.pull()
+    for n in start:
+        np.testing.assert_allclose(after[n], start[n].astype(np.float64) - 0.5 * 0.25, rtol=1e-6)
+    mutable = {n: np.full_like(v, 0.5) for n, v in start.items()}
+    ps.push(mutable)
+    for v in mutable.values():
+        v[...] = 1e6  # after push returned: must not reach the shards
+    ps.flush()
+    final = ps.pull()
+    for n in start:
+        np.testing.assert_allclose(final[n], after[n].astype(np.float64) - 0.5 * 0.5, rtol=1e-6)
