@@ -125,7 +125,8 @@ def _decay(text: str) -> float:
 
 
 class ProgressBar:
-    """One line per epoch on a pipe, a redrawn bar on a terminal: epoch, loss, accuracy, samples/s."""
+    """One line per epoch on a pipe, a redrawn bar on a terminal: epoch, loss, the test metric (AUC, else
+    accuracy, else loss: whichever the history row has, README "The result of a run"), samples/s."""
 
     def __init__(self, stream=sys.stderr, width: int = 24):
         self.stream = stream
@@ -135,9 +136,10 @@ class ProgressBar:
     def __call__(self, row: dict) -> None:
         done = int(self.width * row["epoch"] / row["epochs"])
         bar = "#" * done + "." * (self.width - done)
-        line = (f"[{bar}] epoch {row['epoch']:>3}/{row['epochs']}  loss {row['train_loss']:.4f}  "
-                + (f"test auc {row['test_auc']:.4f}  " if "test_auc" in row else
-                   f"test acc {row['test_accuracy']:.4f}  ") + f"{row['samples_per_second']:,.0f} samples/s")
+        metric = next((f"test {label} {row[name]:.4f}  " for name, label in (
+            ("test_auc", "auc"), ("test_accuracy", "acc"), ("test_loss", "loss")) if row.get(name) is not None), "")
+        line = (f"[{bar}] epoch {row['epoch']:>3}/{row['epochs']}  loss {row['train_loss']:.4f}  " + metric
+                + f"{row['samples_per_second']:,.0f} samples/s")
         if "bytes_pushed" in row:
             line += f"  {row['bytes_pushed']:,} B pushed"
         if self.tty:

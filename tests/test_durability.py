@@ -186,7 +186,7 @@ def test_a_killed_worker_restarts_and_resumes_its_partition(tmp_path):
 
     from rayps.server import ParameterServer
     from rayps.worker import WorkerActor, build_model, epoch_batches, load_dataset
-    from rayps.worker.training import _run_epoch
+    from rayps.worker.epochs import run_epoch_on
 
     data = load_dataset("digits")
     model = build_model("softmax", data.num_features, data.num_classes)
@@ -208,7 +208,7 @@ def test_a_killed_worker_restarts_and_resumes_its_partition(tmp_path):
         with pytest.raises(ray.exceptions.RayActorError):
             ray.get(pending[1])
         ray.get(pending[0])
-        reports, _ = _run_epoch(workers, 0)  # worker 0 has nothing left to do; worker 1 resumes where it died
+        reports, _ = run_epoch_on(workers, 0)  # worker 0 has nothing left to do; worker 1 resumes where it died
         assert reports[0].samples == 0
         assert 0 < reports[1].samples < len(epoch_batches(data.num_train, 2, 1, 0, 0, 8)) * 8
         assert [ps.worker_clock(w) for w in range(2)] == [steps, steps]

@@ -20,13 +20,14 @@ holds only the rows ever pushed (``RowTable(table_rows, dim, initial=HashedUnifo
 benchmark: the worker then pulls the whole table with the dense parameters and pushes a table-sized gradient
 (zeros except the batch's rows). Only sensible for small tables.
 
-Evaluation (after every epoch, on the driver): test logloss and AUC from the rows the test split needs.
+The epochs, clocks, resume after a restart and catch-up are ``WorkerLoop``'s: ``CtrWorkerLoop`` only fills its
+model hook ``step(batch)`` (the row pull, the gradients, the rows to push). The driver is ``train``'s
+(worker/epochs.py). Evaluation (after every epoch, on the driver): test logloss and AUC from the rows the test
+split needs. The result: the README's "The result of a run" (``task`` is ``ctr``, ``test_accuracy`` None).
 """
 
 from __future__ import annotations
 
-import math
-import time
 from typing import Callable
 
 import numpy as np
@@ -35,11 +36,10 @@ import ray
 from ..server.row_tables import RowTable
 from .actor import LoopActor, start_workers
 from .ctr import EmbeddingBagLogistic, auc, logloss
-from .loop import EpochReport, WorkerLoop, epoch_batches
+from .epochs import check_run_args, drive_epochs, in_memory_data, run_result
+from .loop import WorkerLoop
 
 TABLE = "emb"
-CTR_RESULT_KEYS = ("test_auc", "test_logloss", "final_loss", "samples_per_second", "wall_seconds", "updates_applied",
-                   "workers", "shards", "consistency", "max_staleness", "bytes_pushed", "bytes_pulled")
 
 
 def ctr_params(model: EmbeddingBagLogistic, seed: int = 0, scale: float = 0.05, dense_table: bool = False,
@@ -62,57 +62,28 @@ def _is_sparse(client) -> bool:
 
 
 class CtrWorkerLoop(WorkerLoop):
-    """One CTR worker over its partition (see the module docstring). Batches, clocks and the resume after a
-    restart are ``WorkerLoop``'s (fused: one push per step)."""
+    """One CTR worker over its partition (see the module docstring): ``WorkerLoop`` with the model hook
+    ``step`` (fused: one push per step); its pulls ask for the dense parameters only."""
 
     def __init__(self, client, model: EmbeddingBagLogistic, x: np.ndarray, y: np.ndarray, worker_id: int,
                  num_workers: int, batch_size: int, seed: int = 0, first_epoch: int = 0):
         super().__init__(client, None, x, y, worker_id, num_workers, batch_size, seed, 1, 1, first_epoch)
         self.model = model
         self.sparse = _is_sparse(client)
-        self.dense_names = list(model.dense_shapes()) + ([] if self.sparse else [TABLE])
+        self.pull_names = list(model.dense_shapes()) + ([] if self.sparse else [TABLE])
 
-    def step(self, ids: np.ndarray, y: np.ndarray, epoch: int) -> float:
-        """Pull the batch's rows, compute, push dense + row grads in one message; returns the batch loss."""
-        if self.params is None:
-            self.params = self.client.pull(names=self.dense_names, worker_id=self.worker_id)
+    def step(self, batch):
+        """Pull the batch's rows, compute; the dense grads, with the row grads to ride on the same push."""
+        ids, y = batch
         needed = self.model.rows_needed(ids)
-        if self.sparse:
-            rows = self.client.pull_rows(TABLE, needed)
-        else:
-            rows = self.params[TABLE][needed]
+        rows = self.client.pull_rows(TABLE, needed) if self.sparse else self.params[TABLE][needed]
         dense = {name: self.params[name] for name in self.model.dense_shapes()}
         loss, row_ids, row_grads, dense_grads = self.model.loss_and_grads(rows, dense, ids, y)
         if self.sparse:
-            params = self.client.push_pull(dense_grads, worker_id=self.worker_id, epoch=epoch,
-                                           rows={TABLE: (row_ids, row_grads)})
-        else:  # the dense baseline: a table-sized gradient, zeros except the batch's rows
-            table_grad = np.zeros(self.params[TABLE].shape, dtype=row_grads.dtype)
-            table_grad[row_ids] = row_grads
-            params = self.client.push_pull({TABLE: table_grad, **dense_grads}, worker_id=self.worker_id, epoch=epoch)
-        self.params = {name: params[name] for name in self.dense_names}
-        return loss
-
-    def run_epoch(self, epoch: int, should_stop: Callable[[], bool] | None = None) -> EpochReport:
-        started = time.perf_counter()
-        batches = epoch_batches(len(self.x), self.num_workers, self.worker_id, epoch, self.seed, self.batch_size)
-        epoch_start_clock = (epoch - self.first_epoch) * len(batches)
-        skip = min(max(0, self.clock - epoch_start_clock), len(batches))  # resumed after a restart: done already
-        self.clock = max(self.clock, epoch_start_clock)
-        losses, samples = [], 0
-        for i, batch in enumerate(batches):
-            if i < skip:
-                continue
-            if should_stop is not None and should_stop():
-                break
-            if len(batch):
-                losses.append(self.step(self.x[batch], self.y[batch], epoch))
-                samples += len(batch)
-            else:  # a partition one sample short: its step only ticks the clock
-                self.client.tick(worker_id=self.worker_id, epoch=epoch)
-            self.clock += 1
-        return EpochReport(self.worker_id, epoch, samples, len(losses), float(np.mean(losses)) if losses else math.nan,
-                           time.perf_counter() - started, self.clock)
+            return loss, dense_grads, {TABLE: (row_ids, row_grads)}
+        table_grad = np.zeros(self.params[TABLE].shape, dtype=row_grads.dtype)  # the dense baseline: table-sized,
+        table_grad[row_ids] = row_grads  # zeros except the batch's rows
+        return loss, {TABLE: table_grad, **dense_grads}, None
 
 
 @ray.remote(max_concurrency=4)  # threads: clock() and stop() are answered while run_epoch() runs
@@ -146,53 +117,28 @@ def train_ctr(ps, model: EmbeddingBagLogistic, data, num_workers: int = 2, epoch
               seed: int = 0, cpus_per_worker: float = 0.0, progress: Callable[[dict], None] | None = None,
               max_worker_restarts: int = 3, placement=None) -> dict:
     """Train ``model`` on ``data`` (a ``CtrDataset``) with ``num_workers`` CTR worker actors against ``ps``;
-    evaluate after each epoch. Returns a result dict like ``train()``'s, with ``test_auc`` and ``test_logloss``
-    in place of the accuracy."""
-    from .training import _run_epoch, mean_train_loss  # noqa: PLC0415 - the same epoch driver as train()
-
-    for field, value in (("num_workers", num_workers), ("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{field} must be an integer >= 1, got {value!r}")
-    if num_workers > data.num_train:
-        raise ValueError(f"num_workers ({num_workers}) exceeds the training samples ({data.num_train})")
-    x_ref, y_ref = ray.put(data.x_train), ray.put(data.y_train)
+    evaluate after each epoch. Returns the result dict of every run (README: "The result of a run"), with
+    ``test_auc``, ``test_logloss`` (= ``test_loss``) and the table fields set and ``test_accuracy`` None."""
+    check_run_args(num_workers, epochs, batch_size, num_train=data.num_train)
+    data_refs = in_memory_data(ps, data.x_train, data.y_train)
     workers = start_workers(CtrWorkerActor, num_workers, cpus_per_worker, max_worker_restarts, placement,
                             lambda w: (None, model, None, None, w, num_workers, batch_size, seed))
-    started = time.perf_counter()
-    samples, train_seconds, history, worker_restarts = 0, 0.0, [], 0
-    try:
-        for epoch in range(epochs):
-            epoch_started = time.perf_counter()
-            reports, restarted = _run_epoch(workers, epoch, max_worker_restarts, data=(ps, [x_ref], [y_ref]))
-            train_seconds += time.perf_counter() - epoch_started
-            worker_restarts += restarted
-            samples += sum(r.samples for r in reports)
-            test_auc, test_logloss = evaluate_ctr(ps, model, data.x_test, data.y_test)
-            wall = time.perf_counter() - started
-            row = {"epoch": epoch + 1, "epochs": epochs, "train_loss": mean_train_loss(reports),
-                   "test_logloss": test_logloss, "test_auc": test_auc,
-                   "samples_per_second": samples / wall if wall > 0 else 0.0, "wall_seconds": wall,
-                   "bytes_pushed": ps.stats()["bytes_pushed"]}
-            history.append(row)
-            if progress is not None:
-                progress(row)
-    finally:
-        for worker in workers:
-            ray.kill(worker)
-    stats = ps.stats()
-    last = history[-1]
-    table = [s["row_tables"].get(TABLE, {}) for s in stats["shards"]]
-    return {
-        "dataset": data.name, "test_auc": last["test_auc"], "test_logloss": last["test_logloss"],
-        "final_loss": last["train_loss"], "samples_per_second": last["samples_per_second"],
-        "train_samples_per_second": samples / train_seconds if train_seconds > 0 else 0.0,
-        "wall_seconds": last["wall_seconds"], "updates_applied": stats["updates_applied"], "workers": num_workers,
-        "shards": stats["num_shards"], "consistency": stats["consistency"], "max_staleness": stats["max_staleness"],
-        "bytes_pushed": stats["bytes_pushed"], "bytes_pulled": stats["bytes_pulled"], "epochs": epochs,
-        "table_rows": model.table_rows, "embedding_dim": model.dim, "sparse_table": _is_sparse(ps),
-        "rows_touched": int(sum(t.get("rows_touched", 0) for t in table)),
-        **{f"table_{key}": int(sum(t.get(key, 0) for t in table)) for key in ("admitted", "evicted",
-                                                                               "dropped_gradients")},
-        "table_state_bytes": int(sum(t.get("allocated_bytes", 0) for t in table)),
-        "worker_restarts": worker_restarts, "shard_restarts": stats["restarts"], "history": history,
-    }
+
+    def metrics(server) -> dict:
+        test_auc, test_logloss = evaluate_ctr(server, model, data.x_test, data.y_test)
+        return {"test_auc": test_auc, "test_logloss": test_logloss, "test_loss": test_logloss}
+
+    run = drive_epochs(ps, workers, epochs=epochs, evaluate=metrics, data=data_refs,
+                       max_worker_restarts=max_worker_restarts, progress=progress)
+    return run_result(ps, run, task="ctr", dataset=data.name, num_workers=num_workers, epochs=epochs, first_epoch=0,
+                      data_rows=data.num_train, **table_fields(ps, model))
+
+
+def table_fields(ps, model: EmbeddingBagLogistic) -> dict:
+    """The embedding table's fields of the result (``TABLE_FIELDS``), summed over the shards."""
+    table = [s["row_tables"].get(TABLE, {}) for s in ps.stats()["shards"]]
+    return {"table_rows": model.table_rows, "embedding_dim": model.dim, "sparse_table": _is_sparse(ps),
+            "rows_touched": int(sum(t.get("rows_touched", 0) for t in table)),
+            **{f"table_{key}": int(sum(t.get(key, 0) for t in table))
+               for key in ("admitted", "evicted", "dropped_gradients")},
+            "table_state_bytes": int(sum(t.get("allocated_bytes", 0) for t in table))}

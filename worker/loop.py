@@ -97,10 +97,18 @@ class StepCalls:
     grads: Mapping[str, np.ndarray] | None
     epoch: int
     pull: bool = False
+    rows: Mapping | None = None  # row gradients that ride on a ``push_pull`` (``WorkerLoop.step``)
 
 
 class WorkerLoop:
-    """Runs epochs for one worker. ``grad_fn(params, (x, y)) -> (loss, grads)``. See the module docstring."""
+    """Runs epochs for one worker. ``grad_fn(params, (x, y)) -> (loss, grads)``. See the module docstring.
+
+    The model hook: ``step(batch) -> (loss, grads, rows)`` computes one batch's gradients from ``self.params``;
+    ``rows`` (None here) are row gradients ``{table: (ids, grads)}`` sent with the step's fused ``push_pull``, so a
+    subclass that pulls a batch's rows itself (``CtrWorkerLoop``) keeps this class's epochs, clocks, resume and
+    catch-up. ``pull_names`` (None: all) are the parameters a pull asks for."""
+
+    pull_names: list | None = None
 
     def __init__(self, client, grad_fn: Callable, x: np.ndarray, y: np.ndarray, worker_id: int,
                  num_workers: int, batch_size: int, seed: int = 0, n_fetch: int = 1, n_push: int = 1,
@@ -152,18 +160,27 @@ class WorkerLoop:
     def pushes_per_epoch(self, num_batches: int) -> int:
         return num_batches if self.fused else math.ceil(num_batches / self.n_push)
 
+    def step(self, batch) -> tuple[float, Mapping[str, np.ndarray], Mapping | None]:
+        """The model hook: ``(loss, grads, rows)`` of one batch on ``self.params`` (see the class docstring)."""
+        loss, grads = self.grad_fn(self.params, batch)
+        return loss, grads, None
+
     def _pull(self) -> dict:
+        options = dict(self._pull_options)
+        if self.pull_names is not None:
+            options["names"] = self.pull_names
         if self.resume_at is not None:
             at_seq, self.resume_at = self.resume_at, None
-            return self.client.pull(worker_id=self.worker_id, at_seq=at_seq, **self._pull_options)
-        return self.client.pull(worker_id=self.worker_id, **self._pull_options)
+            return self.client.pull(worker_id=self.worker_id, at_seq=at_seq, **options)
+        return self.client.pull(worker_id=self.worker_id, **options)
 
     def _call(self, calls: StepCalls) -> dict | None:
         """Make one step's server calls; the parameters they fetched, if any."""
         params = None
         if calls.push == "push_pull":
+            rows = {} if calls.rows is None else {"rows": calls.rows}
             params = self.client.push_pull(calls.grads, worker_id=self.worker_id, epoch=calls.epoch,
-                                           **self._push_pull_options)
+                                           **rows, **self._push_pull_options)
         elif calls.push == "push":
             self.client.push(calls.grads, worker_id=self.worker_id, epoch=calls.epoch)
         elif calls.push == "tick":
@@ -227,15 +244,18 @@ class WorkerLoop:
                     break
                 if self.params is None or (not fused and not self.prefetch and self.steps_done % self.n_fetch == 0):
                     self.params = self._pull()  # nothing is in flight here (prefetch: only before the first call)
-                grads = None
+                grads = rows = None
                 if batch is not None:  # a partition one sample short may get one empty batch: it only ticks
-                    loss, grads = self.grad_fn(self.params, batch)
+                    loss, grads, rows = self.step(batch)
                     losses.append(float(loss))
                     samples += len(batch[0])
                 self.steps_done += 1
                 if fused:
-                    calls = StepCalls("tick" if grads is None else "push_pull", grads, epoch)
+                    calls = StepCalls("tick" if grads is None else "push_pull", grads, epoch, rows=rows)
                 else:
+                    if rows is not None:
+                        raise ValueError("rows: row gradients ride on a fused push_pull; they need n_fetch == "
+                                         "n_push == 1")
                     if grads is not None:
                         pending_grads.add(grads)
                     calls = StepCalls(None, None, epoch)
