@@ -2,7 +2,8 @@
 
 ``connect`` fails fast with one line when nothing (or nothing that speaks Ray's gRPC) listens at the address,
 instead of Ray's long reconnect loop; ``placement.capacity_problems`` names what is missing when the cluster is
-too small for the requested actors.
+too small for the requested actors. ``cpus_per_process`` and ``shard_placement`` size a run's shards and workers
+on the cluster it connected to (every run command uses them).
 """
 
 from __future__ import annotations
@@ -67,3 +68,31 @@ def connect(address: str | None) -> None:
     except (ConnectionError, RuntimeError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(f"--address: could not connect to Ray at {address}: {first_line}") from None
+
+
+def cpus_per_process(args, ray) -> tuple[float, float]:
+    """CPUs per shard and per worker: the user's, or the cluster's CPUs shared out (at most 1 each). A cluster too
+    small for the shards and workers (CPUs or GPUs, in total or on any one node) is a one-line UsageError naming
+    what is missing (server/placement.py: capacity_problems)."""
+    from ..server.placement import capacity_problems  # noqa: PLC0415
+
+    total = float(ray.cluster_resources().get("CPU", 0.0))
+    share = min(1.0, total / (args.shards + args.workers)) if total else 0.0
+    per_shard = share if args.cpus_per_shard is None else args.cpus_per_shard
+    per_worker = share if args.cpus_per_worker is None else args.cpus_per_worker
+    problems = capacity_problems(ray.nodes(), args.shards, per_shard, args.gpus_per_shard, args.workers,
+                                 per_worker, args.gpus_per_worker)
+    if problems:
+        raise UsageError("; ".join(problems))
+    return per_shard, per_worker
+
+
+def shard_placement(args, per_shard: float, per_worker: float):
+    """The placement group of the shards (server/placement.py); a cluster that cannot hold it is a UsageError."""
+    from ..server.placement import PlacementError, ShardPlacement  # noqa: PLC0415
+
+    try:
+        return ShardPlacement(args.shards, per_shard, args.gpus_per_shard, per_worker, args.gpus_per_worker,
+                              num_workers=args.workers)
+    except PlacementError as error:
+        raise UsageError(str(error)) from None

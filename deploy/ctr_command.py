@@ -15,8 +15,6 @@ idle for more than S pushes of their shard are dropped); server/row_policies.py 
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
 
@@ -104,7 +102,7 @@ def summary_table(result: dict) -> str:
 
 
 def run_ctr(args) -> int:
-    from .train_command import ProgressBar, _placement, _resources, build_updater  # noqa: PLC0415
+    from .train_command import ProgressBar, build_updater, finish_result, say_fitted, write_result  # noqa: PLC0415
 
     for flag, value, default in (("--data", args.data, None), ("--resume", args.resume, False),
                                  ("--checkpoint-dir", args.checkpoint_dir, None)):
@@ -140,11 +138,11 @@ def run_ctr(args) -> int:
 
     from ..server.client import ParameterServer  # noqa: PLC0415
     from ..worker.ctr_training import ctr_params, train_ctr  # noqa: PLC0415
-    from .cluster import connect  # noqa: PLC0415
+    from .cluster import connect, cpus_per_process, shard_placement  # noqa: PLC0415
 
     connect(args.address)
-    per_shard, per_worker = _resources(args, ray)
-    placement = _placement(args, per_shard, per_worker)
+    per_shard, per_worker = cpus_per_process(args, ray)
+    placement = shard_placement(args, per_shard, per_worker)
     params, sparse = ctr_params(model, seed=args.seed, admission=args.admission, eviction=args.eviction)
     try:
         ps = ParameterServer(params, updater=updater, sparse=sparse, num_shards=args.shards,
@@ -156,8 +154,6 @@ def run_ctr(args) -> int:
         raise
     started = time.perf_counter()
     try:
-        from .train_command import say_fitted  # noqa: PLC0415
-
         say_fitted(args)
         print(f"rayps train: {model!r} on {data.name} ({data.num_train} train / {data.num_test} test), "
               f"{type(updater).__name__}, {args.workers} workers x {args.shards} shards, {args.consistency}, "
@@ -168,11 +164,6 @@ def run_ctr(args) -> int:
     finally:
         ps.shutdown()
         placement.remove()
-    result.update(updater=type(updater).__name__, compression=args.compression,
-                  total_seconds=time.perf_counter() - started)
-    print(summary_table(result))
-    if args.json_out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
-        with open(args.json_out, "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=2)
+    print(summary_table(finish_result(result, args, updater, started)))
+    write_result(result, args.json_out)
     return 0

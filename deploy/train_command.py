@@ -197,34 +197,6 @@ def _fit(args) -> None:
     args.fitted = fit_processes(args, cpus)  # said with the run's first line, once every check has passed
 
 
-def _resources(args, ray) -> tuple[float, float]:
-    """CPUs per shard and per worker: the user's, or the cluster's CPUs shared out (at most 1 each). A cluster too
-    small for the shards and workers (CPUs or GPUs, in total or on any one node) is a one-line UsageError naming
-    what is missing (server/placement.py: capacity_problems)."""
-    from ..server.placement import capacity_problems  # noqa: PLC0415
-
-    total = float(ray.cluster_resources().get("CPU", 0.0))
-    share = min(1.0, total / (args.shards + args.workers)) if total else 0.0
-    per_shard = share if args.cpus_per_shard is None else args.cpus_per_shard
-    per_worker = share if args.cpus_per_worker is None else args.cpus_per_worker
-    problems = capacity_problems(ray.nodes(), args.shards, per_shard, args.gpus_per_shard, args.workers,
-                                 per_worker, args.gpus_per_worker)
-    if problems:
-        raise UsageError("; ".join(problems))
-    return per_shard, per_worker
-
-
-def _placement(args, per_shard: float, per_worker: float):
-    """The placement group of the shards (server/placement.py); a cluster that cannot hold it is a UsageError."""
-    from ..server.placement import PlacementError, ShardPlacement  # noqa: PLC0415
-
-    try:
-        return ShardPlacement(args.shards, per_shard, args.gpus_per_shard, per_worker, args.gpus_per_worker,
-                              num_workers=args.workers)
-    except PlacementError as error:
-        raise UsageError(str(error)) from None
-
-
 def run(args) -> int:
     import numpy as np  # noqa: PLC0415
 
@@ -245,7 +217,7 @@ def run(args) -> int:
     args.batch_size = 32 if args.batch_size is None else args.batch_size
 
     from ..worker.models import build_model  # noqa: PLC0415
-    from .cluster import connect  # noqa: PLC0415
+    from .cluster import connect, cpus_per_process, shard_placement  # noqa: PLC0415
 
     updater = build_updater(args.updater, args.learning_rate, args.lr_decay)
     data = data_flags.load_data(args, lambda: connect(args.address))  # Parquet/CSV: read on the run's Ray
@@ -267,7 +239,7 @@ def run(args) -> int:
     from ..worker.training import train  # noqa: PLC0415
 
     connect(args.address)
-    per_shard, per_worker = _resources(args, ray)
+    per_shard, per_worker = cpus_per_process(args, ray)
     server_options = dict(num_shards=args.shards, consistency=args.consistency, staleness=args.staleness,
                           num_workers=args.workers, cpus_per_shard=per_shard, sync_timeout=args.sync_timeout,
                           compression=args.compression, encrypt=args.encrypt, data_ports=args.data_ports)
@@ -285,7 +257,7 @@ def run(args) -> int:
         if first_epoch >= args.epochs:
             raise UsageError(f"--resume: the run in {args.checkpoint_dir} already finished {first_epoch} epochs "
                              f"(--epochs {args.epochs})")
-    placement = _placement(args, per_shard, per_worker)  # shards: one placement-group bundle each
+    placement = shard_placement(args, per_shard, per_worker)  # shards: one placement-group bundle each
     server_options["placement"] = placement
     try:
         if args.resume:
@@ -312,13 +284,21 @@ def run(args) -> int:
     finally:
         ps.shutdown()
         placement.remove()
-    result["updater"] = type(updater).__name__
-    result["prefetch"] = args.prefetch
-    result["total_seconds"] = time.perf_counter() - started
-    print(summary_table(result))
-    if args.json_out:
-        directory = os.path.dirname(os.path.abspath(args.json_out))
-        os.makedirs(directory, exist_ok=True)
-        with open(args.json_out, "w", encoding="utf-8") as handle:
-            json.dump({k: v for k, v in result.items()}, handle, indent=2)
+    print(summary_table(finish_result(result, args, updater, started)))
+    write_result(result, args.json_out)
     return 0
+
+
+def finish_result(result: dict, args, updater, started: float) -> dict:
+    """The CLI's fields (``CLI_FIELDS``, README "The result of a run") added to a run's result, in place."""
+    result.update(updater=type(updater).__name__, prefetch=bool(getattr(args, "prefetch", False)),
+                  compression=args.compression, total_seconds=time.perf_counter() - started)
+    return result
+
+
+def write_result(result: dict, json_out: str | None) -> None:
+    """``--json-out``: the result as JSON (its directory made as needed)."""
+    if json_out:
+        os.makedirs(os.path.dirname(os.path.abspath(json_out)), exist_ok=True)
+        with open(json_out, "w", encoding="utf-8") as handle:
+            json.dump(result, handle, indent=2)

@@ -26,8 +26,6 @@ ORDER = ("updaters", "server", "worker", "deploy")  # each package may import on
 
 # (module, used name) -> why it is still there. Remove an entry with the use it names.
 KNOWN_PRIVATE_USES = {
-    ("rayps.deploy.ctr_command", "rayps.deploy.train_command._placement"): "issue 15 part 3: one epoch driver",
-    ("rayps.deploy.ctr_command", "rayps.deploy.train_command._resources"): "issue 15 part 3: one epoch driver",
     ("rayps.server.persistence", "rayps.server.checkpoint._unpack"): "issue 15 part 1: one checkpoint home",
 }
 

@@ -112,7 +112,7 @@ def test_a_worker_larger_than_every_node_is_named():
                               "--cpus-per-worker/--gpus-per-worker); its largest node has")
 
 
-# -- rayps train: _resources ----------------------------------------------------------------------------------------
+# -- rayps train: cpus_per_process ---------------------------------------------------------------------------------
 
 
 class FakeRay:
@@ -139,15 +139,15 @@ def _args(**overrides):
 
 
 def test_resources_share_the_cluster_cpus_and_check_gpus():
-    from rayps.deploy.train_command import _resources
+    from rayps.deploy.cluster import cpus_per_process
 
-    per_shard, per_worker = _resources(_args(), FakeRay([HEAD, node(cpus=3, name="w0")]))
+    per_shard, per_worker = cpus_per_process(_args(), FakeRay([HEAD, node(cpus=3, name="w0")]))
     assert per_shard == per_worker == pytest.approx(0.5)
-    assert _resources(_args(gpus_per_shard=1), FakeRay([node(cpus=8, gpus=2)])) == (1.0, 1.0)
+    assert cpus_per_process(_args(gpus_per_shard=1), FakeRay([node(cpus=8, gpus=2)])) == (1.0, 1.0)
     with pytest.raises(UsageError, match=r"has 0 GPUs but 2 shards x 1 \+ 4 workers x 0 need 2 \(2 GPUs missing\)"):
-        _resources(_args(gpus_per_shard=1), FakeRay([node(cpus=8)]))
+        cpus_per_process(_args(gpus_per_shard=1), FakeRay([node(cpus=8)]))
     with pytest.raises(UsageError, match=r"has 2 CPUs but 2 shards x 2 \+ 4 workers x 0.25 need 5 \(3 CPUs missing"):
-        _resources(_args(cpus_per_shard=2, cpus_per_worker=0.25), FakeRay([node(cpus=2)]))
+        cpus_per_process(_args(cpus_per_shard=2, cpus_per_worker=0.25), FakeRay([node(cpus=2)]))
 
 
 def _one_error_line(capsys):
