@@ -10,6 +10,10 @@ def __getattr__(name):  # Ray is imported only when a run is started
         from . import training as train_module
 
         return getattr(train_module, name)
+    if name == "RESULT_FIELDS":  # the fields of a run's result: README, "The result of a run"
+        from .epochs import RESULT_FIELDS
+
+        return RESULT_FIELDS
     if name == "WorkerActor":
         from .actor import WorkerActor
 
@@ -17,6 +21,6 @@ def __getattr__(name):  # Ray is imported only when a run is started
     raise AttributeError(name)
 
 
-__all__ = ["MLP", "RESULT_KEYS", "Dataset", "EpochReport", "SoftmaxRegression", "WorkerActor", "WorkerLoop",
-           "build_model", "epoch_batches", "grad_fn_for", "iterate_minibatches", "load_dataset",
+__all__ = ["MLP", "RESULT_FIELDS", "RESULT_KEYS", "Dataset", "EpochReport", "SoftmaxRegression", "WorkerActor",
+           "WorkerLoop", "build_model", "epoch_batches", "grad_fn_for", "iterate_minibatches", "load_dataset",
            "partition_indices", "train"]
