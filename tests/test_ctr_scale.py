@@ -10,6 +10,7 @@ import pytest
 
 from rayps.deploy.cli import main
 from rayps.worker.ctr import synthetic_ctr
+from rayps.worker.epochs import CLI_FIELDS, RESULT_FIELDS
 
 from row_policy_model import mix64
 
@@ -57,6 +58,9 @@ def test_rayps_train_over_a_billion_id_space_under_a_cap(ray_session, tmp_path):
                  "--admission", "count:2", "--eviction", "lru:1500", "--workers", "2", "--shards", "2",
                  "--json-out", str(out), "--quiet"]) == 0
     result = json.loads(out.read_text())
+    assert set(result) == {*RESULT_FIELDS, *CLI_FIELDS}  # the fields of every run (README: the result of a run)
+    assert (result["task"], result["test_accuracy"], result["sparse_table"]) == ("ctr", None, True)
+    assert result["test_loss"] == result["test_logloss"] and result["data_rows"] == 4800
     assert result["table_rows"] == 10**9
     assert 0 < result["rows_touched"] <= 1500
     assert result["table_evicted"] > 0 and result["table_dropped_gradients"] > 0

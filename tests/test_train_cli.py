@@ -13,6 +13,7 @@ import pytest
 
 from rayps.deploy.cli import main
 from rayps.worker import epoch_batches
+from rayps.worker.epochs import CLI_FIELDS, RESULT_FIELDS
 
 RESULT_KEYS = ("test_accuracy", "final_loss", "samples_per_second", "wall_seconds", "updates_applied", "workers",
                "shards", "consistency", "max_staleness", "bytes_pushed", "bytes_pulled")
@@ -27,6 +28,10 @@ def test_rayps_train_on_digits_with_the_default_flags_reaches_the_accuracy_bar(r
     result = json.loads(out.read_text())
     missing = [key for key in RESULT_KEYS if key not in result]
     assert not missing, missing
+    assert set(result) == {*RESULT_FIELDS, *CLI_FIELDS}  # one set of fields for every workload (README)
+    assert (result["task"], result["dataset"], result["test_auc"], result["table_rows"]) == (
+        "classification", "digits", None, None)  # what does not apply is None
+    assert result["data_rows"] == 1437 and result["data_rows_skipped"] == 0 and len(result["history"]) == 20
     cpus = int(ray.cluster_resources()["CPU"])  # the defaults fit the cluster: one shard per 8 CPUs, >= 4 workers
     shards = max(1, cpus // 8)
     workers = max(4, cpus - shards)
