@@ -180,6 +180,7 @@ class ParameterServer:
         self.run_id = uuid.uuid4().hex  # names the workers' identities of this run (``as_worker``)
         self.worker = None  # the worker identity this handle pushes as (``as_worker``)
         self.faults = NO_FAULTS  # tests: where a process dies (``inject_faults``, server/faults.py)
+        self.data_route = None  # (route, resend_after) of ``route_data_plane``
         self._new_identity()
         try:  # constructor errors surface here
             ray.get([actor.ping.remote() for actor in self._shard_actors])
@@ -195,6 +196,10 @@ class ParameterServer:
                                  window=self.max_in_flight, recovery_timeout=self.recovery_timeout,
                                  replay=bool(self.checkpoint_dir))
         self._links.faults, self._links.worker = self.faults, self.worker
+        route, resend_after = self.data_route or (None, None)
+        self._links.route = route
+        if resend_after is not None:
+            self._links.resend_after = resend_after
         # a push kept for replay must own its arrays; encoded ones (compression) always do
         own = bool(self.checkpoint_dir) and self.config["compression"] == "none"
         self._plan = PushPlan(self.layout, self.groups, self.tables, self.config["nan_policy"], own_payloads=own)
@@ -240,7 +245,10 @@ class ParameterServer:
     def route_data_plane(self, route, resend_after: float | None = None) -> None:
         """Connect this handle's data plane through ``route(shard, endpoint) -> endpoint`` (a proxy: fault
         injection in tests, a tunnel); ``resend_after``: seconds of silence before unanswered messages to an
-        alive shard are sent again (default 5). Call before this handle's first push or pull."""
+        alive shard are sent again (default 5). Call before this handle's first push or pull. The handle keeps
+        both: its worker identity (``as_worker``) and the handles made from it (pickled: ``route`` must pickle
+        then, e.g. a worker's handle) connect the same way."""
+        self.data_route = (route, None if resend_after is None else float(resend_after))
         self._links.route = route
         if resend_after is not None:
             self._links.resend_after = float(resend_after)

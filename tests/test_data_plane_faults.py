@@ -7,9 +7,7 @@ No test asserts a duration; every wait has a generous deadline."""
 
 from __future__ import annotations
 
-import heapq
 import pickle
-import random
 import socket
 import threading
 import time
@@ -19,7 +17,8 @@ import numpy as np
 import pytest
 import zmq
 
-from rayps.server.credentials import RunCredentials, ZapHandler
+from fault_proxy import FaultProxy  # tests/fault_proxy.py
+from rayps.server.credentials import RunCredentials
 from rayps.server.protocol import PushMessage, Rejection, Reply, from_frames, to_frames
 from rayps.updaters import Sgd
 
@@ -307,139 +306,7 @@ def test_malformed_frames_are_rejected_by_field_and_the_connection_survives():
         ps.shutdown()
 
 
-# -- 3. a fault-injection proxy ------------------------------------------------------------------------------------
-class FaultProxy:
-    """ROUTERs facing the clients (one per shard; the run's credentials, ZAP served in the proxy's own context)
-    and one DEALER per (shard, client identity) to the real shard, all on one thread. Both ways, seeded: drops,
-    duplicates, 10-50 ms delays, reorders (holds one message back until the next has gone), and every ~50
-    messages of a client a cut (the DEALER to the shard closed and reopened; what was queued for it is lost)."""
-
-    ODDS = {"drop": 0.05, "duplicate": 0.05, "delay": 0.1, "hold": 0.05}
-    CUT_EVERY = (40, 60)
-
-    def __init__(self, credentials, endpoints, seed):
-        self.credentials, self.endpoints, self.rng = credentials, list(endpoints), random.Random(seed)
-        self.faults = dict.fromkeys(("dropped", "duplicated", "delayed", "reordered", "cuts"), 0)
-        self.frontends: dict[str, str] = {}  # real shard endpoint -> the proxy's endpoint for it
-        self.fronts, self.backends, self.owner = [], {}, {}  # shard -> ROUTER, key -> DEALER, DEALER -> key
-        self.queue, self.held, self.counts, self.next_cut, self.order = [], {}, {}, {}, 0
-        self.stopping, self.error, self.ready = False, None, threading.Event()
-        self.thread = threading.Thread(target=self._run, name="fault-proxy", daemon=True)
-        self.thread.start()
-        assert self.ready.wait(WAIT) and self.error is None, self.error
-
-    def route(self, shard, endpoint) -> str:
-        return self.frontends[endpoint]
-
-    def close(self) -> None:
-        self.stopping = True
-        self.thread.join(WAIT)
-        assert not self.thread.is_alive() and self.error is None, self.error
-
-    def _run(self) -> None:
-        self.context = zmq.Context()  # its own: its ZAP endpoint clashes with no other
-        try:
-            zap = ZapHandler(self.context, self.credentials)
-            self.poller = zmq.Poller()
-            self.poller.register(zap.socket, zmq.POLLIN)
-            for endpoint in self.endpoints:
-                front = self.context.socket(zmq.ROUTER)
-                front.linger = 0
-                self.credentials.configure_server(front)
-                self.frontends[endpoint] = f"tcp://127.0.0.1:{front.bind_to_random_port('tcp://127.0.0.1')}"
-                self.fronts.append(front)
-                self.poller.register(front, zmq.POLLIN)
-            self.ready.set()
-            while not self.stopping:
-                timeout = 20 if self.held else 50
-                if self.queue:
-                    timeout = max(0, min(timeout, int((self.queue[0][0] - time.monotonic()) * 1000) + 1))
-                for sock, _ in self.poller.poll(timeout):
-                    if sock is zap.socket:
-                        zap.handle()
-                    else:
-                        self._drain(sock)
-                self._release(time.monotonic())
-        except BaseException as error:  # noqa: BLE001 - reported by close()
-            self.error = error
-            self.ready.set()
-        finally:
-            self.context.destroy(linger=0)
-
-    def _drain(self, sock) -> None:
-        while sock in self.owner or sock in self.fronts:  # a DEALER cut meanwhile is skipped
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if sock in self.fronts:
-                key = (self.fronts.index(sock), frames[0])
-                if key not in self.backends:
-                    self._connect(key)
-                self._inject(key, "up", frames[1:])
-            else:
-                self._inject(self.owner[sock], "down", frames)
-
-    def _connect(self, key) -> None:
-        dealer = self.context.socket(zmq.DEALER)
-        dealer.linger = 0
-        self.credentials.configure_client(dealer)
-        dealer.connect(self.endpoints[key[0]])
-        self.backends[key], self.owner[dealer] = dealer, key
-        self.poller.register(dealer, zmq.POLLIN)
-
-    def _cut(self, key) -> None:
-        dealer = self.backends.pop(key)
-        self.poller.unregister(dealer)
-        del self.owner[dealer]
-        dealer.close(linger=0)
-        self.queue = [entry for entry in self.queue if entry[2] != key]
-        heapq.heapify(self.queue)
-        self.held = {lane: held for lane, held in self.held.items() if lane[0] != key}
-        self._connect(key)
-        self.faults["cuts"] += 1
-
-    def _schedule(self, due, key, direction, frames) -> None:
-        self.order += 1
-        heapq.heappush(self.queue, (due, self.order, key, direction, frames))
-
-    def _inject(self, key, direction, frames) -> None:
-        rng, odds, now, lane = self.rng, self.ODDS, time.monotonic(), (key, direction)
-        self.counts[key] = self.counts.get(key, 0) + 1
-        if self.counts[key] >= self.next_cut.setdefault(key, rng.randint(*self.CUT_EVERY)):
-            self.counts[key], self.next_cut[key] = 0, rng.randint(*self.CUT_EVERY)
-            self._cut(key)  # this message is lost with the connection
-        elif rng.random() < odds["drop"]:
-            self.faults["dropped"] += 1
-        elif lane not in self.held and rng.random() < odds["hold"]:
-            self.held[lane] = (frames, now)
-        else:
-            due = now + (rng.uniform(0.01, 0.05) if rng.random() < odds["delay"] else 0.0)
-            self.faults["delayed"] += due > now
-            copies = 2 if rng.random() < odds["duplicate"] else 1
-            self.faults["duplicated"] += copies - 1
-            for _ in range(copies):
-                self._schedule(due, key, direction, frames)
-            if lane in self.held:  # the held one goes right after the one behind it
-                self._schedule(due, key, direction, self.held.pop(lane)[0])
-                self.faults["reordered"] += 1
-
-    def _release(self, now) -> None:
-        for lane, (frames, since) in list(self.held.items()):
-            if now - since > 0.05:  # nothing came after it: send it late rather than never
-                del self.held[lane]
-                self._schedule(now, *lane, frames)
-        while self.queue and self.queue[0][0] <= now:
-            _, _, key, direction, frames = heapq.heappop(self.queue)
-            try:
-                if direction == "up":
-                    self.backends[key].send_multipart(frames, flags=zmq.NOBLOCK)
-                else:
-                    self.fronts[key[0]].send_multipart([key[1], *frames], flags=zmq.NOBLOCK)
-            except zmq.ZMQError:  # a full queue: lost, like any other drop
-                pass
-
-
+# -- 3. through a fault-injection proxy (tests/fault_proxy.py) ------------------------------------------------
 def _grads(worker: int, step: int) -> dict:
     rng = np.random.default_rng([worker, step])
     return {n: rng.standard_normal(v.shape).astype(v.dtype) for n, v in PARAMS2.items()}
