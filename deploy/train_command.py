@@ -235,7 +235,7 @@ def run(args) -> int:
     import ray  # noqa: PLC0415
 
     from ..server.client import ParameterServer  # noqa: PLC0415
-    from .training_checkpoints import load_progress, resume_dir, save_progress, shards_dir  # noqa: PLC0415
+    from .training_checkpoints import load_progress, save_progress, shards_dir  # noqa: PLC0415
     from ..worker.training import train  # noqa: PLC0415
 
     connect(args.address)
@@ -245,22 +245,28 @@ def run(args) -> int:
                           compression=args.compression, encrypt=args.encrypt, data_ports=args.data_ports)
     first_epoch, on_epoch_end = 0, None
     if args.checkpoint_dir:
-        run_dir = resume_dir(args.checkpoint_dir)
         server_options.update(checkpoint_dir=shards_dir(args.checkpoint_dir),
                               checkpoint_every=args.checkpoint_every)
         on_epoch_end = lambda epoch, server: save_progress(args.checkpoint_dir, epoch, server)  # noqa: E731
+    resume = None
     if args.resume:
         try:
-            first_epoch = load_progress(args.checkpoint_dir) + 1
+            resume = load_progress(args.checkpoint_dir)
         except (FileNotFoundError, ValueError) as error:
             raise UsageError(str(error)) from None
+        if resume is None:  # killed before its first epoch finished: nothing to continue (an orchestrator that
+            print(f"rayps train: --resume: no finished epoch in {args.checkpoint_dir}; starting the run afresh",
+                  file=sys.stderr)  # always passes --resume, e.g. a retried RayJob, gets a run)
+        else:
+            first_epoch, run_dir = resume[0] + 1, resume[1]
+    if resume is not None:
         if first_epoch >= args.epochs:
             raise UsageError(f"--resume: the run in {args.checkpoint_dir} already finished {first_epoch} epochs "
                              f"(--epochs {args.epochs})")
     placement = shard_placement(args, per_shard, per_worker)  # shards: one placement-group bundle each
     server_options["placement"] = placement
     try:
-        if args.resume:
+        if resume is not None:
             ps = ParameterServer.restore(run_dir, **server_options)
             print(f"rayps train: resuming from {run_dir} at epoch {first_epoch + 1}", file=sys.stderr)
         else:
