@@ -5,7 +5,8 @@ Every message is one ZeroMQ multipart message::
     frame 0      header: a msgpack map {"v": VERSION, "k": kind, "r": request id, ..., "a": [[dtype, shape], ...]}
     frame 1..n   one raw array each, in the order of the header's "a" list (C order, native byte order)
 
-``to_frames()`` returns the header bytes followed by the arrays themselves (views: no pack copy; ZeroMQ sends
+The frame layer (header decoding, array frames checked against the header, the field checks) is
+server/frames.py. ``to_frames()`` returns the header bytes followed by the arrays themselves (views: no pack copy; ZeroMQ sends
 them as they are). ``from_frames(frames)`` checks the header first — version, kind, every field's type, the
 number of array frames, and each frame's length against its declared dtype and shape — and only then reads a
 buffer, as a read-only ``np.frombuffer`` view of the received frame (no unpack copy: the update kernel reads
@@ -31,7 +32,6 @@ Kinds (``Message.kind``):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,30 +39,11 @@ import msgpack
 import numpy as np
 
 from .compression import EncodedTensor  # the threshold codec's own type
+from .frames import (ARRAY_DTYPES, VERSION, ArrayFrames, ProtocolError, array_at, buffer_of, header_field,  # noqa: F401
+                     is_client_id, is_count, is_opt_count, is_opt_str, is_timeout, read_arrays, read_header)
 
-VERSION = 1
-MAX_HEADER_BYTES = 1 << 20
-MAX_ARRAYS = 4096
-ARRAY_DTYPES = frozenset({"float16", "float32", "float64", "uint16", "int8", "uint8", "int32", "int64"})
 CAST_MODES = ("fp16", "bf16")
 REJECTION_CODES = ("malformed", "restarted", "timeout", "overloaded")
-_DTYPE_OF = {name: np.dtype(name) for name in ARRAY_DTYPES}  # header name -> dtype (looked up per frame)
-_NAME_OF = {dtype: name for name, dtype in _DTYPE_OF.items()}  # native dtype -> header name
-
-
-class ProtocolError(ValueError):
-    """A frame that does not fit the protocol: ``field`` names what is wrong, ``expected`` what was expected."""
-
-    def __init__(self, field: str, expected: str, got: Any = None):
-        self.field = field
-        self.expected = expected
-        got_text = "" if got is None else f", got {_short(got)}"
-        super().__init__(f"{field}: expected {expected}{got_text}")
-
-
-def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 @dataclass
@@ -174,30 +155,7 @@ Message = PushMessage | PullRequest | RowsRequest | Reply | Rejection
 
 
 # -- encoding ----------------------------------------------------------------------------------------------------
-class _Arrays:
-    """Collects the array frames of one message; ``ref(array)`` is the index its header entry refers to."""
-
-    def __init__(self):
-        self.specs: list = []
-        self.frames: list = []
-
-    def ref(self, array) -> int | None:
-        if array is None:
-            return None
-        if type(array) is not np.ndarray:
-            array = np.asarray(array)
-        name = _NAME_OF.get(array.dtype)
-        if name is None:  # frames are native byte order (the header names only the dtype)
-            array = array.astype(array.dtype.newbyteorder("="))
-            name = array.dtype.name
-        if not array.flags.c_contiguous:
-            array = np.ascontiguousarray(array)
-        self.specs.append([name, list(array.shape)])
-        self.frames.append(array.reshape(-1) if array.ndim != 1 else array)
-        return len(self.frames) - 1
-
-
-def _encode_payload(payload, arrays: _Arrays):
+def _encode_payload(payload, arrays: ArrayFrames):
     if payload is None:
         return None
     if isinstance(payload, EncodedPayload):
@@ -212,7 +170,7 @@ def _encode_payload(payload, arrays: _Arrays):
     return {"m": "none", "d": {dtype: arrays.ref(array) for dtype, array in payload.items()}}
 
 
-def _encode_rows(rows, arrays: _Arrays):
+def _encode_rows(rows, arrays: ArrayFrames):
     if rows is None:
         return None
     out = {}
@@ -226,7 +184,7 @@ def _encode_rows(rows, arrays: _Arrays):
 
 def to_frames(message: Message) -> list:
     """The frames of ``message``: the header bytes, then the arrays themselves (no copy)."""
-    arrays = _Arrays()
+    arrays = ArrayFrames()
     kind = message.kind
     if kind == "push":
         header = {"c": message.client_id, "s": message.seq, "w": message.worker_id, "e": message.epoch,
@@ -254,97 +212,6 @@ def to_frames(message: Message) -> list:
 
 
 # -- decoding ----------------------------------------------------------------------------------------------------
-def _buffer(frame) -> memoryview:
-    """A frame's bytes: a received ``zmq.Frame``, or bytes / an array (frames built here, tests)."""
-    return frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
-
-
-def _header(frames) -> dict:
-    if not frames:
-        raise ProtocolError("frames", "at least a header frame", 0)
-    raw = _buffer(frames[0])
-    if raw.nbytes > MAX_HEADER_BYTES:
-        raise ProtocolError("header", f"at most {MAX_HEADER_BYTES} bytes", f"{raw.nbytes} bytes")
-    try:
-        header = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_bin_len=0, max_ext_len=0,
-                                 max_array_len=1 << 20, max_map_len=1 << 16)
-    except Exception as error:  # noqa: BLE001 - any undecodable header is the same rejection
-        raise ProtocolError("header", "a msgpack map", f"undecodable bytes ({type(error).__name__})") from None
-    if not isinstance(header, dict):
-        raise ProtocolError("header", "a msgpack map", type(header).__name__)
-    if header.get("v") != VERSION:
-        raise ProtocolError("version", f"protocol version {VERSION}", header.get("v"))
-    return header
-
-
-def _arrays(header: dict, frames) -> list:
-    specs = header.get("a")
-    if not isinstance(specs, list) or len(specs) > MAX_ARRAYS:
-        raise ProtocolError("a", f"a list of at most {MAX_ARRAYS} [dtype, shape] entries", type(specs).__name__)
-    if len(frames) - 1 != len(specs):
-        raise ProtocolError("frames", f"{len(specs)} array frame(s) after the header, as the header lists",
-                            len(frames) - 1)
-    checked = []
-    for index, spec in enumerate(specs):
-        if (not isinstance(spec, list) or len(spec) != 2 or spec[0] not in ARRAY_DTYPES
-                or not isinstance(spec[1], list) or len(spec[1]) > 4
-                or not all(type(d) is int and 0 <= d < 1 << 40 for d in spec[1])):
-            raise ProtocolError(f"a[{index}]", f"[dtype in {sorted(ARRAY_DTYPES)}, shape of <= 4 sizes]", spec)
-        dtype = _DTYPE_OF[spec[0]]
-        size = math.prod(spec[1])
-        length = _buffer(frames[index + 1]).nbytes
-        if length != size * dtype.itemsize:
-            raise ProtocolError(f"a[{index}]", f"{size * dtype.itemsize} bytes for {spec[0]} {tuple(spec[1])}",
-                                f"{length} bytes")
-        checked.append((dtype, tuple(spec[1])))
-    out = []  # only now are buffers read
-    for (dtype, shape), frame in zip(checked, frames[1:]):
-        array = np.frombuffer(_buffer(frame), dtype=dtype)
-        if not array.flags.aligned:  # a kernel wants aligned elements: copy the rare odd frame
-            array = array.copy()
-        array.flags.writeable = False  # a received frame is read, never written
-        out.append(array.reshape(shape))
-    return out
-
-
-def _field(header: dict, key: str, name: str, check, expected: str):
-    value = header.get(key)
-    if not check(value):
-        raise ProtocolError(name, expected, value)
-    return value
-
-
-def _is_count(value) -> bool:
-    return type(value) is int and 0 <= value < 1 << 62
-
-
-def _is_opt_count(value) -> bool:
-    return value is None or _is_count(value)
-
-
-def _is_opt_str(value) -> bool:
-    return value is None or (type(value) is str and len(value) <= 256)
-
-
-def _is_client_id(value) -> bool:
-    return type(value) is str and 0 < len(value) <= 256
-
-
-def _is_timeout(value) -> bool:
-    return value is None or (type(value) in (int, float) and 0 <= value < 1e9)
-
-
-def _ref(arrays: list, value, name: str, ndim: int | None = None, allow_none: bool = False):
-    if value is None and allow_none:
-        return None
-    if type(value) is not int or not 0 <= value < len(arrays):
-        raise ProtocolError(name, f"an index into the {len(arrays)} array frame(s)", value)
-    array = arrays[value]
-    if ndim is not None and array.ndim != ndim:
-        raise ProtocolError(name, f"a {ndim}-D array", f"shape {array.shape}")
-    return array
-
-
 def _decode_payload(value, arrays):
     if value is None:
         return None
@@ -360,14 +227,14 @@ def _decode_payload(value, arrays):
         name = f"payload[{dtype!r}]"
         if mode == "threshold":
             if (not isinstance(part, list) or len(part) != 5 or not isinstance(part[0], list)
-                    or not all(_is_count(d) for d in part[0]) or type(part[1]) not in (int, float)):
+                    or not all(is_count(d) for d in part[0]) or type(part[1]) not in (int, float)):
                 raise ProtocolError(name, "[shape, tau, indices, signs, bitmap]", part)
             decoded[dtype] = EncodedTensor(tuple(part[0]), float(part[1]),
-                                           _ref(arrays, part[2], f"{name}.indices", 1, True),
-                                           _ref(arrays, part[3], f"{name}.signs", 1, True),
-                                           _ref(arrays, part[4], f"{name}.bitmap", 1, True))
+                                           array_at(arrays, part[2], f"{name}.indices", 1, True),
+                                           array_at(arrays, part[3], f"{name}.signs", 1, True),
+                                           array_at(arrays, part[4], f"{name}.bitmap", 1, True))
         else:
-            decoded[dtype] = _ref(arrays, part, name, 1)
+            decoded[dtype] = array_at(arrays, part, name, 1)
     return decoded if mode == "none" else EncodedPayload(mode, decoded)
 
 
@@ -380,8 +247,8 @@ def _decode_rows(value, arrays):
     for name, part in value.items():
         if not isinstance(part, list) or len(part) != 3 or part[2] not in (None, *CAST_MODES):
             raise ProtocolError(f"rows[{name!r}]", f"[ids, grads, cast in {[None, *CAST_MODES]}]", part)
-        ids = _ref(arrays, part[0], f"rows[{name!r}].ids", 1)
-        grads = _ref(arrays, part[1], f"rows[{name!r}].grads")
+        ids = array_at(arrays, part[0], f"rows[{name!r}].ids", 1)
+        grads = array_at(arrays, part[1], f"rows[{name!r}].grads")
         rows[name] = (ids, grads if part[2] is None else CastRows(part[2], grads))
     return rows
 
@@ -400,48 +267,48 @@ def _is_factors(value) -> bool:
 def from_frames(frames) -> Message:
     """The message in ``frames`` (bytes, memoryviews or ``zmq.Frame``), checked whole before any array is
     read; ``ProtocolError`` naming the field otherwise."""
-    header = _header(frames)
+    header = read_header(frames)
     kind = header.get("k")
-    rid = _field(header, "r", "rid", _is_count, "a request id (int >= 0)")
-    arrays = _arrays(header, frames)
+    rid = header_field(header, "r", "rid", is_count, "a request id (int >= 0)")
+    arrays = read_arrays(header, frames)
     if kind == "push":
-        present = _field(header, "pr", "present", _is_present, "nil, 'tick' or a list of piece indices")
-        factors = _field(header, "f", "factors", _is_factors, "nil or a map name -> [scale, clip]")
+        present = header_field(header, "pr", "present", _is_present, "nil, 'tick' or a list of piece indices")
+        factors = header_field(header, "f", "factors", _is_factors, "nil or a map name -> [scale, clip]")
         return PushMessage(
-            rid, _field(header, "c", "client_id", _is_client_id, "a client id (1-256 characters)"),
-            _field(header, "s", "seq", lambda v: _is_count(v) and v >= 1, "a sequence number >= 1"),
-            _field(header, "w", "worker_id", _is_count, "a worker id (int >= 0)"),
-            _field(header, "e", "epoch", _is_count, "an epoch (int >= 0)"),
+            rid, header_field(header, "c", "client_id", is_client_id, "a client id (1-256 characters)"),
+            header_field(header, "s", "seq", lambda v: is_count(v) and v >= 1, "a sequence number >= 1"),
+            header_field(header, "w", "worker_id", is_count, "a worker id (int >= 0)"),
+            header_field(header, "e", "epoch", is_count, "an epoch (int >= 0)"),
             _decode_payload(header.get("p"), arrays), present,
             None if factors is None else {k: (float(v[0]), float(v[1])) for k, v in factors.items()},
             _decode_rows(header.get("rw"), arrays),
-            _field(header, "rp", "replayed", lambda v: type(v) is bool, "true or false"),
-            _field(header, "i", "incarnation", _is_opt_str, "nil or an incarnation id"),
-            _field(header, "pw", "pull_worker", _is_opt_count, "nil or a worker id"),
-            _field(header, "pl", "pull", lambda v: type(v) is bool, "true or false"),
-            _field(header, "t", "timeout", _is_timeout, "nil or seconds >= 0"))
+            header_field(header, "rp", "replayed", lambda v: type(v) is bool, "true or false"),
+            header_field(header, "i", "incarnation", is_opt_str, "nil or an incarnation id"),
+            header_field(header, "pw", "pull_worker", is_opt_count, "nil or a worker id"),
+            header_field(header, "pl", "pull", lambda v: type(v) is bool, "true or false"),
+            header_field(header, "t", "timeout", is_timeout, "nil or seconds >= 0"))
     if kind == "pull":
         return PullRequest(
-            rid, _field(header, "c", "client_id", _is_client_id, "a client id (1-256 characters)"),
-            _field(header, "s", "after_seq", _is_count, "a sequence number >= 0"),
-            _field(header, "w", "worker_id", _is_opt_count, "nil or a worker id"),
-            _field(header, "pc", "pieces", lambda v: v is None or (_is_present(v) and v != "tick"),
+            rid, header_field(header, "c", "client_id", is_client_id, "a client id (1-256 characters)"),
+            header_field(header, "s", "after_seq", is_count, "a sequence number >= 0"),
+            header_field(header, "w", "worker_id", is_opt_count, "nil or a worker id"),
+            header_field(header, "pc", "pieces", lambda v: v is None or (_is_present(v) and v != "tick"),
                    "nil or a list of piece indices"),
-            _field(header, "i", "incarnation", _is_opt_str, "nil or an incarnation id"),
-            _field(header, "t", "timeout", _is_timeout, "nil or seconds >= 0"),
-            _field(header, "as", "at_seq", _is_opt_count, "nil or a sequence number >= 0"))
+            header_field(header, "i", "incarnation", is_opt_str, "nil or an incarnation id"),
+            header_field(header, "t", "timeout", is_timeout, "nil or seconds >= 0"),
+            header_field(header, "as", "at_seq", is_opt_count, "nil or a sequence number >= 0"))
     if kind == "rows":
         return RowsRequest(
-            rid, _field(header, "c", "client_id", _is_client_id, "a client id (1-256 characters)"),
-            _field(header, "s", "after_seq", _is_count, "a sequence number >= 0"),
-            _field(header, "tb", "table", lambda v: type(v) is str and len(v) <= 256, "a table name"),
-            _ref(arrays, header.get("ids"), "ids", 1, True),
-            _field(header, "i", "incarnation", _is_opt_str, "nil or an incarnation id"),
-            _field(header, "t", "timeout", _is_timeout, "nil or seconds >= 0"))
+            rid, header_field(header, "c", "client_id", is_client_id, "a client id (1-256 characters)"),
+            header_field(header, "s", "after_seq", is_count, "a sequence number >= 0"),
+            header_field(header, "tb", "table", lambda v: type(v) is str and len(v) <= 256, "a table name"),
+            array_at(arrays, header.get("ids"), "ids", 1, True),
+            header_field(header, "i", "incarnation", is_opt_str, "nil or an incarnation id"),
+            header_field(header, "t", "timeout", is_timeout, "nil or seconds >= 0"))
     if kind == "reply":
         ack = header.get("ack")
         if ack is not None:
-            if (not isinstance(ack, list) or len(ack) != 4 or not all(_is_count(x) for x in ack[:3])
+            if (not isinstance(ack, list) or len(ack) != 4 or not all(is_count(x) for x in ack[:3])
                     or type(ack[3]) is not str):
                 raise ProtocolError("ack", "[seq, applied, covered, incarnation]", ack)
             ack = Ack(*ack)
@@ -449,16 +316,16 @@ def from_frames(frames) -> Message:
         if params is not None:
             if not isinstance(params, dict):
                 raise ProtocolError("params", "a map dtype -> array", params)
-            params = {d: _ref(arrays, ref, f"params[{d!r}]", 1) for d, ref in params.items()}
-        return Reply(rid, ack, _field(header, "er", "errors", lambda v: isinstance(v, list) and all(
+            params = {d: array_at(arrays, ref, f"params[{d!r}]", 1) for d, ref in params.items()}
+        return Reply(rid, ack, header_field(header, "er", "errors", lambda v: isinstance(v, list) and all(
             type(e) is str for e in v), "a list of strings"), params,
-            _ref(arrays, header.get("ids"), "ids", 1, True), _ref(arrays, header.get("rw"), "rows", 2, True),
-            _field(header, "wt", "waiting", lambda v: type(v) is bool, "true or false"))
+            array_at(arrays, header.get("ids"), "ids", 1, True), array_at(arrays, header.get("rw"), "rows", 2, True),
+            header_field(header, "wt", "waiting", lambda v: type(v) is bool, "true or false"))
     if kind == "reject":
-        return Rejection(rid, _field(header, "cd", "code", lambda v: v in REJECTION_CODES,
+        return Rejection(rid, header_field(header, "cd", "code", lambda v: v in REJECTION_CODES,
                                      f"one of {list(REJECTION_CODES)}"),
-                         _field(header, "fd", "field", lambda v: type(v) is str, "a field name"),
-                         _field(header, "ms", "message", lambda v: type(v) is str, "a message"))
+                         header_field(header, "fd", "field", lambda v: type(v) is str, "a field name"),
+                         header_field(header, "ms", "message", lambda v: type(v) is str, "a message"))
     raise ProtocolError("kind", "one of ['push', 'pull', 'rows', 'reply', 'reject']", kind)
 
 
@@ -466,7 +333,7 @@ def peek_rid(frames) -> int:
     """The request id of a message that failed to decode, if its header says one (else 0): the rejection
     goes back under it."""
     try:
-        rid = msgpack.unpackb(_buffer(frames[0]), raw=False, max_bin_len=0, max_ext_len=0).get("r", 0)
-        return rid if _is_count(rid) else 0
+        rid = msgpack.unpackb(buffer_of(frames[0]), raw=False, max_bin_len=0, max_ext_len=0).get("r", 0)
+        return rid if is_count(rid) else 0
     except Exception:  # noqa: BLE001
         return 0

@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 
 from rayps.server import ParameterLayout, ShardState, transport
-from rayps.server.protocol import (MAX_HEADER_BYTES, Ack, CastRows, EncodedPayload, ProtocolError, PullRequest,
-                                   PushMessage, Rejection, Reply, RowsRequest, from_frames, peek_rid, to_frames)
+from rayps.server.frames import MAX_HEADER_BYTES
+from rayps.server.protocol import (Ack, CastRows, EncodedPayload, ProtocolError, PullRequest, PushMessage, Rejection,
+                                   Reply, RowsRequest, from_frames, peek_rid, to_frames)
 from rayps.server.shard_service import ShardService
 from rayps.updaters import Sgd
 from rayps.updaters.groups import as_groups, assign_groups

@@ -1,0 +1,157 @@
+"""The frame layer of the data plane: one msgpack header frame plus raw array frames, checked before any buffer
+is read (no sockets, no message types: server/protocol.py builds its messages on this).
+
+* ``ArrayFrames`` collects the arrays of a message being encoded: ``ref(array)`` records ``[dtype, shape]`` for the
+  header and keeps the array itself as a frame (a view: C order, native byte order; no pack copy).
+* ``read_header(frames)`` decodes the header (size-capped, a msgpack map, the protocol version);
+  ``read_arrays(header, frames)`` checks the header's array list against the frames — their number, and each
+  frame's length against its declared dtype and shape — and only then reads each as a read-only
+  ``np.frombuffer`` view (no unpack copy).
+* ``field``/``array_at`` and the ``is_*`` checks read one header field; anything that does not fit raises
+  ``ProtocolError(field, expected)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import msgpack
+import numpy as np
+
+VERSION = 1
+MAX_HEADER_BYTES = 1 << 20
+MAX_ARRAYS = 4096
+ARRAY_DTYPES = frozenset({"float16", "float32", "float64", "uint16", "int8", "uint8", "int32", "int64"})
+DTYPE_OF = {name: np.dtype(name) for name in ARRAY_DTYPES}  # header name -> dtype (looked up per frame)
+NAME_OF = {dtype: name for name, dtype in DTYPE_OF.items()}  # native dtype -> header name
+
+
+
+class ProtocolError(ValueError):
+    """A frame that does not fit the protocol: ``field`` names what is wrong, ``expected`` what was expected."""
+
+    def __init__(self, field: str, expected: str, got: Any = None):
+        self.field = field
+        self.expected = expected
+        got_text = "" if got is None else f", got {_short(got)}"
+        super().__init__(f"{field}: expected {expected}{got_text}")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class ArrayFrames:
+    """Collects the array frames of one message; ``ref(array)`` is the index its header entry refers to."""
+
+    def __init__(self):
+        self.specs: list = []
+        self.frames: list = []
+
+    def ref(self, array) -> int | None:
+        if array is None:
+            return None
+        if type(array) is not np.ndarray:
+            array = np.asarray(array)
+        name = NAME_OF.get(array.dtype)
+        if name is None:  # frames are native byte order (the header names only the dtype)
+            array = array.astype(array.dtype.newbyteorder("="))
+            name = array.dtype.name
+        if not array.flags.c_contiguous:
+            array = np.ascontiguousarray(array)
+        self.specs.append([name, list(array.shape)])
+        self.frames.append(array.reshape(-1) if array.ndim != 1 else array)
+        return len(self.frames) - 1
+
+
+def buffer_of(frame) -> memoryview:
+    """A frame's bytes: a received ``zmq.Frame``, or bytes / an array (frames built here, tests)."""
+    return frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+
+
+def read_header(frames) -> dict:
+    if not frames:
+        raise ProtocolError("frames", "at least a header frame", 0)
+    raw = buffer_of(frames[0])
+    if raw.nbytes > MAX_HEADER_BYTES:
+        raise ProtocolError("header", f"at most {MAX_HEADER_BYTES} bytes", f"{raw.nbytes} bytes")
+    try:
+        header = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_bin_len=0, max_ext_len=0,
+                                 max_array_len=1 << 20, max_map_len=1 << 16)
+    except Exception as error:  # noqa: BLE001 - any undecodable header is the same rejection
+        raise ProtocolError("header", "a msgpack map", f"undecodable bytes ({type(error).__name__})") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("header", "a msgpack map", type(header).__name__)
+    if header.get("v") != VERSION:
+        raise ProtocolError("version", f"protocol version {VERSION}", header.get("v"))
+    return header
+
+
+def read_arrays(header: dict, frames) -> list:
+    specs = header.get("a")
+    if not isinstance(specs, list) or len(specs) > MAX_ARRAYS:
+        raise ProtocolError("a", f"a list of at most {MAX_ARRAYS} [dtype, shape] entries", type(specs).__name__)
+    if len(frames) - 1 != len(specs):
+        raise ProtocolError("frames", f"{len(specs)} array frame(s) after the header, as the header lists",
+                            len(frames) - 1)
+    checked = []
+    for index, spec in enumerate(specs):
+        if (not isinstance(spec, list) or len(spec) != 2 or spec[0] not in ARRAY_DTYPES
+                or not isinstance(spec[1], list) or len(spec[1]) > 4
+                or not all(type(d) is int and 0 <= d < 1 << 40 for d in spec[1])):
+            raise ProtocolError(f"a[{index}]", f"[dtype in {sorted(ARRAY_DTYPES)}, shape of <= 4 sizes]", spec)
+        dtype = DTYPE_OF[spec[0]]
+        size = math.prod(spec[1])
+        length = buffer_of(frames[index + 1]).nbytes
+        if length != size * dtype.itemsize:
+            raise ProtocolError(f"a[{index}]", f"{size * dtype.itemsize} bytes for {spec[0]} {tuple(spec[1])}",
+                                f"{length} bytes")
+        checked.append((dtype, tuple(spec[1])))
+    out = []  # only now are buffers read
+    for (dtype, shape), frame in zip(checked, frames[1:]):
+        array = np.frombuffer(buffer_of(frame), dtype=dtype)
+        if not array.flags.aligned:  # a kernel wants aligned elements: copy the rare odd frame
+            array = array.copy()
+        array.flags.writeable = False  # a received frame is read, never written
+        out.append(array.reshape(shape))
+    return out
+
+
+def header_field(header: dict, key: str, name: str, check, expected: str):
+    value = header.get(key)
+    if not check(value):
+        raise ProtocolError(name, expected, value)
+    return value
+
+
+def is_count(value) -> bool:
+    return type(value) is int and 0 <= value < 1 << 62
+
+
+def is_opt_count(value) -> bool:
+    return value is None or is_count(value)
+
+
+def is_opt_str(value) -> bool:
+    return value is None or (type(value) is str and len(value) <= 256)
+
+
+def is_client_id(value) -> bool:
+    return type(value) is str and 0 < len(value) <= 256
+
+
+def is_timeout(value) -> bool:
+    return value is None or (type(value) in (int, float) and 0 <= value < 1e9)
+
+
+def array_at(arrays: list, value, name: str, ndim: int | None = None, allow_none: bool = False):
+    if value is None and allow_none:
+        return None
+    if type(value) is not int or not 0 <= value < len(arrays):
+        raise ProtocolError(name, f"an index into the {len(arrays)} array frame(s)", value)
+    array = arrays[value]
+    if ndim is not None and array.ndim != ndim:
+        raise ProtocolError(name, f"a {ndim}-D array", f"shape {array.shape}")
+    return array
