@@ -88,7 +88,7 @@ def add_parser(subparsers) -> None:
                         help="checkpoint here: shards every --checkpoint-every updates (restarted shards restore "
                              "and lose nothing), the whole server after every epoch (for --resume). On a cluster "
                              "this must be storage that every node reaches: a shared volume, or a URI such as "
-                             "s3://bucket/run or gs://bucket/run (server/storage.py)")
+                             "s3://bucket/run or gs://bucket/run (server/checkpoints/storage.py)")
     parser.add_argument("--checkpoint-every", type=_positive_int, default=200, help="updates per shard between "
                                                                                       "shard checkpoints")
     parser.add_argument("--resume", action="store_true", help="continue the run saved in --checkpoint-dir")
@@ -235,7 +235,7 @@ def run(args) -> int:
     import ray  # noqa: PLC0415
 
     from ..server.client import ParameterServer  # noqa: PLC0415
-    from .training_checkpoints import load_progress, save_progress, shards_dir  # noqa: PLC0415
+    from ..server.checkpoints.training_run import load_progress, save_progress, shards_dir  # noqa: PLC0415
     from ..worker.training import train  # noqa: PLC0415
 
     connect(args.address)

@@ -24,9 +24,10 @@ shard's part is one contiguous piece). ``push`` returns at once and keeps owned 
 arrays); ``push_pull`` blocks until the reply, so it sends the caller's arrays without copying them.
 
 With ``checkpoint_dir`` (a local path, a URI such as ``s3://bucket/run`` or ``gs://bucket/run``, or a
-``(pyarrow.fs.FileSystem, path)`` pair: server/storage.py), shards checkpoint every ``checkpoint_every`` updates
-and Ray restarts a dead shard, which restores its checkpoint; the handle keeps each push until a checkpoint
-holds it and replays what a restarted shard lacks, so no update is lost or applied twice (``ShardLinks``).
+``(pyarrow.fs.FileSystem, path)`` pair: server/checkpoints/storage.py), shards checkpoint every
+``checkpoint_every`` updates and Ray restarts a dead shard, which restores its checkpoint; the handle keeps
+each push until a checkpoint holds it and replays what a restarted shard lacks, so no update is lost or applied
+twice (``ShardLinks``).
 
 Where the data plane listens: ``data_host`` (else ``RAYPS_DATA_HOST``; else 127.0.0.1 when this handle started
 an embedded local Ray, whose processes all run on this machine; else each shard's node address as Ray knows
@@ -44,9 +45,9 @@ import numpy as np
 import ray
 
 from ..updaters.groups import as_groups, assign_groups
-from . import checkpoint as ckpt
-from . import persistence
-from . import storage
+from .checkpoints import format as ckpt
+from .checkpoints import server_state
+from .checkpoints import storage
 from . import transport
 from .credentials import RunCredentials
 from .data_server import parse_ports
@@ -140,7 +141,7 @@ class ParameterServer:
         self.config = {"num_shards": num_shards, "consistency": consistency, "staleness": staleness,
                        "num_workers": num_workers, "nan_policy": nan_policy,
                        "compression": transport.check_mode(compression)}  # push encoding: server/transport.py
-        # a local path, a URI (s3://, gs://, file://) or (pyarrow.fs.FileSystem, path): server/storage.py
+        # a local path, a URI (s3://, gs://, file://) or (pyarrow.fs.FileSystem, path): checkpoints/storage.py
         self.checkpoint_dir = None if checkpoint_dir is None else storage.directory(checkpoint_dir)
         if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
             raise ValueError(f"max_in_flight must be an integer >= 1 (pushes per shard), got {max_in_flight!r}")
@@ -153,7 +154,7 @@ class ParameterServer:
         ensure_ray(address)
         host = data_plane_host(data_host)
         if self.checkpoint_dir:
-            ckpt.write_manifest(self.checkpoint_dir, persistence.manifest_for(self))
+            ckpt.write_manifest(self.checkpoint_dir, server_state.manifest_for(self))
         # the parameters change on the shard's data-plane thread only (shard_actor.py), whatever Ray's threads
         actor_options = {"num_cpus": cpus_per_shard, "max_restarts": -1 if self.checkpoint_dir else 0}
         self._shard_actors = []
@@ -171,7 +172,7 @@ class ParameterServer:
             spec = ShardSpec(shard_index=shard, pieces=self.layout.shard_pieces[shard],
                              buffers=self.layout.pack(shard, params)[0],
                              piece_states=None if not updater_state else
-                             persistence.piece_states(self.layout, shard, updater_state),
+                             server_state.piece_states(self.layout, shard, updater_state),
                              kernel_threads=max(1, int(shard_options.get("num_cpus") or 0)))  # the shard's CPUs
             self._init_refs.append(ray.put(spec))
             self._shard_actors.append(ShardActor.options(**shard_options).remote(
@@ -440,13 +441,13 @@ class ParameterServer:
         """Write a checkpoint directory: every shard's params, updater state, counters and clocks, plus a
         manifest with names, shapes, dtypes, the updater/group config and a sha256 per blob. ``path``: a local
         path, a URI (``s3://``, ``gs://``, ``file://``) or ``(pyarrow.fs.FileSystem, path)``."""
-        persistence.save(self, path)
+        server_state.save(self, path)
 
     @classmethod
     def restore(cls, path, num_shards: int | None = None, **overrides) -> "ParameterServer":
         """A new server from a checkpoint directory (``save``'s, or a ``checkpoint_dir``), into any shard
         count; ``overrides`` replace constructor arguments (e.g. ``consistency``, ``num_workers``)."""
-        loaded = persistence.load(path)
+        loaded = server_state.load(path)
         config = dict(loaded["config"])
         allowed = {"consistency", "staleness", "num_workers", "nan_policy", "compression"}
         config = {k: v for k, v in config.items() if k in allowed}

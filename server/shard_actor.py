@@ -28,9 +28,9 @@ refused for lacking the run's credentials) and ``rayps_malformed_rejected_total`
 and ``table``): ``rayps_table_rows`` and ``rayps_table_bytes`` (gauges), ``rayps_table_admitted_total``,
 ``rayps_table_evicted_total`` and ``rayps_table_dropped_gradients_total``.
 
-Row tables are checkpointed incrementally (server/table_chains.py): the shard remembers the chain of each table
-in its ``checkpoint_dir`` and writes only the changes since its last checkpoint on top of it. ``export_deltas``
-and ``table_stats`` answer the client's serving-delta and table-statistics calls.
+Row tables are checkpointed incrementally (server/checkpoints/table_chains.py): the shard remembers the chain
+of each table in its ``checkpoint_dir`` and writes only the changes since its last checkpoint on top of it.
+``export_deltas`` and ``table_stats`` answer the client's serving-delta and table-statistics calls.
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ import warnings
 
 import ray
 
-from . import checkpoint as ckpt
-from . import shard_snapshot
-from . import table_chains
+from .checkpoints import format as ckpt
+from .checkpoints import shard as shard_checkpoint
+from .checkpoints import table_chains
 from .data_server import DataServer
 from .faults import NO_FAULTS
 from .shard_service import ShardService
@@ -160,7 +160,7 @@ class ShardActor:
             self._restore_after_restart()
         elif self.checkpoint_dir:  # a first checkpoint, so a restart never falls back to the initial values
             _, self.table_chains = table_chains.write_shard(self.checkpoint_dir, shard_index, 0,
-                                                            shard_snapshot.snapshot(self.state), {})
+                                                            shard_checkpoint.snapshot(self.state), {})
         self.metrics.restarts.set(self.restarts, tags=self.metrics.tags)
         host = options.data_host or ray.util.get_node_ip_address()
         self.data = DataServer(self.service, credentials=credentials, host=host, ports=tuple(options.data_ports),
@@ -178,7 +178,7 @@ class ShardActor:
                                f"checkpoint of it: its state is lost")
         blob = ckpt.read_shard(self.checkpoint_dir, pointer)
         blob, _ = table_chains.read_tables(self.checkpoint_dir, blob, f"shard {self.state.shard_index} checkpoint")
-        recorded = shard_snapshot.restore(self.state, blob, f"shard {self.state.shard_index} checkpoint")
+        recorded = shard_checkpoint.restore(self.state, blob, f"shard {self.state.shard_index} checkpoint")
         self.service.covered = dict(self.state.applied_seq)
         self.restarts = recorded + 1
         self.updates_at_checkpoint = self.state.counters["updates_applied"]
@@ -211,7 +211,7 @@ class ShardActor:
         applied = dict(self.state.applied_seq)
         self.updates_at_checkpoint = self.state.counters["updates_applied"]
         # a consistent copy (every array is encoded to bytes here); the tables: their changes since the chain
-        snapshot = shard_snapshot.snapshot(self.state, self.restarts, table_chains.since_of(self.table_chains))
+        snapshot = shard_checkpoint.snapshot(self.state, self.restarts, table_chains.since_of(self.table_chains))
         self.checkpoint_writing = True
         threading.Thread(target=self._write_checkpoint, args=(applied, snapshot, self.state.version),
                          name=f"rayps-checkpoint-{self.state.shard_index}", daemon=True).start()
@@ -231,14 +231,14 @@ class ShardActor:
     def snapshot_blob(self) -> bytes:
         """This shard's snapshot as msgpack bytes (for ``ParameterServer.save``)."""
         with self.lock:
-            return ckpt.pack(shard_snapshot.snapshot(self.state, self.restarts))
+            return ckpt.pack(shard_checkpoint.snapshot(self.state, self.restarts))
 
     def snapshot_record(self, since_by_shard=None) -> dict:
         """This shard's snapshot as a msgpack-able map; ``since_by_shard[shard][table] = (epoch, version)``: the
-        checkpoint a table's record may be a delta of (``ParameterServer.save``, server/table_chains.py)."""
+        checkpoint a table's record may be a delta of (``ParameterServer.save``, server/checkpoints/table_chains.py)."""
         since = since_by_shard[self.state.shard_index] if since_by_shard else None
         with self.lock:
-            return shard_snapshot.snapshot(self.state, self.restarts, since)
+            return shard_checkpoint.snapshot(self.state, self.restarts, since)
 
     # -- row tables ------------------------------------------------------------------------------------------
     def export_deltas(self, name, since_by_shard=None):

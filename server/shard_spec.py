@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from . import shard_snapshot
+from .checkpoints import shard as shard_checkpoint
 from .shard_state import ShardState
 from .sparse_rows import RowTableShard
 
@@ -64,7 +64,7 @@ class InitialState:
     """A server's starting state other than fresh updater state. ``updater_state``: every dense parameter ->
     ``(state, iteration)``, ``state`` of shape ``(slots, *shape)`` (the rule's state slots) and ``iteration``
     the updates it has taken; ``table_rows``: row table -> its stored rows ``(ids, values, state (slots, k,
-    dim), iterations[, admission sketch])``. ``persistence.load`` reads both from a checkpoint."""
+    dim), iterations[, admission sketch])``. ``checkpoints.server_state.load`` reads both from a checkpoint."""
 
     updater_state: Mapping[str, tuple] = field(default_factory=dict)
     table_rows: Mapping[str, tuple] = field(default_factory=dict)
@@ -110,5 +110,5 @@ def build_state(spec: ShardSpec, options: ShardOptions) -> ShardState:
                        consistency=options.consistency, staleness=options.staleness,
                        num_workers=options.num_workers, nan_policy=options.nan_policy, row_tables=tables)
     if spec.piece_states is not None:
-        shard_snapshot.load_pieces(state, [(None, slots, iteration) for slots, iteration in spec.piece_states])
+        shard_checkpoint.load_pieces(state, [(None, slots, iteration) for slots, iteration in spec.piece_states])
     return state

@@ -19,7 +19,7 @@ lazily — plain logic, no Ray (the actor wraps it as it wraps ``ShardState``).
   rows stay ``[0, n)`` and memory stays within the cap: the arrays never grow past it).
 * **Changes** — every push is one table version; a row remembers the version that last changed it, and the
   evicted ids are logged with theirs (at most ``log_limit`` ids; older entries are dropped and the horizon
-  moves). ``export_since`` (a serving delta) and incremental checkpoints (server/row_records.py) read both.
+  moves). ``export_since`` (a serving delta) and incremental checkpoints (server/checkpoints/row_records.py) read both.
   ``epoch`` (random, new at construction and at every restore) tells apart states a token could mix up.
 """
 
@@ -33,8 +33,9 @@ import numpy as np
 from ..updaters.base import Updater, state_dtype_for
 from ..updaters.groups import ParamGroup
 from . import row_policies as policies
-from . import row_checks, row_records, row_updates, shard_invariants
-from .checkpoint import CheckpointError
+from . import row_checks, row_updates, shard_invariants
+from .checkpoints import row_records
+from .checkpoints.format import CheckpointError
 from .row_index import RowIndex, row_owner
 
 TABLE_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
@@ -442,7 +443,7 @@ class RowTableShard:
             if sketch_cells is not None:
                 self.sketch.set_cells(sketch_cells, sketch_counts)
 
-    # -- snapshots (server/row_records.py) -----------------------------------------------------------------
+    # -- snapshots (server/checkpoints/row_records.py) ----------------------------------------------------
     def snapshot(self, since=None) -> dict:
         """A msgpack-able record of the stored rows, or of the changes since ``since = (epoch, version)``
         when that delta can be told (else the whole table)."""

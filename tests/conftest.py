@@ -13,8 +13,8 @@ import pytest
 # the data plane binds loopback in tests: every process of these local clusters runs on this machine
 os.environ.setdefault("RAYPS_DATA_HOST", "127.0.0.1")
 # the S3 tests' server (s3_endpoint below) takes fixed test credentials. Set here, before Ray starts, so every
-# Ray process finds them the way a user's would: in its environment (server/storage.py). The SDK never asks the
-# cloud's instance-metadata address for credentials.
+# Ray process finds them the way a user's would: in its environment (server/checkpoints/storage.py). The SDK
+# never asks the cloud's instance-metadata address for credentials.
 for _key, _value in (("AWS_ACCESS_KEY_ID", "rayps-test"), ("AWS_SECRET_ACCESS_KEY", "rayps-test-secret"),
                      ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_EC2_METADATA_DISABLED", "true")):
     os.environ.setdefault(_key, _value)

@@ -2,7 +2,7 @@
 
 A checkpoint directory is made here exactly as the shards and ``ParameterServer.save`` make it
 (``ShardState`` snapshots through ``checkpoint.write_shard`` plus the manifest), then read back with
-``persistence.load`` — the function ``ParameterServer.restore`` uses.
+``server_state.load`` — the function ``ParameterServer.restore`` uses.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 
 from rayps.server import ParameterLayout, ShardState
-from rayps.server import checkpoint as ckpt
-from rayps.server import persistence, shard_snapshot
+from rayps.server.checkpoints import format as ckpt
+from rayps.server.checkpoints import server_state
+from rayps.server.checkpoints import shard as shard_checkpoint
 from rayps.updaters import Adam, ParamGroup, Sgd
 from rayps.updaters.groups import assign_groups
 
@@ -49,7 +50,7 @@ def _shards(params, num_shards, steps=4, seed=1):
 
 
 def _write(directory: Path, layout, shards, generation=1):
-    pointers = [ckpt.write_shard(directory, s.shard_index, generation, ckpt.pack(shard_snapshot.snapshot(s)))
+    pointers = [ckpt.write_shard(directory, s.shard_index, generation, ckpt.pack(shard_checkpoint.snapshot(s)))
                 for s in shards]
     manifest = {"names": list(layout.names), "shapes": {n: list(s) for n, s in layout.shapes.items()},
                 "dtypes": dict(layout.dtypes), "groups": [g.to_config() for g in GROUPS],
@@ -75,7 +76,7 @@ def saved(tmp_path):
 
 def test_round_trip_gives_identical_params_state_and_iterations(saved):
     path, layout, shards = saved
-    loaded = persistence.load(path)
+    loaded = server_state.load(path)
     expected = _whole(layout, shards)
     for name in layout.names:
         np.testing.assert_array_equal(loaded["params"][name], expected[name])
@@ -87,14 +88,14 @@ def test_round_trip_gives_identical_params_state_and_iterations(saved):
 def test_reshard_then_continue_identically(saved, new_shards):
     """Restore into 1, 2, 3 shards: same params and updater state, and the next pushes give the same result."""
     path, layout, shards = saved
-    loaded = persistence.load(path)
+    loaded = server_state.load(path)
     group_of = assign_groups(GROUPS, list(loaded["params"]))
     new_layout = ParameterLayout.build(layout.shapes, layout.dtypes, new_shards, group_of)
     restored = []
     for s in range(new_shards):
         state = ShardState(s, new_layout.shard_pieces[s], GROUPS, new_layout.pack(s, loaded["params"])[0])
-        shard_snapshot.load_pieces(state, [(None, slots, it) for slots, it in
-                                           persistence.piece_states(new_layout, s, loaded["named_state"])])
+        shard_checkpoint.load_pieces(state, [(None, slots, it) for slots, it in
+                                           server_state.piece_states(new_layout, s, loaded["named_state"])])
         restored.append(state)
     rng = np.random.default_rng(99)
     for seq in range(5, 9):
@@ -110,7 +111,7 @@ def test_reshard_then_continue_identically(saved, new_shards):
 
 def test_crash_during_a_checkpoint_write_leaves_the_previous_one(saved, monkeypatch):
     path, layout, shards = saved
-    expected = persistence.load(path)["params"]
+    expected = server_state.load(path)["params"]
     for seq in range(5, 8):  # move on, then crash while writing the next generation's blob
         for shard in shards:
             grads = {n: np.ones(layout.shapes[n], dtype=layout.dtypes[n]) for n in layout.names}
@@ -126,14 +127,14 @@ def test_crash_during_a_checkpoint_write_leaves_the_previous_one(saved, monkeypa
     with pytest.raises(OSError, match="simulated crash"):
         _write(path, layout, shards, generation=2)
     monkeypatch.setattr(ckpt.os, "replace", real_replace)
-    loaded = persistence.load(path)
+    loaded = server_state.load(path)
     for name in layout.names:
         np.testing.assert_array_equal(loaded["params"][name], expected[name])
 
 
 def test_crash_between_blob_and_pointer_leaves_the_previous_one(saved, monkeypatch):
     path, layout, shards = saved
-    expected = persistence.load(path)["params"]
+    expected = server_state.load(path)["params"]
     real_replace = os.replace
 
     def crash_on_pointer(src, dst):
@@ -143,9 +144,9 @@ def test_crash_between_blob_and_pointer_leaves_the_previous_one(saved, monkeypat
 
     monkeypatch.setattr(ckpt.os, "replace", crash_on_pointer)
     with pytest.raises(OSError):
-        ckpt.write_shard(path, 0, 7, ckpt.pack(shard_snapshot.snapshot(shards[0])))
+        ckpt.write_shard(path, 0, 7, ckpt.pack(shard_checkpoint.snapshot(shards[0])))
     monkeypatch.setattr(ckpt.os, "replace", real_replace)
-    loaded = persistence.load(path)
+    loaded = server_state.load(path)
     for name in layout.names:
         np.testing.assert_array_equal(loaded["params"][name], expected[name])
 
@@ -164,7 +165,7 @@ def _blob_path(path: Path, shard=0) -> Path:
 
 def test_missing_path_is_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        persistence.load(tmp_path / "nope")
+        server_state.load(tmp_path / "nope")
 
 
 def test_truncated_blob_is_refused(saved):
@@ -172,7 +173,7 @@ def test_truncated_blob_is_refused(saved):
     blob = _blob_path(path)
     blob.write_bytes(blob.read_bytes()[:-10])
     with pytest.raises(ckpt.CheckpointError, match="truncated"):
-        persistence.load(path)
+        server_state.load(path)
 
 
 def test_one_flipped_byte_is_refused(saved):
@@ -182,7 +183,7 @@ def test_one_flipped_byte_is_refused(saved):
     data[len(data) // 2] ^= 0x01
     blob.write_bytes(bytes(data))
     with pytest.raises(ckpt.CheckpointError, match="sha256"):
-        persistence.load(path)
+        server_state.load(path)
 
 
 class _Boom:
@@ -197,7 +198,7 @@ def test_a_pickle_payload_is_never_unpickled(saved, tmp_path):
     payload = pickle.dumps(_Boom())
     (path / ckpt.MANIFEST_NAME).write_bytes(payload)
     with pytest.raises(ckpt.CheckpointError, match="manifest"):
-        persistence.load(path)
+        server_state.load(path)
     # the same payload as a blob whose pointer records its true hash and size
     pointer = ckpt.read_pointer(path, 0)
     _blob_path(path).write_bytes(payload)
@@ -217,7 +218,7 @@ def test_a_forged_huge_length_is_refused_before_allocation(saved):
     pointer.update(sha256=hashlib.sha256(forged).hexdigest(), bytes=len(forged))
     ckpt.write_atomic(path / "shard-0.msgpack", ckpt.pack(pointer))
     with pytest.raises(ckpt.CheckpointError, match="pointer does not match the manifest"):
-        persistence.load(path)  # the manifest's hash list catches the swap first
+        server_state.load(path)  # the manifest's hash list catches the swap first
     with pytest.raises(ckpt.CheckpointError, match="not a valid rayps msgpack"):
         ckpt.read_shard(path, pointer)  # and the msgpack length cap catches the forged length itself
     pointer.update(bytes=1 << 62)
@@ -233,7 +234,7 @@ def test_a_pointer_naming_a_path_outside_the_directory_is_refused(saved, name):
     pointer["file"] = name
     ckpt.write_atomic(path / "shard-0.msgpack", ckpt.pack(pointer))
     with pytest.raises(ckpt.CheckpointError, match="plain file name|outside"):
-        persistence.load(path)
+        server_state.load(path)
 
 
 def test_a_symlink_out_of_the_directory_is_refused(saved, tmp_path_factory):
@@ -246,7 +247,7 @@ def test_a_symlink_out_of_the_directory_is_refused(saved, tmp_path_factory):
     pointer["file"] = "link.blob"
     ckpt.write_atomic(path / "shard-0.msgpack", ckpt.pack(pointer))
     with pytest.raises(ckpt.CheckpointError, match="outside"):
-        persistence.load(path)
+        server_state.load(path)
 
 
 def test_a_different_format_version_is_refused(saved):
@@ -255,7 +256,7 @@ def test_a_different_format_version_is_refused(saved):
     manifest["version"] = 99
     ckpt.write_atomic(path / ckpt.MANIFEST_NAME, ckpt.pack(manifest))
     with pytest.raises(ckpt.CheckpointError, match="version 99 is not supported"):
-        persistence.load(path)
+        server_state.load(path)
 
 
 @pytest.mark.parametrize("field,value,match", [
@@ -271,44 +272,44 @@ def test_a_manifest_with_a_bad_field_names_it(saved, field, value, match):
     manifest[field] = value
     ckpt.write_atomic(path / ckpt.MANIFEST_NAME, ckpt.pack(manifest))
     with pytest.raises(ckpt.CheckpointError, match=match):
-        persistence.load(path)
+        server_state.load(path)
 
 
 def test_a_blob_whose_array_bytes_do_not_match_its_shape_is_refused(saved):
     path, layout, shards = saved
     _pointers_only(path)
-    snap = shard_snapshot.snapshot(shards[0])
+    snap = shard_checkpoint.snapshot(shards[0])
     snap["pieces"][0]["params"]["shape"] = [1000, 1000]
     ckpt.write_shard(path, 0, 5, ckpt.pack(snap))
     with pytest.raises(ckpt.CheckpointError, match="do not hold shape"):
-        persistence.load(path)
+        server_state.load(path)
 
 
 def test_a_blob_with_nan_parameters_is_refused(saved):
     path, layout, shards = saved
     _pointers_only(path)
-    snap = shard_snapshot.snapshot(shards[0])
+    snap = shard_checkpoint.snapshot(shards[0])
     record = snap["pieces"][0]["params"]
     values = np.frombuffer(record["data"], dtype=record["dtype"]).copy()
     values[0] = np.nan
     record["data"] = values.tobytes()
     ckpt.write_shard(path, 0, 5, ckpt.pack(snap))
     with pytest.raises(ckpt.CheckpointError, match="NaN"):
-        persistence.load(path)
+        server_state.load(path)
 
 
 def test_a_shard_restart_restore_checks_the_layout(saved):
     path, layout, shards = saved
     blob = ckpt.read_shard(path, ckpt.read_pointer(path, 1))
     with pytest.raises(ckpt.CheckpointError, match="shard 1, expected 0|is shard 1"):
-        shard_snapshot.restore(shards[0], blob, "shard 0 checkpoint")
+        shard_checkpoint.restore(shards[0], blob, "shard 0 checkpoint")
 
 
 def test_a_restart_restore_brings_back_clocks_and_exactly_once_counters(saved):
     path, layout, shards = saved
     shard = shards[0]
     fresh = ShardState(0, shard.pieces, GROUPS, {d: np.zeros_like(b) for d, b in shard.params.items()})
-    shard_snapshot.restore(fresh, ckpt.read_shard(path, ckpt.read_pointer(path, 0)), "shard 0")
+    shard_checkpoint.restore(fresh, ckpt.read_shard(path, ckpt.read_pointer(path, 0)), "shard 0")
     assert fresh.applied_seq == shard.applied_seq == {"client": 4}
     assert fresh.clocks == shard.clocks
     for dtype in shard.params:

@@ -4,7 +4,7 @@ the killed driver leaves no actor, raylet or GCS process behind; a driver killed
 finished is started afresh by ``--resume`` (an orchestrator that always passes it, e.g. a retried RayJob).
 
 The reference is the uninterrupted run's last saved server (``ParameterServer.save`` after every epoch, read back
-by ``persistence.load``: plain arrays, no Ray)."""
+by ``server_state.load``: plain arrays, no Ray)."""
 
 from __future__ import annotations
 
@@ -28,12 +28,12 @@ def _cli(checkpoint_dir, *extra) -> list[str]:
 
 
 def _final_params(checkpoint_dir) -> dict:
-    from rayps.deploy.training_checkpoints import load_progress
-    from rayps.server import persistence
+    from rayps.server.checkpoints.training_run import load_progress
+    from rayps.server.checkpoints import server_state
 
     epoch, run_dir = load_progress(checkpoint_dir)
     assert epoch == 5  # the last of 6 epochs
-    return persistence.load(run_dir)["params"]
+    return server_state.load(run_dir)["params"]
 
 
 def _descendants(pid: int) -> dict[int, str]:
@@ -93,7 +93,7 @@ def _assert_same(got: dict, expected: dict) -> None:
 
 
 def test_a_killed_bsp_driver_resumes_bit_identical_and_leaves_no_processes(uninterrupted, tmp_path):
-    from rayps.deploy.training_checkpoints import load_progress
+    from rayps.server.checkpoints.training_run import load_progress
 
     rng = random.Random(20261207)
     directory = tmp_path / "run"

@@ -140,7 +140,7 @@ def test_training_survives_a_shard_killed_every_few_seconds(tmp_path):
     import ray
 
     from rayps.server import ParameterServer
-    from rayps.server import checkpoint as ckpt
+    from rayps.server.checkpoints import format as ckpt
     from rayps.worker import build_model, load_dataset, train
 
     data = load_dataset("digits")

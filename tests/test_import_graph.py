@@ -26,7 +26,8 @@ ORDER = ("updaters", "server", "worker", "deploy")  # each package may import on
 
 # (module, used name) -> why it is still there. Remove an entry with the use it names.
 KNOWN_PRIVATE_USES = {
-    ("rayps.server.persistence", "rayps.server.checkpoint._unpack"): "issue 15 part 1: one checkpoint home",
+    ("rayps.server.checkpoints.server_state", "rayps.server.checkpoints.format._unpack"):
+        "issue 15 part 1: one checkpoint home",
 }
 
 

@@ -22,8 +22,10 @@ import numpy as np
 import pytest
 
 from rayps.server import ParameterLayout, ShardState
-from rayps.server import checkpoint as ckpt
-from rayps.server import persistence, shard_snapshot, storage
+from rayps.server.checkpoints import format as ckpt
+from rayps.server.checkpoints import server_state
+from rayps.server.checkpoints import shard as shard_checkpoint
+from rayps.server.checkpoints import storage
 from rayps.updaters import Adam, ParamGroup, Sgd
 from rayps.updaters.groups import assign_groups
 
@@ -51,7 +53,7 @@ def _shards(params, num_shards=2, steps=4):
 
 
 def _write(directory, layout, shards, generation=1, blobs=True):
-    pointers = [ckpt.write_shard(directory, s.shard_index, generation, ckpt.pack(shard_snapshot.snapshot(s)))
+    pointers = [ckpt.write_shard(directory, s.shard_index, generation, ckpt.pack(shard_checkpoint.snapshot(s)))
                 for s in shards]
     manifest = {"names": list(layout.names), "shapes": {n: list(s) for n, s in layout.shapes.items()},
                 "dtypes": dict(layout.dtypes), "groups": [g.to_config() for g in GROUPS],
@@ -132,7 +134,7 @@ def test_round_trip_through_s3_equals_the_local_one(tmp_path, s3_endpoint):
     uri = f"s3://rayps-test/{uuid.uuid4().hex}?endpoint_override={s3_endpoint}&scheme=http"
     _write(uri, layout, shards)
     _write(tmp_path, layout, shards)
-    remote, local, expected = persistence.load(uri), persistence.load(tmp_path), _whole(layout, shards)
+    remote, local, expected = server_state.load(uri), server_state.load(tmp_path), _whole(layout, shards)
     for name in layout.names:
         np.testing.assert_array_equal(remote["params"][name], expected[name])
         np.testing.assert_array_equal(remote["named_state"][name][0], local["named_state"][name][0])
@@ -145,7 +147,7 @@ def test_round_trip_through_s3_equals_the_local_one(tmp_path, s3_endpoint):
 # -- publish order: blob first, pointer last, read only what a pointer names ------------------------------
 def test_a_crash_between_blob_and_pointer_leaves_the_previous_checkpoint(saved, monkeypatch):
     location, directory, layout, shards = saved
-    expected = persistence.load(location)["params"]
+    expected = server_state.load(location)["params"]
     real_write = type(directory).write
 
     def crash_on_pointer(self, name, data):
@@ -158,10 +160,10 @@ def test_a_crash_between_blob_and_pointer_leaves_the_previous_checkpoint(saved, 
                                                                     for n in layout.names}))
     monkeypatch.setattr(type(directory), "write", crash_on_pointer)
     with pytest.raises(OSError, match="simulated crash"):
-        ckpt.write_shard(location, 0, 2, ckpt.pack(shard_snapshot.snapshot(shards[0])))
+        ckpt.write_shard(location, 0, 2, ckpt.pack(shard_checkpoint.snapshot(shards[0])))
     monkeypatch.undo()
     assert "shard-0-g2.blob" in directory.names()  # the new blob is there, unpublished
-    loaded = persistence.load(location)
+    loaded = server_state.load(location)
     for name in layout.names:
         np.testing.assert_array_equal(loaded["params"][name], expected[name])
 
@@ -171,24 +173,24 @@ def test_only_the_blob_a_pointer_names_is_read(saved):
     deletes the older blob only after its pointer is written."""
     location, directory, layout, shards = saved
     directory.write("shard-0-g99.blob", b"\xc1" * 64)  # never a valid msgpack byte
-    loaded = persistence.load(location)
+    loaded = server_state.load(location)
     for name, value in _whole(layout, shards).items():
         np.testing.assert_array_equal(loaded["params"][name], value)
-    ckpt.write_shard(location, 0, 3, ckpt.pack(shard_snapshot.snapshot(shards[0])))
+    ckpt.write_shard(location, 0, 3, ckpt.pack(shard_checkpoint.snapshot(shards[0])))
     assert [n for n in directory.names() if n.startswith("shard-0-")] == ["shard-0-g3.blob"]
 
 
 # -- hostile checkpoints: the same refusals, local and on S3 ----------------------------------------------
 def test_a_missing_location_is_file_not_found(store):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        persistence.load(store.replace("ckpt", "absent"))
+        server_state.load(store.replace("ckpt", "absent"))
 
 
 def test_a_truncated_blob_is_refused(saved):
     location, directory = saved[:2]
     _tamper_blob(directory, _blob(directory)[:-10])
     with pytest.raises(ckpt.CheckpointError, match="truncated"):
-        persistence.load(location)
+        server_state.load(location)
 
 
 def test_one_flipped_byte_is_refused(saved):
@@ -197,7 +199,7 @@ def test_one_flipped_byte_is_refused(saved):
     data[len(data) // 2] ^= 0x01
     _tamper_blob(directory, bytes(data))
     with pytest.raises(ckpt.CheckpointError, match="sha256"):
-        persistence.load(location)
+        server_state.load(location)
 
 
 class _Boom:
@@ -215,7 +217,7 @@ def test_a_pickle_payload_is_never_unpickled(saved):
         ckpt.read_shard(location, pointer)
     directory.write(ckpt.MANIFEST_NAME, payload)
     with pytest.raises(ckpt.CheckpointError, match="manifest"):
-        persistence.load(location)
+        server_state.load(location)
     assert not marker.exists()
 
 
@@ -236,7 +238,7 @@ def test_a_pointer_naming_a_file_outside_the_directory_is_refused(saved, name):
     pointer["file"] = name
     directory.write("shard-0.msgpack", ckpt.pack(pointer))
     with pytest.raises(ckpt.CheckpointError, match="plain file name|outside"):
-        persistence.load(location)
+        server_state.load(location)
 
 
 @pytest.mark.parametrize("field,value,match", [
@@ -251,19 +253,19 @@ def test_a_manifest_with_a_bad_field_names_it(saved, field, value, match):
     manifest[field] = value
     directory.write(ckpt.MANIFEST_NAME, ckpt.pack(manifest))
     with pytest.raises(ckpt.CheckpointError, match=match):
-        persistence.load(location)
+        server_state.load(location)
 
 
 def test_a_blob_with_nan_parameters_is_refused(saved):
     location, directory, layout, shards = saved
-    snap = shard_snapshot.snapshot(shards[0])
+    snap = shard_checkpoint.snapshot(shards[0])
     record = snap["pieces"][0]["params"]
     values = np.frombuffer(record["data"], dtype=record["dtype"]).copy()
     values[0] = np.nan
     record["data"] = values.tobytes()
     ckpt.write_shard(location, 0, 5, ckpt.pack(snap))
     with pytest.raises(ckpt.CheckpointError, match="NaN"):
-        persistence.load(location)
+        server_state.load(location)
 
 
 def test_an_oversized_pointer_is_refused_before_it_is_read(saved):

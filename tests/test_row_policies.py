@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from rayps.server import CountAdmission, LFUEviction, LRUEviction, ProbabilityAdmission, RowTable, TTLEviction
-from rayps.server.checkpoint import CheckpointError, pack
+from rayps.server.checkpoints.format import CheckpointError, pack
 from rayps.server.row_index import HashedUniformInit, RowIndex
 from rayps.server.row_policies import CountMinSketch, smallest
 from rayps.server.sparse_rows import RowTableShard

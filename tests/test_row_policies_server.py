@@ -123,7 +123,7 @@ def _file_bytes(path, kind):
 
 def test_incremental_saves_grow_with_touched_rows_and_restore_into_3_shards(tmp_path):
     from rayps.server import ParameterServer
-    from rayps.server.table_chains import MAX_DELTAS
+    from rayps.server.checkpoints.table_chains import MAX_DELTAS
 
     ps = _server(CountAdmission(2, width=4096), TTLEviction(30))
     saved = tmp_path / "saved"

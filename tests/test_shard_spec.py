@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from rayps.server import LRUEviction, ParameterLayout, ShardState
-from rayps.server.persistence import piece_states
+from rayps.server.checkpoints.server_state import piece_states
 from rayps.server.row_index import row_owner
 from rayps.server.shard_spec import InitialState, ShardOptions, ShardSpec, build_state
 from rayps.updaters import Adam

@@ -10,7 +10,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from rayps.server.checkpoint import CheckpointError, pack
+from rayps.server.checkpoints.format import CheckpointError, pack
 from rayps.server.row_index import HashedUniformInit, RowIndex, counter_uniform, row_owner, split_by_owner
 from rayps.server.sparse_rows import RowTableShard
 from rayps.updaters import L2, AdaGrad, Adam, Nesterovs, ParamGroup, RmsProp, Sgd, WeightDecay

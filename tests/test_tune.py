@@ -34,7 +34,7 @@ def test_trial_resources_hold_the_trial_its_shards_and_its_workers():
 
 
 def test_a_four_trial_sweep_ranks_the_trials_and_checkpoints_through_tune(ray_session, tmp_path, capsys):
-    from rayps.server import persistence
+    from rayps.server.checkpoints import server_state
     from rayps.worker import build_model, load_dataset
 
     storage = tmp_path / "tune"
@@ -59,7 +59,7 @@ def test_a_four_trial_sweep_ranks_the_trials_and_checkpoints_through_tune(ray_se
         assert [r["epoch"] for r in reports] == [1, 2]  # one tune.report per epoch
         checkpoints = sorted(trial.glob("checkpoint_*"))
         assert len(checkpoints) == 2
-        loaded = persistence.load(checkpoints[-1] / "server")
+        loaded = server_state.load(checkpoints[-1] / "server")
         accuracy, loss = model.accuracy_and_loss(loaded["params"], digits.x_test, digits.y_test)
         assert accuracy == reports[-1]["test_accuracy"] and math.isclose(loss, reports[-1]["test_loss"])
         assert (checkpoints[-1] / "epoch.txt").read_text() == "1"  # the last finished epoch (from 0)

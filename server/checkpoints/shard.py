@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .checkpoint import BLOB_FORMAT, VERSION, CheckpointError, decode_array, decode_ints, encode_array, encode_ints
-from .shard_state import ShardState, SyncStep
+from .format import BLOB_FORMAT, VERSION, CheckpointError, decode_array, decode_ints, encode_array, encode_ints
+from ..shard_state import ShardState
+from ..sync_steps import SyncStep
 
 
 def piece_views(state: ShardState, piece) -> tuple[np.ndarray, np.ndarray]:
@@ -23,7 +24,7 @@ def piece_views(state: ShardState, piece) -> tuple[np.ndarray, np.ndarray]:
 
 def snapshot(state: ShardState, restarts: int = 0, since: dict | None = None) -> dict:
     """``since``: table -> ``(epoch, version)`` of the checkpoint a table's record may be a delta of
-    (server/table_chains.py); a table without one is recorded whole."""
+    (server/checkpoints/table_chains.py); a table without one is recorded whole."""
     pieces = []
     for piece in state.pieces:
         params, slots = piece_views(state, piece)

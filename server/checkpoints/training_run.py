@@ -10,14 +10,14 @@ killed in the middle of a save leaves the last finished epoch's checkpoint whole
 ``D/run/`` and no ``run`` field, still resumes).
 
 ``D`` is a local path or a URI (``s3://bucket/run?endpoint_override=...``, ``gs://bucket/run``; see
-server/storage.py): the sub-directories go into the URI's path, its query options stay with it. The progress
+server/checkpoints/storage.py): the sub-directories go into the URI's path, its query options stay with it. The progress
 record is written after the save it describes, so it never points past a checkpoint, on an object store too.
 """
 
 from __future__ import annotations
 
-from ..server import checkpoint as ckpt
-from ..server import storage
+from . import format as ckpt
+from . import storage
 
 PROGRESS_FORMAT = "rayps-train-progress"
 PROGRESS_NAME = "progress.msgpack"

@@ -1,7 +1,7 @@
 """``ParameterServer.save`` / ``ParameterServer.restore``: whole-server checkpoints by parameter name.
 
 Restoring reassembles each parameter, its updater state and its iteration counter from the shards' pieces,
-so it works into any shard count (resharding), and checks everything it reads (see checkpoint.py).
+so it works into any shard count (resharding), and checks everything it reads (see format.py).
 """
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ import re
 
 import numpy as np
 
-from ..updaters.groups import ParamGroup, assign_groups
-from . import checkpoint as ckpt
+from ...updaters.groups import ParamGroup, assign_groups
+from . import format as ckpt
 from . import storage
-from .checkpoint import CheckpointError, decode_array, encode_array
+from .format import CheckpointError, decode_array, encode_array
 from . import row_records, table_chains
-from .row_index import HashedUniformInit
-from .row_policies import policy_config, policy_from_config
-from .row_tables import RowTable
+from ..row_index import HashedUniformInit
+from ..row_policies import policy_config, policy_from_config
+from ..row_tables import RowTable
 
 
 def manifest_for(ps) -> dict:
@@ -37,7 +37,7 @@ def save(ps, path):
     ``path``: anything ``storage.directory`` takes (a local path, a URI, ``(pyarrow.fs.FileSystem, path)``)."""
     path = storage.directory(path)
     ps.flush()
-    # row tables: only the changes since the chain this path holds (server/table_chains.py)
+    # row tables: only the changes since the chain this path holds (server/checkpoints/table_chains.py)
     chains = [table_chains.existing_chains(path, shard) for shard in range(ps.layout.num_shards)]
     snapshots = ps._ask_all("snapshot_record", [table_chains.since_of(c) for c in chains])
     generation = max(_existing_generation(path) + 1, 1)

@@ -8,7 +8,7 @@
 
 Every checkpoint read and write goes through one small interface: ``write(name, data)``, ``read(name,
 max_bytes)``, ``size(name)``, ``names()``, ``delete(name)``, ``child(name)``. Names are flat file names
-(checkpoint.py checks them: no ``/``, no ``..``), so nothing a checkpoint file says can reach outside its
+(format.py checks them: no ``/``, no ``..``), so nothing a checkpoint file says can reach outside its
 directory.
 
 Publishing. A local write goes to a temporary file, is fsynced and renamed over the old one (atomic). Object

@@ -5,7 +5,7 @@ not inline but as a chain::
 
     "row_tables": {name: {"chain": {"files": [entry of the base, entry of delta 1, ...],
                                     "epoch", "table_version", "base_bytes", "delta_bytes"}}}
-    rows-s<i>-<table key>-<full|delta>-<random>.blob     one record of server/row_records.py each
+    rows-s<i>-<table key>-<full|delta>-<random>.blob     one record of server/checkpoints/row_records.py each
 
 An entry is ``{"file", "sha256", "bytes"}`` (``checkpoint.write_blob``/``read_blob``). Each save asks the table
 for the changes since the chain's ``(epoch, table_version)`` (``since_for``) and appends the delta; a full
@@ -22,9 +22,9 @@ from __future__ import annotations
 import hashlib
 import uuid
 
-from . import checkpoint as ckpt
+from . import format as ckpt
 from . import storage
-from .checkpoint import CheckpointError
+from .format import CheckpointError
 
 MAX_DELTAS = 8
 
@@ -47,7 +47,7 @@ def since_of(chains: dict) -> dict:
 
 
 def write_tables(directory, shard: int, snapshot: dict, chains: dict) -> tuple[dict, dict]:
-    """Write each table record of ``snapshot`` (a ``shard_snapshot.snapshot``) to its own file; returns the
+    """Write each table record of ``snapshot`` (a ``shard.snapshot``) to its own file; returns the
     snapshot naming the chains instead, and the new chains."""
     directory = storage.directory(directory)
     new_chains, refs = {}, {}

@@ -1,6 +1,6 @@
 """A row table shard's checkpoint records: a whole table (``kind: "full"``) or the changes since a version
 (``kind: "delta"``), and how a base and its deltas fold back into a table — plain logic, no Ray, no files
-(server/table_chains.py writes and reads them).
+(server/checkpoints/table_chains.py writes and reads them).
 
 A record (msgpack map, arrays as ``checkpoint.encode_array``/``encode_ints``)::
 
@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import row_policies as policies
-from .checkpoint import CheckpointError, decode_array, decode_ints, encode_array, encode_ints
-from .row_index import row_owner
+from .. import row_policies as policies
+from .format import CheckpointError, decode_array, decode_ints, encode_array, encode_ints
+from ..row_index import row_owner
 
 SNAPSHOT_FORMAT = "rayps-row-table"
 SNAPSHOT_VERSION = 2
