@@ -11,12 +11,12 @@ shard incarnation this client knows.
   checkpoint directory every push is also kept until a finished checkpoint covers it (``ReplayBuffer``).
 * Reads (pull, rows, the pull of a fused push) wait here for their reply; a push's rejected parts (a NaN
   gradient, a bad row) come back in its acknowledgement and are raised by the next ``flush``/read.
-* Silence: when nothing arrives for ``LOOK_FIRST`` seconds while something is outstanding, the client asks Ray
-  where each such shard is. Same incarnation: the shard is alive; once the silence reaches ``resend_after``
-  (a shard may be busy, e.g. compiling a kernel, so not at once) the messages are taken as lost (a cut
-  connection, a dropped frame): resend what is outstanding (the shard drops pushes it already has and replaces
-  a read that waits). New incarnation: the shard restarted from its checkpoint: connect to its new endpoint and
-  replay every push after the applied sequence number it reports (``replayed``), then resend the reads.
+* Silence: when nothing arrives for ``LOOK_FIRST`` seconds (``resend_after`` if shorter) while something is
+  outstanding, the client asks Ray where each such shard is. Same incarnation: the shard is alive; once the silence
+  reaches ``resend_after`` (a shard may be busy, e.g. compiling a kernel, so not at once) the messages are taken as
+  lost (a cut connection, a dropped frame): resend what is outstanding (the shard drops pushes it already has and
+  replaces a read that waits). New incarnation: the shard restarted from its checkpoint: connect to its new endpoint
+  and replay every push after the applied sequence number it reports (``replayed``), then resend the reads.
   Unreachable: wait up to ``recovery_timeout``. Dead for good (no checkpoint directory, so no restart): raise.
 """
 
@@ -201,12 +201,12 @@ class ShardLinks:
     # -- receiving ---------------------------------------------------------------------------------------------
     def pump(self, done) -> None:
         """Handle replies until ``done()``; on silence, look at the shards (see the module docstring)."""
-        quiet = LOOK_FIRST
+        quiet = first = min(LOOK_FIRST, self.resend_after)  # a shorter resend_after looks sooner
         silent_since = resent_at = None
         while not done():
             ready = self.poller.poll(quiet * 1000)
             if ready:
-                quiet, silent_since, resent_at = LOOK_FIRST, None, None
+                quiet, silent_since, resent_at = first, None, None
                 for socket, _ in ready:
                     self._drain(socket)
                 continue
