@@ -2,13 +2,13 @@
 and, seeded, drops, duplicates, delays and reorders messages both ways and cuts connections.
 
     proxy = FaultProxy(ps.credentials, endpoints, seed)   # endpoints: each shard's TCP data-plane endpoint
-    ps.route_data_plane(proxy.route, resend_after=0.3)    # proxy.route pickles: worker handles made from ps use it
+    ps.route_data_plane(proxy.route, resend_after=0.3)    # worker handles made from ps connect through it too
     ...
     proxy.close()
 
 ``retarget(shard, endpoint)`` points the proxy at a restarted shard's new endpoint; ``freeze()``/``thaw()`` stop
 and restart forwarding (what arrives meanwhile waits in the proxy), so a test can read the shards' counters while
-nothing moves. Used by tests/test_data_plane_faults.py and the chaos soak (tests/chaos_soak.py)."""
+nothing moves. Used by tests/test_data_plane_faults.py and the chaos soak (tests/chaos.py)."""
 
 from __future__ import annotations
 
@@ -17,24 +17,12 @@ import queue
 import random
 import threading
 import time
-from dataclasses import dataclass
 
 import zmq
 
 from rayps.server.credentials import ZapHandler
 
 WAIT = 120  # seconds: a deadline for the proxy's thread to start, stop or answer, never an expectation of speed
-
-
-@dataclass(frozen=True)
-class ProxyRoute:
-    """``route(shard, endpoint) -> the proxy's endpoint for that shard`` (``ParameterServer.route_data_plane``);
-    plain data, so it travels with a pickled server handle to the workers' processes."""
-
-    frontends: tuple[str, ...]
-
-    def __call__(self, shard: int, endpoint: str) -> str:
-        return self.frontends[shard]
 
 
 class FaultProxy:
@@ -57,7 +45,10 @@ class FaultProxy:
         self.frozen = False
         self.seen = threading.Condition()
         self.stopping, self.error, self.ready = False, None, threading.Event()
-        self.route: ProxyRoute | None = None
+        # route(shard, endpoint) -> the proxy's endpoint for the shard (ParameterServer.route_data_plane):
+        # {shard: endpoint}.get, a builtin's method, so it pickles without this module (the workers' processes
+        # that a pickled server handle reaches cannot import tests/)
+        self.route = None
         self.thread = threading.Thread(target=self._run, name="fault-proxy", daemon=True)
         self.thread.start()
         assert self.ready.wait(WAIT) and self.error is None, self.error
@@ -100,7 +91,7 @@ class FaultProxy:
                 frontends.append(f"tcp://127.0.0.1:{front.bind_to_random_port('tcp://127.0.0.1')}")
                 self.fronts.append(front)
                 self.poller.register(front, zmq.POLLIN)
-            self.route = ProxyRoute(tuple(frontends))
+            self.route = dict(enumerate(frontends)).get
             self.ready.set()
             while not self.stopping:
                 while not self.requests.empty():
