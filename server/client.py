@@ -7,6 +7,7 @@
     ps.pull(copy=False)              # read-only arrays, views of the received buffers where possible
     ps.push_pull(grads, worker_id=0) # a push and the pull after it: one message per shard (the worker's step)
     ps.save(path); ParameterServer.restore(path, num_shards=None)
+    ps.state_dict(); ParameterServer.from_state_dict(state)     # the same, in memory (server/checkpoints/)
     ps.stats(); ps.shutdown()
     ps.export_deltas("emb", since=None); ps.table_stats("emb")   # row tables: serving deltas, table figures
 
@@ -47,6 +48,7 @@ import ray
 from ..updaters.groups import as_groups, assign_groups
 from .checkpoints import format as ckpt
 from .checkpoints import server_state
+from .checkpoints import state_dict
 from .checkpoints import storage
 from . import transport
 from .credentials import RunCredentials
@@ -436,7 +438,7 @@ class ParameterServer:
         self.flush()
         return delta_tokens.sum_stats(self._links.ask_all("table_stats", name))
 
-    # -- checkpoints -------------------------------------------------------------------------------------
+    # -- checkpoints (server/checkpoints/) ---------------------------------------------------------------
     def save(self, path) -> None:
         """Write a checkpoint directory: every shard's params, updater state, counters and clocks, plus a
         manifest with names, shapes, dtypes, the updater/group config and a sha256 per blob. ``path``: a local
@@ -447,15 +449,27 @@ class ParameterServer:
     def restore(cls, path, num_shards: int | None = None, **overrides) -> "ParameterServer":
         """A new server from a checkpoint directory (``save``'s, or a ``checkpoint_dir``), into any shard
         count; ``overrides`` replace constructor arguments (e.g. ``consistency``, ``num_workers``)."""
-        loaded = server_state.load(path)
-        config = dict(loaded["config"])
-        allowed = {"consistency", "staleness", "num_workers", "nan_policy", "compression"}
-        config = {k: v for k, v in config.items() if k in allowed}
-        config.update(overrides)
-        params = dict(loaded["params"], **loaded["tables"])
-        return cls(params, updater=list(loaded["groups"]), num_shards=num_shards or loaded["num_shards"],
-                   sparse=list(loaded["tables"]) or None, **config,
-                   initial_state=InitialState(updater_state=loaded["named_state"], table_rows=loaded["table_rows"]))
+        return cls.from_state_dict(server_state.load(path), num_shards, **overrides)
+
+    def state_dict(self) -> dict:
+        """What ``save`` writes, as one in-memory map by name (server/checkpoints/state_dict.py): params,
+        updater state per slot and iteration, row tables, the updater/group config and the server config.
+        NumPy arrays and plain msgpack types (``state_dict.to_bytes``); never pickled."""
+        return server_state.state_dict(self)
+
+    @classmethod
+    def from_state_dict(cls, state: dict, num_shards: int | None = None, **overrides) -> "ParameterServer":
+        """A new server holding ``state`` (``state_dict``'s map), into any shard count; every field is checked
+        first (errors name it). ``overrides`` replace constructor arguments as in ``restore``."""
+        args = state_dict.server_args(state)
+        args["num_shards"] = num_shards or args["num_shards"]
+        args.update(overrides)
+        return cls(args.pop("params"), **args)
+
+    def shard_snapshots(self, since_by_shard=None) -> list:
+        """Every shard's snapshot record (server/checkpoints/shard.py), msgpack-able; ``since_by_shard[shard]``:
+        table -> ``(epoch, version)`` a table's record may be a delta of (None: whole tables)."""
+        return self._links.ask_all("snapshot_record", since_by_shard)
 
     # -- housekeeping ------------------------------------------------------------------------------------
     def stats(self) -> dict:

@@ -20,6 +20,7 @@ from rayps.server import ParameterLayout, ShardState
 from rayps.server.checkpoints import format as ckpt
 from rayps.server.checkpoints import server_state
 from rayps.server.checkpoints import shard as shard_checkpoint
+from rayps.server.checkpoints.state_dict import server_args
 from rayps.updaters import Adam, ParamGroup, Sgd
 from rayps.updaters.groups import assign_groups
 
@@ -80,8 +81,8 @@ def test_round_trip_gives_identical_params_state_and_iterations(saved):
     expected = _whole(layout, shards)
     for name in layout.names:
         np.testing.assert_array_equal(loaded["params"][name], expected[name])
-        assert loaded["named_state"][name][1] == 4  # four pushes carried every key
-    assert [g.to_config() for g in loaded["groups"]] == [g.to_config() for g in GROUPS]
+        assert loaded["updater_state"][name]["iteration"] == 4  # four pushes carried every key
+    assert loaded["groups"] == [g.to_config() for g in GROUPS]
 
 
 @pytest.mark.parametrize("new_shards", [1, 2, 3])
@@ -94,8 +95,9 @@ def test_reshard_then_continue_identically(saved, new_shards):
     restored = []
     for s in range(new_shards):
         state = ShardState(s, new_layout.shard_pieces[s], GROUPS, new_layout.pack(s, loaded["params"])[0])
+        named_state = server_args(loaded)["initial_state"].updater_state
         shard_checkpoint.load_pieces(state, [(None, slots, it) for slots, it in
-                                           server_state.piece_states(new_layout, s, loaded["named_state"])])
+                                             server_state.piece_states(new_layout, s, named_state)])
         restored.append(state)
     rng = np.random.default_rng(99)
     for seq in range(5, 9):

@@ -25,10 +25,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 ORDER = ("updaters", "server", "worker", "deploy")  # each package may import only itself and those before it
 
 # (module, used name) -> why it is still there. Remove an entry with the use it names.
-KNOWN_PRIVATE_USES = {
-    ("rayps.server.checkpoints.server_state", "rayps.server.checkpoints.format._unpack"):
-        "issue 15 part 1: one checkpoint home",
-}
+KNOWN_PRIVATE_USES: dict = {}
 
 
 @dataclass(frozen=True)

@@ -137,8 +137,9 @@ def test_round_trip_through_s3_equals_the_local_one(tmp_path, s3_endpoint):
     remote, local, expected = server_state.load(uri), server_state.load(tmp_path), _whole(layout, shards)
     for name in layout.names:
         np.testing.assert_array_equal(remote["params"][name], expected[name])
-        np.testing.assert_array_equal(remote["named_state"][name][0], local["named_state"][name][0])
-        assert remote["named_state"][name][1] == 4
+        for key, slot in local["updater_state"][name]["state"].items():
+            np.testing.assert_array_equal(remote["updater_state"][name]["state"][key], slot)
+        assert remote["updater_state"][name]["iteration"] == 4
     names = storage.directory(uri).names()
     assert names == sorted(["manifest.msgpack", "shard-0.msgpack", "shard-1.msgpack", "shard-0-g1.blob",
                             "shard-1-g1.blob"])

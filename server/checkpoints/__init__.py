@@ -8,6 +8,7 @@
     table_chains.py  incremental row-table checkpoints: a base and its deltas as files beside the shard blob
     server_state.py  what the whole server saves (``ParameterServer.save``/``state_dict``) and restores from
                      (``ParameterServer.restore``/``from_state_dict``): the manifest, parameters by name
+    state_dict.py    the whole server as one in-memory map by name (its fields, their checks, msgpack bytes)
     training_run.py  what a ``rayps train --checkpoint-dir`` run keeps (shards, per-epoch server, progress)
 
 Nothing here imports Ray; the handle (server/client.py) and the shard actor (server/shard_actor.py) call it.

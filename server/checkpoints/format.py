@@ -90,19 +90,15 @@ def write_record(directory, name: str, record: dict) -> None:
 
 
 # -- reading ----------------------------------------------------------------------------------------------
-def _unpack(data: bytes, what: str, max_bytes: int):
+def unpack(data: bytes, what: str, max_bytes: int):
+    """``data`` as msgpack, within limits (``max_bytes`` per binary, bounded strings, arrays and maps, no
+    extension types); anything else is a ``CheckpointError`` naming ``what``."""
     try:
         return msgpack.unpackb(data, raw=False, strict_map_key=False, max_bin_len=max_bytes, max_str_len=1 << 20,
                                max_array_len=1 << 24, max_map_len=1 << 24, max_ext_len=0)
     except (msgpack.exceptions.ExtraData, msgpack.exceptions.FormatError, msgpack.exceptions.StackError,
             ValueError, TypeError) as error:
         raise CheckpointError(f"{what}: not a valid rayps msgpack file ({type(error).__name__}: {error})") from None
-
-
-def _read_capped(path: Path, max_bytes: int, what: str) -> bytes:
-    """The local file ``path``, refused before reading when it is larger than ``max_bytes``."""
-    path = Path(path)
-    return read_capped(storage.LocalDirectory(path.parent), path.name, max_bytes, what)
 
 
 def read_capped(directory, name: str, max_bytes: int, what: str) -> bytes:
@@ -152,7 +148,7 @@ def read_named_record(directory, name: str, fmt: str, max_bytes: int = 1 << 16) 
     """``read_record`` of the file ``name`` in ``directory`` (anything ``storage.directory`` takes)."""
     directory = storage.directory(directory)
     what = directory.describe(name)
-    return _expect_dict(_unpack(read_capped(directory, name, max_bytes, fmt), what, max_bytes), what, fmt)
+    return _expect_dict(unpack(read_capped(directory, name, max_bytes, fmt), what, max_bytes), what, fmt)
 
 
 def read_manifest(directory) -> dict:
@@ -160,7 +156,7 @@ def read_manifest(directory) -> dict:
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
     what = directory.describe(MANIFEST_NAME)
-    return _expect_dict(_unpack(read_capped(directory, MANIFEST_NAME, MAX_MANIFEST_BYTES, "manifest"), what,
+    return _expect_dict(unpack(read_capped(directory, MANIFEST_NAME, MAX_MANIFEST_BYTES, "manifest"), what,
                                 MAX_MANIFEST_BYTES), what, FORMAT)
 
 
@@ -170,7 +166,7 @@ def read_pointer(directory, shard: int) -> dict | None:
     if directory.size(name) is None:
         return None
     what = directory.describe(name)
-    pointer = _expect_dict(_unpack(read_capped(directory, name, 1 << 16, "shard pointer"), what, 1 << 16), what,
+    pointer = _expect_dict(unpack(read_capped(directory, name, 1 << 16, "shard pointer"), what, 1 << 16), what,
                            POINTER_FORMAT)
     if pointer.get("shard") != shard:
         raise CheckpointError(f"{what}: names shard {pointer.get('shard')!r}, expected {shard}")
@@ -192,7 +188,7 @@ def read_shard(directory, pointer: dict) -> dict:
     if digest != pointer.get("sha256"):
         raise CheckpointError(f"{path}: sha256 {digest} does not match the recorded {pointer.get('sha256')!r} "
                               f"(corrupted or tampered)")
-    return _expect_dict(_unpack(data, path, declared), path, BLOB_FORMAT)
+    return _expect_dict(unpack(data, path, declared), path, BLOB_FORMAT)
 
 
 def write_blob(directory, name: str, blob: bytes) -> dict:
@@ -218,7 +214,7 @@ def read_blob(directory, entry, what: str):
     data = read_capped(directory, name, declared, what)
     if len(data) != declared or hashlib.sha256(data).hexdigest() != entry.get("sha256"):
         raise CheckpointError(f"{path}: size or sha256 does not match its entry (corrupted or tampered)")
-    return _unpack(data, path, declared)
+    return unpack(data, path, declared)
 
 
 # -- arrays -----------------------------------------------------------------------------------------------
