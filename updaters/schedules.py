@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import bisect
 import math
-import numbers
 from typing import Any, ClassVar
+
+from .schedule_fields import (check_finite, check_integer, check_positive, check_schedule_type, java_exp, java_pow,
+                              java_round, position_of)
 
 SCHEDULE_CONFIG_VERSION = 1
 SCHEDULE_TYPES: dict[str, type["Schedule"]] = {}
-SCHEDULE_TYPE_CHOICES = ("iteration", "epoch")
 
 
 class Schedule:
@@ -71,71 +72,6 @@ def from_config(config) -> Schedule:
     return cls(**config)
 
 
-def _finite(owner: str, field: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{owner}: {field} must be a real number, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{owner}: {field} must be finite, got {value}")
-    return value
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Argument checks (each names the class and the field) and Java's float semantics.
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _integer(owner: str, field: str, value, minimum: int | None = None) -> int:
-    """An int field of DL4J's (``int maxIter``...): integers only (not bool, not 10.0), optionally >= minimum."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{owner}: {field} must be an integer, got {type(value).__name__} {value!r}")
-    value = int(value)
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{owner}: {field} must be >= {minimum}, got {value}")
-    return value
-
-
-def _positive(owner: str, field: str, value) -> float:
-    number = _finite(owner, field, value)
-    if number <= 0:
-        raise ValueError(f"{owner}: {field} must be > 0, got {value!r}")
-    return number
-
-
-def _schedule_type(owner: str, value) -> str:
-    if not isinstance(value, str) or value not in SCHEDULE_TYPE_CHOICES:
-        raise ValueError(f"{owner}: schedule_type must be one of {SCHEDULE_TYPE_CHOICES}, got {value!r}")
-    return value
-
-
-def _position(schedule_type: str, iteration: int, epoch: int) -> int:
-    """DL4J's ``i = (scheduleType == ITERATION ? iteration : epoch)``."""
-    return iteration if schedule_type == "iteration" else epoch
-
-
-def _pow(base: float, exponent: float) -> float:
-    """``Math.pow``: overflow gives +-infinity instead of Python's OverflowError."""
-    try:
-        return math.pow(base, exponent)
-    except OverflowError:
-        negative = base < 0 and float(exponent).is_integer() and exponent % 2 == 1
-        return -math.inf if negative else math.inf
-
-
-def _exp(x: float) -> float:
-    """``Math.exp``: overflow gives infinity instead of Python's OverflowError."""
-    try:
-        return math.exp(x)
-    except OverflowError:
-        return math.inf
-
-
-def _java_round(x: float) -> int:
-    """``Math.round``: nearest integer, halves up (Python's ``round`` sends 2.5 to 2; Java to 3)."""
-    floor = math.floor(x)
-    return int(floor) + (1 if x - floor >= 0.5 else 0)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The schedules
 # ---------------------------------------------------------------------------------------------------------
@@ -147,7 +83,7 @@ class FixedSchedule(Schedule):
     fields = ("value",)
 
     def __init__(self, value):
-        self.value = _finite("FixedSchedule", "value", value)
+        self.value = check_finite("FixedSchedule", "value", value)
 
     def value_at(self, iteration: int, epoch: int) -> float:
         return self.value
@@ -159,12 +95,12 @@ class ExponentialSchedule(Schedule):
     fields = ("schedule_type", "initial_value", "gamma")
 
     def __init__(self, schedule_type, initial_value, gamma):
-        self.schedule_type = _schedule_type("ExponentialSchedule", schedule_type)
-        self.initial_value = _finite("ExponentialSchedule", "initial_value", initial_value)
-        self.gamma = _finite("ExponentialSchedule", "gamma", gamma)
+        self.schedule_type = check_schedule_type("ExponentialSchedule", schedule_type)
+        self.initial_value = check_finite("ExponentialSchedule", "initial_value", initial_value)
+        self.gamma = check_finite("ExponentialSchedule", "gamma", gamma)
 
     def value_at(self, iteration: int, epoch: int) -> float:
-        return self.initial_value * _pow(self.gamma, _position(self.schedule_type, iteration, epoch))
+        return self.initial_value * java_pow(self.gamma, position_of(self.schedule_type, iteration, epoch))
 
 
 class StepSchedule(Schedule):
@@ -176,14 +112,14 @@ class StepSchedule(Schedule):
     fields = ("schedule_type", "initial_value", "decay_rate", "step")
 
     def __init__(self, schedule_type, initial_value, decay_rate, step):
-        self.schedule_type = _schedule_type("StepSchedule", schedule_type)
-        self.initial_value = _finite("StepSchedule", "initial_value", initial_value)
-        self.decay_rate = _finite("StepSchedule", "decay_rate", decay_rate)
-        self.step = _positive("StepSchedule", "step", step)
+        self.schedule_type = check_schedule_type("StepSchedule", schedule_type)
+        self.initial_value = check_finite("StepSchedule", "initial_value", initial_value)
+        self.decay_rate = check_finite("StepSchedule", "decay_rate", decay_rate)
+        self.step = check_positive("StepSchedule", "step", step)
 
     def value_at(self, iteration: int, epoch: int) -> float:
-        i = _position(self.schedule_type, iteration, epoch)
-        return self.initial_value * _pow(self.decay_rate, math.floor(i / self.step))
+        i = position_of(self.schedule_type, iteration, epoch)
+        return self.initial_value * java_pow(self.decay_rate, math.floor(i / self.step))
 
 
 class InverseSchedule(Schedule):
@@ -196,16 +132,16 @@ class InverseSchedule(Schedule):
     fields = ("schedule_type", "initial_value", "gamma", "power")
 
     def __init__(self, schedule_type, initial_value, gamma, power):
-        self.schedule_type = _schedule_type("InverseSchedule", schedule_type)
-        self.initial_value = _finite("InverseSchedule", "initial_value", initial_value)
-        self.gamma = _finite("InverseSchedule", "gamma", gamma)
+        self.schedule_type = check_schedule_type("InverseSchedule", schedule_type)
+        self.initial_value = check_finite("InverseSchedule", "initial_value", initial_value)
+        self.gamma = check_finite("InverseSchedule", "gamma", gamma)
         if self.gamma < 0:
             raise ValueError(f"InverseSchedule: gamma must be >= 0, got {gamma!r}")
-        self.power = _finite("InverseSchedule", "power", power)
+        self.power = check_finite("InverseSchedule", "power", power)
 
     def value_at(self, iteration: int, epoch: int) -> float:
-        i = _position(self.schedule_type, iteration, epoch)
-        return self.initial_value / _pow(1 + self.gamma * i, self.power)
+        i = position_of(self.schedule_type, iteration, epoch)
+        return self.initial_value / java_pow(1 + self.gamma * i, self.power)
 
 
 class PolySchedule(Schedule):
@@ -221,16 +157,16 @@ class PolySchedule(Schedule):
     fields = ("schedule_type", "initial_value", "power", "max_iter")
 
     def __init__(self, schedule_type, initial_value, power, max_iter):
-        self.schedule_type = _schedule_type("PolySchedule", schedule_type)
-        self.initial_value = _finite("PolySchedule", "initial_value", initial_value)
-        self.power = _finite("PolySchedule", "power", power)
-        self.max_iter = _integer("PolySchedule", "max_iter", max_iter, minimum=1)
+        self.schedule_type = check_schedule_type("PolySchedule", schedule_type)
+        self.initial_value = check_finite("PolySchedule", "initial_value", initial_value)
+        self.power = check_finite("PolySchedule", "power", power)
+        self.max_iter = check_integer("PolySchedule", "max_iter", max_iter, minimum=1)
 
     def value_at(self, iteration: int, epoch: int) -> float:
-        i = _position(self.schedule_type, iteration, epoch)
+        i = position_of(self.schedule_type, iteration, epoch)
         if i >= self.max_iter:
             return 0.0
-        return self.initial_value * _pow(1 + i / self.max_iter, self.power)
+        return self.initial_value * java_pow(1 + i / self.max_iter, self.power)
 
 
 class SigmoidSchedule(Schedule):
@@ -242,14 +178,14 @@ class SigmoidSchedule(Schedule):
     fields = ("schedule_type", "initial_value", "gamma", "step_size")
 
     def __init__(self, schedule_type, initial_value, gamma, step_size):
-        self.schedule_type = _schedule_type("SigmoidSchedule", schedule_type)
-        self.initial_value = _finite("SigmoidSchedule", "initial_value", initial_value)
-        self.gamma = _finite("SigmoidSchedule", "gamma", gamma)
-        self.step_size = _integer("SigmoidSchedule", "step_size", step_size, minimum=0)
+        self.schedule_type = check_schedule_type("SigmoidSchedule", schedule_type)
+        self.initial_value = check_finite("SigmoidSchedule", "initial_value", initial_value)
+        self.gamma = check_finite("SigmoidSchedule", "gamma", gamma)
+        self.step_size = check_integer("SigmoidSchedule", "step_size", step_size, minimum=0)
 
     def value_at(self, iteration: int, epoch: int) -> float:
-        i = _position(self.schedule_type, iteration, epoch)
-        return self.initial_value / (1.0 + _exp(-self.gamma * (i - self.step_size)))
+        i = position_of(self.schedule_type, iteration, epoch)
+        return self.initial_value / (1.0 + java_exp(-self.gamma * (i - self.step_size)))
 
 
 class MapSchedule(Schedule):
@@ -262,7 +198,7 @@ class MapSchedule(Schedule):
     fields = ("schedule_type", "values")
 
     def __init__(self, schedule_type, values):
-        self.schedule_type = _schedule_type("MapSchedule", schedule_type)
+        self.schedule_type = check_schedule_type("MapSchedule", schedule_type)
         if not isinstance(values, dict):
             raise TypeError(f"MapSchedule: values must be a dict {{position: value}}, got {type(values).__name__}")
         parsed: dict[int, float] = {}
@@ -270,7 +206,7 @@ class MapSchedule(Schedule):
             position = self._position_key(key)
             if position in parsed:
                 raise ValueError(f"MapSchedule: values key {key!r} repeats position {position}")
-            parsed[position] = _finite("MapSchedule", f"values[{position}]", value)
+            parsed[position] = check_finite("MapSchedule", f"values[{position}]", value)
         if 0 not in parsed:
             raise ValueError(f"MapSchedule: values must contain key 0 (the initial value), got keys {sorted(parsed)}")
         self.values = dict(sorted(parsed.items()))
@@ -283,10 +219,10 @@ class MapSchedule(Schedule):
                 key = int(key)
             except ValueError:
                 raise ValueError(f"MapSchedule: values keys must be integers >= 0, got {key!r}") from None
-        return _integer("MapSchedule", f"values key {key!r}", key, minimum=0)
+        return check_integer("MapSchedule", f"values key {key!r}", key, minimum=0)
 
     def value_at(self, iteration: int, epoch: int) -> float:
-        i = _position(self.schedule_type, iteration, epoch)
+        i = position_of(self.schedule_type, iteration, epoch)
         return self.values[self._keys[bisect.bisect_right(self._keys, i) - 1]]
 
 
@@ -316,38 +252,38 @@ class CycleSchedule(Schedule):
     def __init__(self, schedule_type, initial_learning_rate, max_learning_rate, cycle_length, annealing_length,
                  annealing_decay):
         owner = "CycleSchedule"
-        self.schedule_type = _schedule_type(owner, schedule_type)
-        self.initial_learning_rate = _finite(owner, "initial_learning_rate", initial_learning_rate)
-        self.max_learning_rate = _finite(owner, "max_learning_rate", max_learning_rate)
+        self.schedule_type = check_schedule_type(owner, schedule_type)
+        self.initial_learning_rate = check_finite(owner, "initial_learning_rate", initial_learning_rate)
+        self.max_learning_rate = check_finite(owner, "max_learning_rate", max_learning_rate)
         if self.initial_learning_rate > self.max_learning_rate:
             raise ValueError(f"{owner}: initial_learning_rate must be <= max_learning_rate "
                              f"({max_learning_rate!r}), got {initial_learning_rate!r}")
-        self.cycle_length = _integer(owner, "cycle_length", cycle_length, minimum=1)
-        self.annealing_length = _integer(owner, "annealing_length", annealing_length, minimum=0)
+        self.cycle_length = check_integer(owner, "cycle_length", cycle_length, minimum=1)
+        self.annealing_length = check_integer(owner, "annealing_length", annealing_length, minimum=0)
         if self.cycle_length - self.annealing_length < 2:
             raise ValueError(f"{owner}: annealing_length must be <= cycle_length - 2 so that step_size = "
                              f"(cycle_length - annealing_length) // 2 >= 1, got annealing_length="
                              f"{self.annealing_length} with cycle_length={self.cycle_length}")
-        self.annealing_decay = _positive(owner, "annealing_decay", annealing_decay)
+        self.annealing_decay = check_positive(owner, "annealing_decay", annealing_decay)
         self.step_size = (self.cycle_length - self.annealing_length) // 2
         self.increment = (self.max_learning_rate - self.initial_learning_rate) / self.step_size
 
     @classmethod
     def from_max_learning_rate(cls, schedule_type, max_learning_rate, cycle_length) -> "CycleSchedule":
         """DL4J's three-argument constructor: initial 0.1 * max, annealing round(0.1 * cycle), decay 0.1."""
-        max_learning_rate = _finite("CycleSchedule", "max_learning_rate", max_learning_rate)
-        cycle_length = _integer("CycleSchedule", "cycle_length", cycle_length, minimum=1)
+        max_learning_rate = check_finite("CycleSchedule", "max_learning_rate", max_learning_rate)
+        cycle_length = check_integer("CycleSchedule", "cycle_length", cycle_length, minimum=1)
         return cls(schedule_type, max_learning_rate * 0.1, max_learning_rate, cycle_length,
-                   _java_round(cycle_length * 0.1), 0.1)
+                   java_round(cycle_length * 0.1), 0.1)
 
     def value_at(self, iteration: int, epoch: int) -> float:
-        p = _position(self.schedule_type, iteration, epoch) % self.cycle_length
+        p = position_of(self.schedule_type, iteration, epoch) % self.cycle_length
         if p < self.step_size:
             return self.initial_learning_rate + self.increment * p
         if p < 2 * self.step_size:
             return self.max_learning_rate - self.increment * (p - self.step_size)
         exponent = self.annealing_length - (self.cycle_length - p)
-        return self.initial_learning_rate * _pow(self.annealing_decay, exponent)
+        return self.initial_learning_rate * java_pow(self.annealing_decay, exponent)
 
 
 class RampSchedule(Schedule):
@@ -369,7 +305,7 @@ class RampSchedule(Schedule):
             raise TypeError(f"RampSchedule: base_schedule must be a Schedule or a schedule config dict, "
                             f"got {type(base_schedule).__name__} {base_schedule!r}")
         self.base_schedule = base_schedule
-        self.num_iter = _integer("RampSchedule", "num_iter", num_iter, minimum=1)
+        self.num_iter = check_integer("RampSchedule", "num_iter", num_iter, minimum=1)
 
     def to_config(self) -> dict:
         config = super().to_config()
@@ -400,10 +336,10 @@ class CosineWarmupSchedule(Schedule):
 
     def __init__(self, max_lr, min_lr, warmup_steps, total_steps):
         owner = "CosineWarmupSchedule"
-        self.max_lr = _finite(owner, "max_lr", max_lr)
-        self.min_lr = _finite(owner, "min_lr", min_lr)
-        self.warmup_steps = _integer(owner, "warmup_steps", warmup_steps, minimum=0)
-        self.total_steps = _integer(owner, "total_steps", total_steps, minimum=0)
+        self.max_lr = check_finite(owner, "max_lr", max_lr)
+        self.min_lr = check_finite(owner, "min_lr", min_lr)
+        self.warmup_steps = check_integer(owner, "warmup_steps", warmup_steps, minimum=0)
+        self.total_steps = check_integer(owner, "total_steps", total_steps, minimum=0)
         if self.total_steps < self.warmup_steps:
             raise ValueError(f"{owner}: total_steps must be >= warmup_steps ({self.warmup_steps}), "
                              f"got {self.total_steps}")
@@ -411,10 +347,10 @@ class CosineWarmupSchedule(Schedule):
     @classmethod
     def from_ratio(cls, max_lr, min_lr, warmup_ratio, total_steps) -> "CosineWarmupSchedule":
         """DL4J's ``fromRatio``: ``warmup_steps = int(warmup_ratio * total_steps)`` (truncated), ratio in [0, 1]."""
-        ratio = _finite("CosineWarmupSchedule", "warmup_ratio", warmup_ratio)
+        ratio = check_finite("CosineWarmupSchedule", "warmup_ratio", warmup_ratio)
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"CosineWarmupSchedule: warmup_ratio must be in [0, 1], got {warmup_ratio!r}")
-        total_steps = _integer("CosineWarmupSchedule", "total_steps", total_steps, minimum=0)
+        total_steps = check_integer("CosineWarmupSchedule", "total_steps", total_steps, minimum=0)
         return cls(max_lr, min_lr, int(ratio * total_steps), total_steps)
 
     def value_at(self, iteration: int, epoch: int) -> float:
