@@ -19,7 +19,8 @@ lazily — plain logic, no Ray (the actor wraps it as it wraps ``ShardState``).
   rows stay ``[0, n)`` and memory stays within the cap: the arrays never grow past it).
 * **Changes** — every push is one table version; a row remembers the version that last changed it, and the
   evicted ids are logged with theirs (at most ``log_limit`` ids; older entries are dropped and the horizon
-  moves). ``export_since`` (a serving delta) and incremental checkpoints (server/checkpoints/row_records.py) read both.
+  moves). ``export_since`` (a serving delta) and incremental checkpoints (server/checkpoints/row_records.py)
+  read both; those methods live in server/row_changes.py (``RowTableChanges``, a mixin of ``RowTableShard``).
   ``epoch`` (random, new at construction and at every restore) tells apart states a token could mix up.
 """
 
@@ -34,17 +35,16 @@ from ..updaters.base import Updater, state_dtype_for
 from ..updaters.groups import ParamGroup
 from . import row_policies as policies
 from . import row_checks, row_updates, shard_invariants
-from .checkpoints import row_records
 from .checkpoints.format import CheckpointError
+from .row_changes import COLUMNS, RowTableChanges
 from .row_index import RowIndex, row_owner
 
 TABLE_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 KERNELS = ("auto", "reference")
-COLUMNS = ("ids", "iterations", "changed", "stamps", "counts")  # the int64 columns, beside values and state
 
 
 # -- the table shard ---------------------------------------------------------------------------------------
-class RowTableShard:
+class RowTableShard(RowTableChanges):
     """The rows of table ``name`` (``num_rows x dim``, ``dtype``) owned by shard ``shard_index`` of ``num_shards``.
 
     ``updater``: an ``Updater`` or a ``ParamGroup`` (its L1/L2/WeightDecay apply per row; gradient
@@ -387,78 +387,6 @@ class RowTableShard:
         shard_invariants.check_row_table(self, ids=self._ids, values=self._values, state=self._state,
                                          columns=dict(zip(COLUMNS[1:], self._columns()[1:])),
                                          evicted_log=self._evicted_log, evicted_logged=self._evicted_logged)
-
-    # -- changes: serving deltas and incremental checkpoints -----------------------------------------------
-    def columns(self, since: int | None = None) -> dict:
-        """Copies of the stored rows (changed after version ``since``; all for None), sorted by id:
-        ``ids, values, state (slots, k, dim), iterations, changed, stamps, counts``."""
-        n = self.n
-        chosen = np.arange(n) if since is None else np.flatnonzero(self._changed[:n] > since)
-        chosen = chosen[np.argsort(self._ids[chosen], kind="stable")]
-        out = {name: column[chosen] for name, column in zip(COLUMNS, self._columns())}
-        out["values"], out["state"] = self._values[chosen], self._state[:, chosen]
-        return out
-
-    def evicted_since(self, since: int) -> np.ndarray:
-        """Ids evicted after version ``since`` and not stored now, sorted (``since >= horizon``)."""
-        parts = [ids for version, ids in self._evicted_log if version > since]
-        if not parts:
-            return np.zeros(0, dtype=np.int64)
-        ids = np.unique(np.concatenate(parts))
-        return ids[self.index.lookup(ids) < 0]
-
-    def check_since(self, epoch, version, what: str = "since") -> None:
-        """Can a delta since ``(epoch, version)`` be told? Errors name ``since``."""
-        where = f"table {self.name!r} shard {self.shard_index}"
-        if epoch != self.epoch:
-            raise ValueError(f"{what}: the token is from another incarnation of {where} (restarted, restored or "
-                             f"another server); export again with since=None")
-        if isinstance(version, bool) or not isinstance(version, (int, np.integer)) or version < 0:
-            raise ValueError(f"{what}: the token's version for {where} must be an integer >= 0, got {version!r}")
-        if version > self.version:
-            raise ValueError(f"{what}: the token's version {version} is ahead of {where} (version {self.version}): "
-                             f"a future token")
-        if version < self.horizon:
-            raise ValueError(f"{what}: the token's version {version} is older than the evictions {where} still "
-                             f"remembers (since version {self.horizon}); export again with since=None")
-
-    def export_since(self, since=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[str, int]]:
-        """``(ids, values, evicted, (epoch, version))``: the current values of the rows changed since ``since``
-        (``(epoch, version)``; None: every stored row), the ids evicted since, and where this export ends."""
-        if since is None:
-            columns, evicted = self.columns(), np.zeros(0, dtype=np.int64)
-        else:
-            self.check_since(*since)
-            columns, evicted = self.columns(int(since[1])), self.evicted_since(int(since[1]))
-        return columns["ids"], columns["values"], evicted, (self.epoch, self.version)
-
-    def load_columns(self, columns: dict, sketch_cells=None, sketch_counts=None) -> None:
-        """Replace the stored rows (checked already, owned, unique ids, at most the cap)."""
-        self._reset_storage(len(columns["ids"]))
-        if len(columns["ids"]):
-            extra = tuple(columns[name] for name in COLUMNS[1:])
-            self._append(columns["ids"], columns["values"], columns["state"], columns=extra)
-        if self.sketch is not None:
-            self.sketch = policies.CountMinSketch(self.admission)
-            if sketch_cells is not None:
-                self.sketch.set_cells(sketch_cells, sketch_counts)
-
-    # -- snapshots (server/checkpoints/row_records.py) ----------------------------------------------------
-    def snapshot(self, since=None) -> dict:
-        """A msgpack-able record of the stored rows, or of the changes since ``since = (epoch, version)``
-        when that delta can be told (else the whole table)."""
-        return row_records.snapshot(self, since)
-
-    def restore(self, blobs, what: str = "row table snapshot") -> None:
-        """Load a snapshot of THIS table shard: one record, or a base and the deltas after it, in order."""
-        row_records.restore(self, blobs, what)
-
-    def load_rows(self, ids, values, state, iterations, what: str = "rows", strict: bool = False,
-                  sketch=None) -> None:
-        """Replace the stored rows by the given ones (every check first). ``strict=False`` keeps only the rows
-        this shard owns (restoring under another shard count); ``strict=True`` refuses foreign rows. ``sketch``:
-        the admission counts (``depth * width``, e.g. the sum of the old shards' sketches: still never low)."""
-        row_records.load_rows(self, ids, values, state, iterations, what, strict, sketch)
 
 
 InitialRows = Callable[[np.ndarray], np.ndarray]
