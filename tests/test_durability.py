@@ -37,6 +37,9 @@ def _grads(params, count, seed=1):
     return [{n: rng.standard_normal(a.shape).astype(a.dtype) for n, a in params.items()} for _ in range(count)]
 
 
+REPLAY_BOUND = 2 * (2 * 10 + DEFAULT_MAX_IN_FLIGHT)  # 2 shards, checkpoint_every=10
+
+
 def _trajectory(tmp_path, kills: dict, pushes=60, checkpoint_every=10, num_shards=2):
     import ray
 
@@ -47,7 +50,16 @@ def _trajectory(tmp_path, kills: dict, pushes=60, checkpoint_every=10, num_shard
             ps.push(grads)
             if i in kills:
                 ray.kill(ps.shard_actors[kills[i]], no_restart=False)
-        return ps.pull(), ps.stats()
+        final, stats = ps.pull(), ps.stats()
+        # the replay memory drains once the shards' checkpoints catch up (a slow machine writes them late):
+        # clock ticks (no update) bring acknowledgements that carry the newest covered mark
+        deadline = time.monotonic() + 120
+        while stats["replay_buffered"] > REPLAY_BOUND and time.monotonic() < deadline:
+            ps.tick()
+            ps.flush()
+            time.sleep(0.1)
+            stats = ps.stats()
+        return final, stats
     finally:
         ps.shutdown()
 
@@ -63,8 +75,8 @@ def test_killed_shards_restore_and_replay_exactly_once(tmp_path):
     assert stats["updates_applied"] == 60  # each shard applied every push once: none lost, none doubled
     assert stats["replayed"] > 0
     # replay memory: per shard at most two checkpoint intervals (the covered mark lags one interval while a
-    # checkpoint is being written) plus the pushes in flight
-    assert stats["replay_buffered"] <= 2 * (2 * 10 + DEFAULT_MAX_IN_FLIGHT)
+    # checkpoint is being written) plus the pushes in flight, once the checkpoints caught up
+    assert stats["replay_buffered"] <= REPLAY_BOUND
 
 
 def test_a_shard_lost_without_checkpoint_dir_is_a_clear_error():
