@@ -53,16 +53,14 @@ from .checkpoints import storage
 from . import transport
 from .credentials import RunCredentials
 from .data_server import parse_ports
-from .faults import NO_FAULTS, FaultPlan
+from .faults import NO_FAULTS
+from .handle_identity import HandleIdentity
 from .layout import ParameterLayout
-from .protocol import PullRequest, PushMessage, RowsRequest
-from .push_plan import PushPlan
+from .protocol import PullRequest, PushMessage
 from .remote_errors import unwrap
-from . import delta_tokens
-from .delta_tokens import TableDelta
-from .row_tables import check_rows, route, split_sparse
+from .row_table_calls import RowTableCalls
+from .row_tables import split_sparse
 from .shard_actor import ShardActor
-from .shard_links import ShardLinks
 from .shard_spec import InitialState, ShardOptions, ShardSpec
 from .shard_state import TICK
 from .validation import check_initial_params, check_server_config
@@ -100,7 +98,7 @@ def _nbytes(payload) -> int:
     return int(sum(a.nbytes for a in payload.values())) if payload else 0
 
 
-class ParameterServer:
+class ParameterServer(HandleIdentity, RowTableCalls):
     """Sharded parameters plus DL4J updater state on Ray actors. See the module docstring.
 
     ``initial_state`` (keyword only): an ``InitialState`` (server/shard_spec.py), the updater state and
@@ -190,71 +188,6 @@ class ParameterServer:
         except Exception as error:  # noqa: BLE001
             self.shutdown()
             raise unwrap(error) from None
-
-    # -- identity and pickling ---------------------------------------------------------------------------
-    def _new_identity(self, client_id: str | None = None) -> None:
-        self.client_id = client_id or uuid.uuid4().hex
-        self.seq = 0
-        self._links = ShardLinks(self._shard_actors, self.client_id, credentials=self.credentials,
-                                 window=self.max_in_flight, recovery_timeout=self.recovery_timeout,
-                                 replay=bool(self.checkpoint_dir))
-        self._links.faults, self._links.worker = self.faults, self.worker
-        route, resend_after = self.data_route or (None, None)
-        self._links.route = route
-        if resend_after is not None:
-            self._links.resend_after = resend_after
-        # a push kept for replay must own its arrays; encoded ones (compression) always do
-        own = bool(self.checkpoint_dir) and self.config["compression"] == "none"
-        self._plan = PushPlan(self.layout, self.groups, self.tables, self.config["nan_policy"], own_payloads=own)
-        self.bytes_pushed = 0
-        self.bytes_pulled = 0
-        self._encoders = {}  # shard -> ThresholdEncoder (compression="threshold"): this identity's residuals
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        for key in ("client_id", "seq", "_links", "_plan", "bytes_pushed", "bytes_pulled", "_encoders", "_init_refs"):
-            state.pop(key, None)
-        state["_owner"] = False
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._new_identity()
-
-    def as_worker(self, worker_id: int) -> int:
-        """From now on push as worker ``worker_id`` of this run: one identity (``<run_id>.w<worker_id>``) in
-        every process that runs that worker, so a restarted worker's pushes are told apart from new ones. Its
-        sequence goes on from the smallest number of its pushes any shard applied, which is returned: the steps
-        to resume after. A shard that applied more drops the pushes it has (exactly once per shard); in sync
-        mode ``pull(..., at_seq=that number)`` reads the parameters those pushes were computed on."""
-        if isinstance(worker_id, bool) or not isinstance(worker_id, int) or worker_id < 0:
-            raise ValueError(f"worker_id must be an integer >= 0, got {worker_id!r}")
-        if self.seq or self._links.pending or any(link.unacked for link in self._links.links):
-            raise RuntimeError("as_worker must come before this handle's first push")
-        self._links.close()
-        self.worker = worker_id
-        self._new_identity(f"{self.run_id}.w{worker_id}")
-        self.seq = min(self._links.applied(shard) for shard in range(self.layout.num_shards))
-        return self.seq
-
-    def inject_faults(self, plan: FaultPlan) -> None:
-        """Tests: install ``plan`` (server/faults.py) in this handle, the handles made from it (workers) and
-        the shards, so a process dies at a chosen point (once)."""
-        if not isinstance(plan, FaultPlan):
-            raise TypeError(f"plan must be a FaultPlan, got {type(plan).__name__}")
-        self.faults = self._links.faults = plan
-        ray.get([actor.inject_faults.remote(plan) for actor in self._shard_actors])
-
-    def route_data_plane(self, route, resend_after: float | None = None) -> None:
-        """Connect this handle's data plane through ``route(shard, endpoint) -> endpoint`` (a proxy: fault
-        injection in tests, a tunnel); ``resend_after``: seconds of silence before unanswered messages to an
-        alive shard are sent again (default 5). Call before this handle's first push or pull. The handle keeps
-        both: its worker identity (``as_worker``) and the handles made from it (pickled: ``route`` must pickle
-        then, e.g. a worker's handle) connect the same way."""
-        self.data_route = (route, None if resend_after is None else float(resend_after))
-        self._links.route = route
-        if resend_after is not None:
-            self._links.resend_after = float(resend_after)
 
     @property
     def shard_actors(self) -> list:
@@ -377,66 +310,6 @@ class ParameterServer:
 
     def _ask_all(self, method: str, *args) -> list:
         return self._links.ask_all(method, *args)
-
-    # -- row-sparse tables -------------------------------------------------------------------------------
-    def push_rows(self, name: str, ids, grads, worker_id: int = 0, epoch: int = 0) -> None:
-        """Push gradients for rows ``ids`` of table ``name`` (duplicate ids are summed before the update)."""
-        self.push({}, worker_id=worker_id, epoch=epoch, rows={name: (ids, grads)})
-
-    def pull_rows(self, name: str, ids) -> np.ndarray:
-        """Rows ``ids`` of table ``name``, in the order asked; sees this handle's earlier pushes. The shards
-        are asked together."""
-        if name not in self.tables:
-            kind = "dense: use pull()" if name in self.layout.shapes else "not a parameter"
-            raise ValueError(f"pull_rows: {name!r} is {kind}")
-        ids, _ = check_rows(name, self.tables[name], ids)
-        table = self.tables[name]
-        out = np.empty((len(ids), table.dim), dtype=table.dtype)
-        parts = {shard: positions for shard, positions in enumerate(route(ids, self.layout.num_shards))
-                 if len(positions)}
-        rids = {shard: self._links.request(shard, RowsRequest(0, self.client_id, self.seq, name, ids[positions],
-                                                               timeout=self.pull_timeout))
-                for shard, positions in parts.items()}
-        replies = self._links.wait(list(rids.values()))
-        for shard, rid in rids.items():
-            out[parts[shard]] = replies[rid].rows
-        self.bytes_pulled += int(out.nbytes)
-        self.flush()
-        return out
-
-    def _whole_table(self, name: str) -> np.ndarray:
-        table = self.tables[name]
-        out = np.empty(table.shape, dtype=table.dtype)
-        rids = [self._links.request(shard, RowsRequest(0, self.client_id, self.seq, name, None,
-                                                       timeout=self.pull_timeout))
-                for shard in range(self.layout.num_shards)]
-        for reply in self._links.wait(rids).values():
-            out[reply.ids] = reply.rows
-        self.bytes_pulled += int(out.nbytes)
-        return out
-
-    def export_deltas(self, name: str, since=None) -> TableDelta:
-        """The rows of table ``name`` changed since the token ``since`` (None: every stored row), the ids evicted
-        since (tombstones: they read as their initial value again), and the token to pass next time. Values
-        only, never updater state. A replica that applies each delta in turn (drop ``evicted``, then set
-        ``values`` at ``ids``; a missing row reads as the table's ``initial``) equals the server's table."""
-        if name not in self.tables:
-            raise ValueError(f"export_deltas: {name!r} is not a row-sparse table")
-        self.flush()
-        positions = delta_tokens.parse(since, name, self.layout.num_shards)
-        try:
-            parts = self._links.ask_all("export_deltas", name, positions)
-        except Exception as error:  # noqa: BLE001 - a shard's refusal of the token, as the user's exception
-            raise unwrap(error) from None
-        return delta_tokens.combine(name, parts, self.tables[name])
-
-    def table_stats(self, name: str) -> dict:
-        """Row-table figures summed over the shards (``rows``, ``admitted``, ``evicted``, ``dropped_gradients``,
-        ``bytes``, pushes and pulls) and each shard's own under ``"shards"``."""
-        if name not in self.tables:
-            raise ValueError(f"table_stats: {name!r} is not a row-sparse table")
-        self.flush()
-        return delta_tokens.sum_stats(self._links.ask_all("table_stats", name))
 
     # -- checkpoints (server/checkpoints/) ---------------------------------------------------------------
     def save(self, path) -> None:
