@@ -65,7 +65,13 @@ class HandleIdentity:
         self._links.close()
         self.worker = worker_id
         self._new_identity(f"{self.run_id}.w{worker_id}")
-        self.seq = min(self._links.applied(shard) for shard in range(self.layout.num_shards))
+        shards = range(self.layout.num_shards)
+        if self.checkpoint_dir and any(self._links.applied(shard) for shard in shards):
+            # a restart: the pushes the dead process kept for replay died with it, so every shard first makes a
+            # checkpoint cover what it applied (a later restart of it then needs none of them)
+            for shard in shards:
+                self._links.ask(shard, "checkpoint_now", self.client_id)
+        self.seq = min(self._links.applied(shard) for shard in shards)
         return self.seq
 
     def inject_faults(self, plan: FaultPlan) -> None:

@@ -150,6 +150,7 @@ class ShardActor:
         self.updates_at_checkpoint = 0
         self.checkpoint_writing = False
         self.checkpoints_written = 0
+        self.generation = 0  # of the last checkpoint taken: each takes a larger one (unique blob names)
         self.incarnation = uuid.uuid4().hex  # new in every process: clients detect a restart by it
         self.faults = NO_FAULTS  # tests: where this process dies (server/faults.py)
         self.service = ShardService(self.state, self.incarnation, options.sync_timeout)
@@ -182,6 +183,7 @@ class ShardActor:
         self.service.covered = dict(self.state.applied_seq)
         self.restarts = recorded + 1
         self.updates_at_checkpoint = self.state.counters["updates_applied"]
+        self.generation = int(pointer.get("generation") or 0)
         log.warning("rayps shard %d restarted (%d restarts); restored %s", self.state.shard_index, self.restarts,
                     pointer["file"])
 
@@ -208,13 +210,37 @@ class ShardActor:
         if not self.checkpoint_dir or self.state.counters["updates_applied"] - self.updates_at_checkpoint < \
                 self.checkpoint_every:
             return
+        applied, snapshot, generation = self._take_checkpoint()
+        threading.Thread(target=self._write_checkpoint, args=(applied, snapshot, generation),
+                         name=f"rayps-checkpoint-{self.state.shard_index}", daemon=True).start()
+
+    def _take_checkpoint(self):
+        """Lock held, no checkpoint being written: ``(applied, snapshot, generation)`` of a new checkpoint (a
+        consistent copy: every array is encoded to bytes here; the tables: their changes since the chain)."""
         applied = dict(self.state.applied_seq)
         self.updates_at_checkpoint = self.state.counters["updates_applied"]
-        # a consistent copy (every array is encoded to bytes here); the tables: their changes since the chain
         snapshot = shard_checkpoint.snapshot(self.state, self.restarts, table_chains.since_of(self.table_chains))
+        self.generation = max(self.state.version, self.generation + 1)
         self.checkpoint_writing = True
-        threading.Thread(target=self._write_checkpoint, args=(applied, snapshot, self.state.version),
-                         name=f"rayps-checkpoint-{self.state.shard_index}", daemon=True).start()
+        return applied, snapshot, self.generation
+
+    def checkpoint_now(self, client_id=None) -> int:
+        """Write a checkpoint now (after the one being written, if any) and return ``client_id``'s applied
+        sequence number, which it covers. A restarted worker asks every shard this (``as_worker``): the pushes
+        its dead process kept for replay are gone, so a later restart of this shard must not need them."""
+        if not self.checkpoint_dir:
+            with self.lock:
+                return self.state.applied_seq.get(client_id, 0)
+        while True:
+            with self.lock:
+                if not self.checkpoint_writing:
+                    applied, snapshot, generation = self._take_checkpoint()
+                    break
+            time.sleep(0.01)
+        self._write_checkpoint(applied, snapshot, generation)
+        if self.service.covered is not applied:
+            raise RuntimeError(f"shard {self.state.shard_index}: the checkpoint for a restarted worker failed")
+        return applied.get(client_id, 0)
 
     def _write_checkpoint(self, applied: dict, snapshot: dict, generation: int) -> None:
         try:
