@@ -23,8 +23,9 @@ COMMAND = ["train", "--consistency", "sync", "--workers", "2", "--shards", "2", 
 WAIT = 300  # seconds: a deadline, never an expectation of speed
 
 
-def _cli(checkpoint_dir, *extra) -> list[str]:
-    return [sys.executable, "-m", "rayps.deploy.cli", *COMMAND, "--checkpoint-dir", str(checkpoint_dir), *extra]
+def _cli(checkpoint_dir, *extra, consistency: str = "sync") -> list[str]:
+    command = [consistency if part == "sync" else part for part in COMMAND]
+    return [sys.executable, "-m", "rayps.deploy.cli", *command, "--checkpoint-dir", str(checkpoint_dir), *extra]
 
 
 def _final_params(checkpoint_dir) -> dict:
@@ -132,3 +133,29 @@ def test_resume_before_the_first_finished_epoch_starts_the_run_afresh(uninterrup
     resumed = _run(_cli(directory, "--resume"))
     assert "no finished epoch" in resumed.stderr and "starting the run afresh" in resumed.stderr
     _assert_same(_final_params(directory), uninterrupted)
+
+
+def test_a_killed_async_driver_resumes_within_the_accuracy_noise(tmp_path):
+    """Async: the interleaving differs from run to run, so the reference is the accuracy of an uninterrupted run
+    (digits, 6 epochs: two uninterrupted runs land within a couple of points of each other)."""
+    import json
+
+    from rayps.server.checkpoints.training_run import load_progress
+
+    clean_json, resumed_json = tmp_path / "clean.json", tmp_path / "resumed.json"
+    _run(_cli(tmp_path / "clean", "--json-out", str(clean_json), consistency="async"))
+    directory = tmp_path / "run"
+    driver = subprocess.Popen(_cli(directory, consistency="async"), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + WAIT
+    while load_progress(directory) is None:
+        assert driver.poll() is None and time.monotonic() < deadline, "no epoch finished"
+        time.sleep(0.05)
+    time.sleep(random.Random(7).uniform(0.0, 0.3))
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(timeout=WAIT)
+    resumed = _run(_cli(directory, "--resume", "--json-out", str(resumed_json), consistency="async"))
+    assert "resuming from" in resumed.stderr
+    clean, after = json.loads(clean_json.read_text()), json.loads(resumed_json.read_text())
+    assert after["first_epoch"] >= 1 and after["test_accuracy"] >= 0.85
+    assert abs(after["test_accuracy"] - clean["test_accuracy"]) <= 0.05
