@@ -348,7 +348,10 @@ def test_async_single_writer_through_faults_matches_a_clean_run(clean_async, mod
         assert [s["updates_applied"] for s in stats["shards"]] == [60, 60]
         assert [s["pushes"] for s in stats["shards"]] == [60, 60]  # every duplicate dropped, none applied
         assert stats["duplicates_dropped"] > 0
-        assert all(proxy.faults.values()), proxy.faults  # every kind happened
+        # every kind happened; a push_pull lane carries one message at a time, so a held message is reordered
+        # only when a resend follows it (often, not always): there the others must have happened
+        kinds = proxy.faults if mode == "pipelined" else {k: v for k, v in proxy.faults.items() if k != "reordered"}
+        assert all(kinds.values()), proxy.faults
     finally:
         ps.shutdown()
         proxy.close()
