@@ -227,8 +227,13 @@ class ParameterServer(HandleIdentity, RowTableCalls):
             self._links.push(shard, PushMessage(0, self.client_id, seq, worker_id, epoch, payload, present, factors,
                                                 shard_rows))
             self.bytes_pushed += transport.message_nbytes(payload, shard_rows)
-            self.faults.hit("client.sent", lambda: self._links.settle(seq), worker=self.worker, seq=seq, sent=sent)
-        self.faults.hit("client.before_ack", lambda: self._links.settle(seq), worker=self.worker, seq=seq)
+            self._fault_point("client.sent", seq, sent=sent)
+        self._fault_point("client.before_ack", seq)
+
+    def _fault_point(self, point: str, seq: int, **event) -> None:
+        """Tests: die here if the installed ``FaultPlan`` says so (server/faults.py); nothing when none is."""
+        if self.faults:
+            self.faults.hit(point, lambda: self._links.settle(seq), worker=self.worker, seq=seq, **event)
 
     def tick(self, worker_id: int = 0, epoch: int = 0) -> None:
         """Advance ``worker_id``'s clock on every shard without a gradient (a step with nothing to push);
@@ -236,9 +241,8 @@ class ParameterServer(HandleIdentity, RowTableCalls):
         self.seq = seq = self.seq + 1
         for shard in range(self.layout.num_shards):
             self._links.push(shard, PushMessage(0, self.client_id, seq, worker_id, epoch, {}, TICK))
-            self.faults.hit("client.sent", lambda: self._links.settle(seq), worker=self.worker, seq=seq,
-                            sent=shard + 1)
-        self.faults.hit("client.before_ack", lambda: self._links.settle(seq), worker=self.worker, seq=seq)
+            self._fault_point("client.sent", seq, sent=shard + 1)
+        self._fault_point("client.before_ack", seq)
 
     def flush(self) -> None:
         """Block until every push issued by this handle is acknowledged; raise the first error among them."""
@@ -296,8 +300,8 @@ class ParameterServer(HandleIdentity, RowTableCalls):
                                                         factors, shard_rows, pull_worker=worker_id, pull=True,
                                                         timeout=self.pull_timeout), wait_reply=True)
             self.bytes_pushed += transport.message_nbytes(payload, shard_rows)
-            self.faults.hit("client.sent", lambda: self._links.settle(seq), worker=self.worker, seq=seq, sent=sent)
-        self.faults.hit("client.before_ack", lambda: self._links.settle(seq), worker=self.worker, seq=seq)
+            self._fault_point("client.sent", seq, sent=sent)
+        self._fault_point("client.before_ack", seq)
         replies = links.wait(list(rids.values()))
         received = {shard: replies[rid].params for shard, rid in rids.items()}
         self.bytes_pulled += sum(_nbytes(buffers) for buffers in received.values())

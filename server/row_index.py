@@ -85,17 +85,8 @@ class RowIndex:
 
     def lookup(self, ids: np.ndarray) -> np.ndarray:
         """Slot of each id, -1 where absent (ids: int64 >= 0, duplicates allowed)."""
-        result = np.full(len(ids), -1, dtype=np.int64)
-        pos = self._home(ids)
-        pending = np.arange(len(ids))
-        mask = len(self.keys) - 1
-        while pending.size:
-            found = self.keys[pos[pending]]
-            hit = found == ids[pending]
-            result[pending[hit]] = self.vals[pos[pending[hit]]]
-            pending = pending[~hit & (found != _EMPTY)]
-            pos[pending] = (pos[pending] + 1) & mask
-        return result
+        cells = self.positions(ids)
+        return np.where(cells >= 0, self.vals[cells], -1)
 
     def positions(self, ids: np.ndarray) -> np.ndarray:
         """Cell of each id, -1 where absent."""
