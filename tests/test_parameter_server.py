@@ -522,3 +522,23 @@ def test_push_copy_false_sends_the_callers_arrays_and_copy_true_keeps_its_own(sg
     final = ps.pull()
     for n in start:
         np.testing.assert_allclose(final[n], after[n].astype(np.float64) - 0.5 * 0.5, rtol=1e-6)
+
+
+def test_as_worker_and_at_seq_refuse_what_they_cannot_mean(sgd_server):
+    """``as_worker`` after a push (the identity would split a sequence) and a bad ``at_seq`` are refused,
+    naming the field; the server is unchanged."""
+    ps = pickle.loads(pickle.dumps(sgd_server))  # a handle of its own (a worker's copy)
+    before = ps.pull()
+    with pytest.raises(ValueError, match="worker_id must be an integer >= 0"):
+        ps.as_worker(-1)
+    with pytest.raises(ValueError, match="at_seq must be an integer >= 0 and comes with a worker_id"):
+        ps.pull(at_seq=0)
+    with pytest.raises(ValueError, match="at_seq must be an integer >= 0"):
+        ps.pull(worker_id=0, at_seq=-1)
+    ps.tick(worker_id=0)
+    ps.flush()
+    with pytest.raises(RuntimeError, match="as_worker must come before this handle's first push"):
+        ps.as_worker(0)
+    after = ps.pull()
+    for name in before:
+        np.testing.assert_array_equal(after[name], before[name])
