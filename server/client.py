@@ -28,7 +28,8 @@ With ``checkpoint_dir`` (a local path, a URI such as ``s3://bucket/run`` or ``gs
 ``(pyarrow.fs.FileSystem, path)`` pair: server/checkpoints/storage.py), shards checkpoint every
 ``checkpoint_every`` updates and Ray restarts a dead shard, which restores its checkpoint; the handle keeps
 each push until a checkpoint holds it and replays what a restarted shard lacks, so no update is lost or applied
-twice (``ShardLinks``).
+twice (``ShardLinks``). In sync mode each shard then also keeps the parameters of the steps a restarted worker
+may recompute, at most ``history_bytes`` (server/sync_steps.py).
 
 Where the data plane listens: ``data_host`` (else ``RAYPS_DATA_HOST``; else 127.0.0.1 when this handle started
 an embedded local Ray, whose processes all run on this machine; else each shard's node address as Ray knows
@@ -63,6 +64,7 @@ from .row_tables import split_sparse
 from .shard_actor import ShardActor
 from .shard_spec import InitialState, ShardOptions, ShardSpec
 from .shard_state import TICK
+from .sync_steps import HISTORY_BYTES
 from .validation import check_initial_params, check_server_config
 
 DEFAULT_MAX_IN_FLIGHT = 8  # pushes per shard not yet acknowledged before push() waits
@@ -112,7 +114,8 @@ class ParameterServer(HandleIdentity, RowTableCalls):
                  sync_timeout: float | None = None, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
                  pull_timeout: float | None = 300.0, recovery_timeout: float = 120.0,
                  placement=None, sparse=None, compression: str = "none", encrypt: bool = False,
-                 data_host: str | None = None, data_ports=None, initial_state: InitialState | None = None):
+                 data_host: str | None = None, data_ports=None, initial_state: InitialState | None = None,
+                 history_bytes: int = HISTORY_BYTES):
         from ..updaters import Adam  # noqa: PLC0415
 
         check_server_config(num_shards=num_shards, consistency=consistency, staleness=staleness,
@@ -120,6 +123,9 @@ class ParameterServer(HandleIdentity, RowTableCalls):
         if checkpoint_dir is not None and (isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int)
                                            or checkpoint_every < 1):
             raise ValueError(f"checkpoint_every must be an integer >= 1 (updates per shard), got {checkpoint_every!r}")
+        if isinstance(history_bytes, bool) or not isinstance(history_bytes, int) or history_bytes < 0:
+            raise ValueError(f"history_bytes must be an integer >= 0 (bytes a shard keeps of earlier steps), "
+                             f"got {history_bytes!r}")
         params, self.tables, table_arrays = split_sparse(params, sparse)
         self.table_arrays = set(table_arrays)
         if params or not self.tables:
@@ -166,7 +172,7 @@ class ParameterServer(HandleIdentity, RowTableCalls):
             nan_policy=nan_policy, sync_timeout=sync_timeout, checkpoint_dir=self.checkpoint_dir,
             checkpoint_every=checkpoint_every, row_tables=tuple(row_specs),
             row_states=(initial_state.table_rows or None) if initial_state is not None else None,
-            data_host=host, data_ports=ports))]
+            data_host=host, data_ports=ports, history_bytes=history_bytes))]
         for shard in range(num_shards):
             shard_options = dict(actor_options, **(placement.options_for(shard) if placement is not None else {}))
             spec = ShardSpec(shard_index=shard, pieces=self.layout.shard_pieces[shard],

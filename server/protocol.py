@@ -103,6 +103,7 @@ class PushMessage:
     pull_worker: int | None = None  # fused pull after the push: the worker whose consistency gates it
     pull: bool = False
     timeout: float | None = None  # of the fused pull
+    low_water: int = 0  # the client's pushes every shard's finished checkpoint covers (``ShardState.low_water``)
 
 
 @dataclass
@@ -190,7 +191,8 @@ def to_frames(message: Message) -> list:
         header = {"c": message.client_id, "s": message.seq, "w": message.worker_id, "e": message.epoch,
                   "p": _encode_payload(message.payload, arrays), "pr": message.present, "f": message.factors,
                   "rw": _encode_rows(message.rows, arrays), "rp": message.replayed, "i": message.incarnation,
-                  "pl": message.pull, "pw": message.pull_worker, "t": message.timeout}
+                  "pl": message.pull, "pw": message.pull_worker, "t": message.timeout,
+                  "lw": message.low_water}
     elif kind == "pull":
         header = {"c": message.client_id, "s": message.after_seq, "w": message.worker_id, "pc": message.pieces,
                   "i": message.incarnation, "t": message.timeout, "as": message.at_seq}
@@ -286,7 +288,8 @@ def from_frames(frames) -> Message:
             header_field(header, "i", "incarnation", is_opt_str, "nil or an incarnation id"),
             header_field(header, "pw", "pull_worker", is_opt_count, "nil or a worker id"),
             header_field(header, "pl", "pull", lambda v: type(v) is bool, "true or false"),
-            header_field(header, "t", "timeout", is_timeout, "nil or seconds >= 0"))
+            header_field(header, "t", "timeout", is_timeout, "nil or seconds >= 0"),
+            header_field(header, "lw", "low_water", is_count, "a sequence number >= 0"))
     if kind == "pull":
         return PullRequest(
             rid, header_field(header, "c", "client_id", is_client_id, "a client id (1-256 characters)"),

@@ -68,6 +68,7 @@ class Link:
     unacked: dict = field(default_factory=dict)  # seq -> PushMessage
     replay: ReplayBuffer | None = None
     restarts_in_a_row: int = 0
+    covered: int = 0  # this client's pushes the shard's last finished checkpoint holds (from its acks)
 
 
 class ShardLinks:
@@ -156,6 +157,7 @@ class ShardLinks:
         if len(link.unacked) >= self.window:
             self.pump(lambda: len(link.unacked) < self.window)
         message.rid = self._next_rid()
+        message.low_water = self.low_water()
         link.unacked[message.seq] = message
         if link.replay is not None:
             link.replay.add(message.seq, message)
@@ -253,8 +255,14 @@ class ShardLinks:
             return  # from a process this client no longer talks to
         link.unacked.pop(ack.seq, None)
         link.restarts_in_a_row = 0
+        link.covered = max(link.covered, ack.covered)
         if link.replay is not None:
             link.replay.trim(ack.covered)
+
+    def low_water(self) -> int:
+        """This client's pushes that every shard's finished checkpoint holds: none of them is ever recomputed,
+        so in sync mode no shard needs the parameters they were computed on (``ShardState.low_water``)."""
+        return min(link.covered for link in self.links)
 
     def _rejected(self, shard: int, rejection: Rejection) -> None:
         entry = self.pending.get(rejection.rid)

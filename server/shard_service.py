@@ -15,8 +15,11 @@ and sends the replies it returns; ``expire(now)`` runs when the socket has been 
   ``(peer, client, rid)`` (a resent request replaces the one waiting), until a change makes it ready or its
   ``timeout`` passes (``Rejection`` ``timeout``). A fused push whose pull must wait is acknowledged at once
   with ``waiting=True``; the parameters follow under the same request id.
-* ``at_seq`` (sync mode): a restarted worker reads the parameters of the step its next push is computed on,
-  which a shard that already applied that push holds as ``ShardState.previous`` (see ``_read_at``).
+* A restarted worker (sync mode) reads the parameters of the step its next push is computed on, which a shard
+  that already applied that push keeps in ``ShardState.history`` (see ``_read_at``): on its first read, which
+  says so (``at_seq``), and on every read while it recomputes pushes this shard already has (its ``after_seq``
+  is behind what the shard applied for it). Each push reports the client's low water (what every shard's
+  checkpoint holds), which bounds the steps a shard keeps (server/sync_steps.py).
 * Sync mode's dead-worker policy: when reads wait and nothing changed for ``sync_timeout`` seconds, the
   waiting step is applied with the workers that pushed (``ShardState.force_sync_step``).
 
@@ -86,6 +89,7 @@ class ShardService:
             return [(peer, rejected)]
         if message.replayed:
             state.counters["replays_received"] += 1
+        state.report_low_water(message.client_id, message.worker_id, message.low_water)
         outcome = state.push(message.client_id, message.seq, message.worker_id, message.payload, message.present,
                              message.factors, message.epoch, message.rows)
         self.changed = outcome.received > 0
@@ -131,7 +135,8 @@ class ShardService:
         """The read's reply if it may be answered now, else None."""
         state = self.state
         worker = request.worker_id if isinstance(request, PullRequest) else None
-        if worker is not None and request.at_seq is not None and state.consistency == "sync":
+        if worker is not None and state.consistency == "sync" and (
+                request.at_seq is not None or state.applied_seq.get(request.client_id, 0) > request.after_seq):
             return self._read_at(request, ack, errors)
         if not state.pull_ready(request.client_id, request.after_seq, worker):
             return None
@@ -148,18 +153,20 @@ class ShardService:
             return Rejection(request.rid, "malformed", "ids", str(error))
 
     def _read_at(self, request: PullRequest, ack, errors) -> Reply | Rejection | None:
-        """A restarted worker's first read in sync mode: the parameters of the step its next push is computed
-        on (``ShardState.step_of``), once this shard reached that step; the step before the last one applied
-        is kept (``ShardState.previous``), older ones are not: then the live parameters, counted in
-        ``resume_reads_inexact`` (the recomputed gradient is exactly-once but not bit-identical)."""
+        """A restarted worker's read in sync mode: the parameters of the step its push ``at_seq + 1`` (or, while
+        it recomputes pushes this shard already applied, ``after_seq + 1``) is computed on
+        (``ShardState.step_of``), once this shard reached that step: the live parameters or a step kept in
+        ``ShardState.history``; a step no longer kept gets the live parameters, counted in
+        ``resume_reads_inexact`` (the recomputed gradient is then exactly-once but not bit-identical)."""
         state = self.state
         if state.applied_seq.get(request.client_id, 0) < request.after_seq:
             return None
-        step = state.step_of(request.client_id, request.worker_id, request.at_seq)
+        at_seq = request.after_seq if request.at_seq is None else request.at_seq
+        step = state.step_of(request.client_id, request.worker_id, at_seq)
         if state.sync_clock < step:
             return None
         params = state.read_at(step, request.pieces, copy=False)
-        if params is None:  # more than one step ago (a worker lost pushes a restarted shard needed): the live ones
+        if params is None:  # dropped, or from before this shard's restart: the live ones
             state.counters["resume_reads_inexact"] += 1
             params = state.read(request.pieces, None, copy=False)
         state.pulled_version[request.worker_id] = state.version

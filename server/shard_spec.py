@@ -22,6 +22,7 @@ import numpy as np
 
 from .checkpoints import shard as shard_checkpoint
 from .shard_state import ShardState
+from .sync_steps import HISTORY_BYTES
 from .sparse_rows import RowTableShard
 
 
@@ -57,6 +58,7 @@ class ShardOptions:
     row_states: Mapping | None = None
     data_host: str | None = None
     data_ports: tuple = (47000, 47999)
+    history_bytes: int = HISTORY_BYTES
 
 
 @dataclass(frozen=True, eq=False)
@@ -109,6 +111,8 @@ def build_state(spec: ShardSpec, options: ShardOptions) -> ShardState:
     state = ShardState(spec.shard_index, spec.pieces, options.groups, spec.buffers,
                        consistency=options.consistency, staleness=options.staleness,
                        num_workers=options.num_workers, nan_policy=options.nan_policy, row_tables=tables)
+    state.keep_for_recovery = bool(options.checkpoint_dir)  # a shard can restart: keep the steps it may need
+    state.history_bytes = options.history_bytes
     if spec.piece_states is not None:
         shard_checkpoint.load_pieces(state, [(None, slots, iteration) for slots, iteration in spec.piece_states])
     return state

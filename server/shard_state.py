@@ -30,7 +30,7 @@ from . import transport
 from .layout import Piece
 from .payload_checks import check_payload, check_rows
 from .shard_invariants import check_shard_state
-from .sync_steps import SyncStep, SyncSteps
+from .sync_steps import HISTORY_BYTES, SyncStep, SyncSteps
 from .validation import CONSISTENCY_MODES, NAN_POLICIES
 
 DEFAULT_FACTORS = (1.0, math.inf)
@@ -112,9 +112,12 @@ class ShardState(SyncSteps):
         self.sync_clock = 0  # steps applied in sync mode
         self.version = 0  # updates applied to this shard
         self.pulled_version: dict[int, int] = {}
-        # sync mode: the dense parameters before the last applied step (``read_at``: a restarted worker
-        # recomputes a gradient this shard already applied on the step's own parameters); None: not known
-        self.previous: dict[str, np.ndarray] | None = None
+        # sync mode: the dense parameters of earlier steps (``read_at``: a restarted worker recomputes a
+        # gradient this shard already applied on the step's own parameters; see server/sync_steps.py)
+        self.history: dict[int, dict[str, np.ndarray]] = {}  # step -> parameters after that many steps
+        self.low_water: dict[str, tuple[int, int]] = {}  # client -> (worker, pushes every shard's checkpoint holds)
+        self.keep_for_recovery = False  # keep the steps back to the low water (set where shards have checkpoints)
+        self.history_bytes = HISTORY_BYTES
         self.counters = {"pushes": 0, "updates_applied": 0, "bytes_pushed": 0, "bytes_pulled": 0,
                          "duplicates_dropped": 0, "nonfinite_skipped": 0, "nonfinite_rejected": 0,
                          "max_staleness": 0, "max_clock_gap": 0, "apply_seconds": 0.0,

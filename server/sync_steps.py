@@ -1,9 +1,19 @@
 """``SyncSteps``: the sync-mode (BSP) part of ``ShardState`` — pushes of one clock summed into a ``SyncStep``
 until every worker contributed, then applied as one step of their mean; the dead-worker policy
-(``force_sync_step``); and the parameters of the step before the last (``read_at``) a restarted worker reads.
+(``force_sync_step``); and the parameters of earlier steps (``read_at``) a restarted worker reads.
+
+Why earlier steps: a restarted worker recomputes the pushes some shard lacks, and under BSP push ``s + 1`` must
+be computed on the parameters of the step it was first computed on (``step_of``), which the shards that
+already applied it have left behind. A push some shard lacks is one its finished checkpoint does not hold, so
+each client reports with every push its *low water*: the fewest of its pushes every shard's finished checkpoint
+holds (``ShardLinks.low_water``). With checkpoints (``keep_for_recovery``) a shard keeps the parameters of
+every step from ``min over clients of step_of(client, worker, low water)`` on; without, only the step before
+the last (a worker that died after sending to some shards lacks at most one push). At most ``history_bytes``
+of them either way (oldest dropped first; a read that reaches further back gets the live parameters and is
+counted in ``resume_reads_inexact``).
 
 A mixin of ``ShardState`` (server/shard_state.py), split out by concept: it works on the state's own fields
-(``sync_steps``, ``sync_clock``, ``params``, ``previous``) and applies a step with the state's ``_apply``.
+(``sync_steps``, ``sync_clock``, ``params``, ``history``, ``low_water``) and applies a step with ``_apply``.
 """
 
 from __future__ import annotations
@@ -12,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
+
+HISTORY_BYTES = 512 << 20  # the most a shard keeps of earlier steps' parameters (``ShardState.history_bytes``)
 
 
 @dataclass
@@ -63,10 +75,7 @@ class SyncSteps:
             self._apply_sync_step(self.sync_steps.pop(self.sync_clock), self.num_workers)
 
     def _apply_sync_step(self, step: SyncStep, divisor: int) -> None:
-        if self.previous is None:
-            self.previous = {dtype: np.empty_like(buf) for dtype, buf in self.params.items()}
-        for dtype, buf in self.params.items():
-            np.copyto(self.previous[dtype], buf)
+        self._keep_step(self._keep_from(self.sync_clock))
         present_idx = np.flatnonzero(step.present)
         for array in step.sums.values():
             array /= divisor
@@ -98,6 +107,37 @@ class SyncSteps:
             parts.setdefault(piece.dtype, []).append(buffers[piece.dtype][piece.offset:piece.offset + piece.size])
         return {dtype: np.concatenate(chunks) for dtype, chunks in parts.items()}
 
+    # -- earlier steps --------------------------------------------------------------------------------------
+    def report_low_water(self, client_id: str, worker_id: int, low_water: int) -> None:
+        """``client_id`` (worker ``worker_id``) says every shard's finished checkpoint holds its first
+        ``low_water`` pushes; it only grows (a restarted process starts from 0 until it hears the shards)."""
+        known = self.low_water.get(client_id)
+        if known is None or low_water > known[1]:
+            self.low_water[client_id] = (worker_id, low_water)
+
+    def _keep_from(self, live: int) -> int:
+        """The first step whose parameters this shard keeps while ``live`` steps are applied (see the module
+        docstring)."""
+        first = live
+        if self.keep_for_recovery:
+            for client_id, (worker_id, low_water) in self.low_water.items():
+                first = min(first, self.step_of(client_id, worker_id, low_water))
+        return max(first, 0)
+
+    def _keep_step(self, first: int) -> None:
+        """Before a step is applied: keep the live parameters as step ``sync_clock``, drop the steps before
+        ``first`` and the oldest beyond ``history_bytes`` (its buffers are reused)."""
+        spare = None
+        for old in [s for s in self.history if s < first]:
+            spare = self.history.pop(old)
+        size = sum(buf.nbytes for buf in self.params.values())
+        while self.history and (len(self.history) + 1) * size > self.history_bytes:
+            spare = self.history.pop(next(iter(self.history)))
+        snapshot = spare or {dtype: np.empty_like(buf) for dtype, buf in self.params.items()}
+        for dtype, buf in self.params.items():
+            np.copyto(snapshot[dtype], buf)
+        self.history[self.sync_clock] = snapshot
+
     # -- the update ----------------------------------------------------------------------------------------
     def step_of(self, client_id: str, worker_id: int, at_seq: int) -> int:
         """Sync mode: the step whose parameters ``client_id``'s push ``at_seq + 1`` (as worker ``worker_id``)
@@ -107,20 +147,20 @@ class SyncSteps:
 
     def read_at(self, step: int, piece_indices: Sequence[int] | None = None, copy: bool = True) -> dict | None:
         """Sync mode: the dense parameters as they were after ``step`` steps (``sync_clock == step``): the live
-        ones, or those before the last step applied; None if this shard no longer has them (more than one step
-        ago, or before its restart)."""
+        ones or those kept in ``history``; None if this shard no longer has them (dropped, or from before its
+        restart)."""
         if step == self.sync_clock:
             return self.read(piece_indices, None, copy)
-        if step != self.sync_clock - 1 or self.previous is None:
+        kept = self.history.get(step)
+        if kept is None:
             return None
         if piece_indices is None:
-            out = {dtype: buf.copy() for dtype, buf in self.previous.items()}
+            out = {dtype: buf.copy() for dtype, buf in kept.items()}
         else:
             parts: dict[str, list] = {}
             for i in piece_indices:
                 piece = self.pieces[int(i)]
-                parts.setdefault(piece.dtype, []).append(
-                    self.previous[piece.dtype][piece.offset:piece.offset + piece.size])
+                parts.setdefault(piece.dtype, []).append(kept[piece.dtype][piece.offset:piece.offset + piece.size])
             out = {dtype: np.concatenate(chunks) for dtype, chunks in parts.items()}
         self.counters["bytes_pulled"] += int(sum(a.nbytes for a in out.values()))
         return out
