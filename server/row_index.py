@@ -14,7 +14,6 @@ import numpy as np
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _EMPTY = -1
-_DELETED = -2  # a tombstone: lookups probe past it, inserts may reuse it
 
 
 # -- hashing ----------------------------------------------------------------------------------------------
@@ -65,16 +64,30 @@ class HashedUniformInit:
 # -- the index ----------------------------------------------------------------------------------------------
 class RowIndex:
     """Open-addressing hash map (linear probing, load <= 1/2) from int64 row id to int64 slot, vectorized:
-    each probe round is one NumPy pass over the ids still unresolved. Deletion leaves tombstones, which inserts
-    reuse; live keys plus tombstones stay at most half the cells (a rebuild clears the tombstones), so the
-    index takes at most ``4 x 16`` bytes per stored row."""
+    each probe round is one NumPy pass over the ids still unresolved.
+
+    Memory: ``keys`` and ``vals``, int64 each, ``cells = 2^ceil(log2(2 x capacity + 1))`` (at least 64), so
+    ``16 x cells`` bytes: between 32 and 64 bytes per row of ``capacity``. Deletion shifts back (no tombstones):
+    the keys in the run after a deleted cell, up to the next empty cell, are taken out and placed again, so
+    the load counts live keys only and an index sized for a table's cap never grows or rebuilds while rows are
+    evicted and stored (``deleted`` stays 0; kept for the invariant checks). Growth (a table without a cap):
+    a table of twice the cells, the old one's keys moved over ``GROW_CHUNK`` cells at a time (the old and the
+    new tables coexist while it runs, no other table-sized copy).
+    """
+
+    GROW_CHUNK = 1 << 16
 
     def __init__(self, capacity: int = 64):
-        capacity = 1 << max(6, int(capacity - 1).bit_length())
-        self.keys = np.full(capacity, _EMPTY, dtype=np.int64)
-        self.vals = np.zeros(capacity, dtype=np.int64)
+        cells = self.cells_for(capacity)
+        self.keys = np.full(cells, _EMPTY, dtype=np.int64)
+        self.vals = np.zeros(cells, dtype=np.int64)
         self.size = 0
-        self.deleted = 0
+        self.deleted = 0  # no tombstones: deletion shifts back
+
+    @staticmethod
+    def cells_for(capacity: int) -> int:
+        """The cells of ``RowIndex(capacity)`` (its bytes: ``16 x cells``)."""
+        return 1 << max(6, int(capacity - 1).bit_length())
 
     @property
     def nbytes(self) -> int:
@@ -103,12 +116,27 @@ class RowIndex:
         return result
 
     def delete(self, ids: np.ndarray) -> None:
-        """Remove ids that are present (unique)."""
+        """Remove ids that are present (unique). Backward shift: every key in the run after an emptied cell (up
+        to the next empty cell) may have probed past it, so those keys are taken out and placed again; a run
+        ends at the next emptied cell too, so the runs are disjoint. Work: the deleted ids plus their runs."""
         cells = self.positions(ids)
         cells = cells[cells >= 0]
-        self.keys[cells] = _DELETED
+        if not len(cells):
+            return
+        self.keys[cells] = _EMPTY
         self.size -= len(cells)
-        self.deleted += len(cells)
+        mask = len(self.keys) - 1
+        runs, frontier = [], (cells + 1) & mask
+        while frontier.size:
+            frontier = frontier[self.keys[frontier] != _EMPTY]
+            runs.append(frontier)
+            frontier = (frontier + 1) & mask
+        moved = np.concatenate(runs)
+        if len(moved):
+            moved_ids, moved_slots = self.keys[moved], self.vals[moved]  # copies (fancy indexing)
+            self.keys[moved] = _EMPTY
+            self.size -= len(moved)
+            self._place(moved_ids, moved_slots)
 
     def update(self, ids: np.ndarray, slots: np.ndarray) -> None:
         """Point present ids at new slots."""
@@ -116,13 +144,18 @@ class RowIndex:
 
     def insert(self, ids: np.ndarray, slots: np.ndarray) -> None:
         """Add ids that are unique and absent, with their slots."""
-        if 2 * (self.size + self.deleted + len(ids)) > len(self.keys):  # grow or clear tombstones, re-place
-            old = self.keys >= 0
-            old_ids, old_slots = self.keys[old], self.vals[old]
-            grown = RowIndex(2 * (self.size + len(ids)) + 1)
-            grown._place(old_ids, old_slots)
-            self.keys, self.vals, self.size, self.deleted = grown.keys, grown.vals, grown.size, 0
+        if 2 * (self.size + len(ids)) > len(self.keys):
+            self._grow(2 * (self.size + len(ids)) + 1)
         self._place(ids, slots)
+
+    def _grow(self, capacity: int) -> None:
+        old_keys, old_vals = self.keys, self.vals
+        grown = RowIndex(capacity)
+        for start in range(0, len(old_keys), self.GROW_CHUNK):
+            keys = old_keys[start:start + self.GROW_CHUNK]
+            live = keys != _EMPTY
+            grown._place(keys[live], old_vals[start:start + self.GROW_CHUNK][live])
+        self.keys, self.vals, self.size = grown.keys, grown.vals, grown.size
 
     def _place(self, ids: np.ndarray, slots: np.ndarray) -> None:
         pos = self._home(ids)
@@ -130,10 +163,9 @@ class RowIndex:
         mask = len(self.keys) - 1
         while pending.size:
             target = pos[pending]
-            free = self.keys[target] < 0  # empty or a tombstone (the ids are absent: no later duplicate)
+            free = self.keys[target] == _EMPTY  # the ids are absent: no later duplicate
             cells, first = np.unique(target[free], return_index=True)  # one winner per free cell
             winners = pending[free][first]
-            self.deleted -= int((self.keys[cells] == _DELETED).sum())
             self.keys[cells] = ids[winners]
             self.vals[cells] = slots[winners]
             placed = np.zeros(len(ids), dtype=bool)

@@ -232,6 +232,12 @@ def eviction_batch(cap: int) -> int:
     return max(1, math.ceil(cap / EVICTION_BATCH))
 
 
+def eviction_log_limit(cap: int | None) -> int:
+    """Ids a table shard's eviction log keeps (older entries are dropped and the horizon moves):
+    ``max(4 x cap, 65536)`` under a cap, ``2^20`` without one."""
+    return max(4 * cap, 1 << 16) if cap else 1 << 20
+
+
 def policy_config(policy) -> dict | None:
     return None if policy is None else policy.to_config()
 
@@ -247,20 +253,26 @@ def policy_from_config(config):
 
 def smallest(keys: list[np.ndarray], k: int) -> np.ndarray:
     """Positions of the ``k`` smallest entries in lexicographic order of ``keys`` (primary key first), in O(n)
-    per key level (``np.partition`` on the boundary group only); the order of the result is unspecified."""
+    per key level (``np.partition`` on the boundary group only); the order of the result is unspecified.
+    Scratch memory on the first level: one copy of the primary key (``np.partition``) and a bool per entry;
+    later levels work on the boundary group only."""
     n = len(keys[0])
     if k >= n:
         return np.arange(n)
     if k <= 0:
         return np.zeros(0, dtype=np.int64)
-    chosen, pool = [], np.arange(n)
+    chosen, pool = [], None  # pool None: every entry (the key itself, no gathered copy)
     for level, key in enumerate(keys):
-        values = key[pool]
+        values = key if pool is None else key[pool]
         kth = np.partition(values, k - 1)[k - 1]
-        below = pool[values < kth]
+        below = np.flatnonzero(values < kth)
+        ties = np.flatnonzero(values == kth)
+        if pool is not None:
+            below, ties = pool[below], pool[ties]
+        del values
         chosen.append(below)
         k -= len(below)
-        pool = pool[values == kth]
+        pool = ties
         if k == 0 or len(pool) == k:
             break
         if level == len(keys) - 1:  # ties on every key: any k of them (callers end the keys with unique ids)
@@ -271,6 +283,19 @@ def smallest(keys: list[np.ndarray], k: int) -> np.ndarray:
     return np.concatenate(chosen)
 
 
+def smallest_except(keys: list[np.ndarray], k: int, excluded: np.ndarray) -> np.ndarray:
+    """Positions of the ``k`` smallest entries (lexicographic in ``keys``, as ``smallest``) that are not in
+    ``excluded`` (unique positions). The k smallest of the others are among the ``k + len(excluded)`` smallest
+    of all, so those are chosen first and the excluded ones dropped: no mask or gathered copy of every entry."""
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    first = smallest(keys, k + len(excluded))
+    first = first[~np.isin(first, excluded)]
+    if len(first) > k:
+        first = first[smallest([key[first] for key in keys], k)]
+    return first
+
+
 __all__ = ["ADMISSIONS", "CountAdmission", "CountMinSketch", "EVICTIONS", "EVICTION_BATCH", "LFUEviction",
            "LRUEviction", "ProbabilityAdmission", "TTLEviction", "check_policy", "policy_config",
-           "policy_from_config", "shard_cap", "smallest"]
+           "policy_from_config", "shard_cap", "smallest", "smallest_except"]

@@ -20,8 +20,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ..updaters.base import state_dtype_for
+from ..updaters.groups import ParamGroup
 from . import row_policies
-from .row_index import row_owner
+from .row_changes import COLUMNS
+from .row_index import RowIndex, row_owner
 from .sparse_rows import TABLE_DTYPES
 
 
@@ -58,6 +61,43 @@ class RowTable:
     @property
     def shape(self) -> tuple[int, int]:
         return (int(self.num_rows), int(self.dim))
+
+    def shard_memory(self, num_shards: int, updater, op_rows: int) -> dict:
+        """The documented bound on one table shard's memory under a cap (bytes; docs/sparse.md, "Memory under a
+        cap"), while it takes pushes and pulls of at most ``op_rows`` ids each (on that shard). ``cap =
+        max_rows // num_shards``, ``S`` the updater's state slots, ``b``/``s`` the table's and the state's
+        itemsize, ``cells = RowIndex.cells_for(2 cap + 1)``:
+
+        * ``rows``: ``cap x dim x (b + S s)`` (values and updater state; the criterion's "cap x row bytes");
+        * ``bookkeeping``: ``cap x 40`` (id, iteration count, change version, last access, access count);
+        * ``index``: ``16 x cells`` (``RowIndex``: 32 to 64 bytes a row of the cap, never grown under a cap);
+        * ``eviction_log``: ``8 x max(4 cap, 65536)`` (the evicted ids a serving delta can still be told);
+        * ``eviction_scratch`` (while a batch of victims is chosen): LRU ``9 x cap + 33 x op_rows`` (a copy of
+          the access stamps for ``np.partition`` and a bool a row; the rows tied on the boundary stamp, at
+          most those one operation touched); LFU ``33 x cap`` (the ties on the count may be every row);
+        * ``push_scratch``: ``op_rows x (64 + (8 + S) x dim x s)`` (one push's gathered rows and temporaries).
+
+        ``overhead`` is everything but ``rows``; ``bound = rows + overhead``. Not covered: a full checkpoint or
+        export, which copies the rows it writes (sorted by id) while it runs. Refused without a cap."""
+        cap = row_policies.shard_cap(self.eviction, num_shards, "RowTable.shard_memory")
+        if cap is None:
+            raise ValueError(f"RowTable.shard_memory: eviction must be LRUEviction or LFUEviction (a cap), got "
+                             f"{type(self.eviction).__name__}")
+        if isinstance(op_rows, bool) or not isinstance(op_rows, (int, np.integer)) or op_rows < 0:
+            raise ValueError(f"RowTable.shard_memory: op_rows must be an integer >= 0, got {op_rows!r}")
+        slots = len((updater.updater if isinstance(updater, ParamGroup) else updater).state_keys)
+        value, state = np.dtype(self.dtype).itemsize, state_dtype_for(np.dtype(self.dtype)).itemsize
+        lfu = isinstance(self.eviction, row_policies.LFUEviction)
+        out = {"cap": cap, "rows": cap * self.dim * (value + slots * state),
+               "bookkeeping": cap * 8 * len(COLUMNS),
+               "index": 16 * RowIndex.cells_for(2 * cap + 1),
+               "eviction_log": 8 * row_policies.eviction_log_limit(cap),
+               "eviction_scratch": 33 * cap if lfu else 9 * cap + 33 * op_rows,
+               "push_scratch": op_rows * (64 + (8 + slots) * self.dim * state)}
+        out["overhead"] = sum(out[k] for k in ("bookkeeping", "index", "eviction_log", "eviction_scratch",
+                                               "push_scratch"))
+        out["bound"] = out["rows"] + out["overhead"]
+        return out
 
 
 def split_sparse(params: Mapping, sparse) -> tuple[dict, dict[str, RowTable], dict[str, np.ndarray]]:

@@ -81,7 +81,7 @@ class RowTableShard(RowTableChanges):
         self.admission, self.eviction = admission, eviction
         self.cap = policies.shard_cap(eviction, self.num_shards, f"table {name!r}")
         self.sketch = policies.CountMinSketch(admission) if isinstance(admission, policies.CountAdmission) else None
-        self.log_limit = max(4 * self.cap, 1 << 16) if self.cap else 1 << 20
+        self.log_limit = policies.eviction_log_limit(self.cap)
         self.state_dtype = state_dtype_for(self.dtype)
         self.slots = len(self.updater.state_keys)
         self._initial, self._initial_rows_owned = self._check_initial(initial)
@@ -259,8 +259,8 @@ class RowTableShard(RowTableChanges):
             self._stamps[slots] = self._clock()
             self._counts[slots] += 1
         if isinstance(self.eviction, policies.TTLEviction) and self.n:
-            idle = version - self._stamps[:self.n]
-            self._evict(np.flatnonzero(idle > self.eviction.max_idle_steps), version)
+            idle = self._stamps[:self.n] < version - self.eviction.max_idle_steps  # idle > max_idle_steps
+            self._evict(np.flatnonzero(idle), version)
         self.counters["pushes"] += 1
         self.counters["rows_pushed"] += len(ids)
         self.counters["unique_rows_pushed"] += len(uniq)
@@ -284,12 +284,10 @@ class RowTableShard(RowTableChanges):
         store = candidates[admitted]
         victims = np.zeros(0, dtype=np.int64)
         if self.cap is not None and self.n + len(store) > self.cap:
-            protected = np.zeros(self.n, dtype=bool)
-            protected[slots[~new]] = True  # the rows this push updates are not evicted for it
-            candidates_slots = np.flatnonzero(~protected)
+            updated = slots[~new]  # the rows this push updates are not evicted for it
             need = self.n + len(store) - self.cap
-            k = min(max(need, policies.eviction_batch(self.cap)), len(candidates_slots))
-            victims = candidates_slots[policies.smallest(self._eviction_keys(candidates_slots), k)]
+            k = min(max(need, policies.eviction_batch(self.cap)), self.n - len(updated))
+            victims = policies.smallest_except(self._eviction_keys(self.n), k, updated)
             store = store[:max(0, self.cap - (self.n - len(victims)))]  # the smallest ids, if any must go
         initial = self._initial_rows(store) if len(store) else None  # may raise: nothing changed yet
         if sketch_plan is not None:
@@ -302,11 +300,12 @@ class RowTableShard(RowTableChanges):
             self.counters["admitted"] += len(store)
         return slots
 
-    def _eviction_keys(self, slots: np.ndarray) -> list[np.ndarray]:
-        """The eviction order of the rows in ``slots``, primary key first (see row_policies)."""
+    def _eviction_keys(self, n: int) -> list[np.ndarray]:
+        """The eviction order of the stored rows ``[0, n)``, primary key first (see row_policies): views of the
+        columns, no copies."""
         if isinstance(self.eviction, policies.LFUEviction):
-            return [self._counts[slots], self._stamps[slots], self._ids[slots]]
-        return [self._stamps[slots], self._ids[slots]]
+            return [self._counts[:n], self._stamps[:n], self._ids[:n]]
+        return [self._stamps[:n], self._ids[:n]]
 
     def pull_rows(self, ids) -> np.ndarray:
         """The rows of ``ids`` in the order asked, ``(len(ids), dim)``: stored rows, else their initial values.
