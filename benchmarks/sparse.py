@@ -181,12 +181,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--skip-digits", action="store_true")
     parser.add_argument("--scale", action="store_true", help="admission, eviction, deltas: sparse_scale.py")
+    parser.add_argument("--memory-only", action="store_true", help="with --scale: the memory under a cap only")
     args = parser.parse_args()
     start_ray()
     if args.scale:
         import sparse_scale  # noqa: PLC0415
 
-        print(sparse_scale.run(args.quick, machine()))
+        print((sparse_scale.run_memory if args.memory_only else sparse_scale.run)(args.quick, machine()))
         return
     started, load_at_start = time.perf_counter(), os.getloadavg()[0]
     pull = row_pull_vs_dense_pull(20 if args.quick else 60)
