@@ -74,6 +74,12 @@ class HandleIdentity:
         self.seq = min(self._links.applied(shard) for shard in shards)
         return self.seq
 
+    def catch_up(self) -> int:
+        """Replay to the shards that restarted while this handle was idle and wait for their acknowledgements;
+        how many it recovered (``ShardLinks.catch_up``). The driver asks each worker that finished its epoch
+        while others still run (worker/epochs.py): an idle handle would not notice a restart by itself."""
+        return self._links.catch_up()
+
     def inject_faults(self, plan: FaultPlan) -> None:
         """Tests: install ``plan`` (server/faults.py) in this handle, the handles made from it (workers) and
         the shards, so a process dies at a chosen point (once)."""

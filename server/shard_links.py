@@ -301,6 +301,23 @@ class ShardLinks:
             elif resend:
                 self._resend(shard)
 
+    def catch_up(self) -> int:
+        """Replay to every shard that restarted while this client was idle, then wait for the acknowledgements;
+        returns how many shards it recovered. A client notices a restart only while it sends or waits, so a
+        worker done with its epoch would never replay the pushes a restarted shard lost, and in sync mode the
+        other workers would wait for them forever. Asks (Ray) each shard some of whose pushes no checkpoint
+        holds yet for its incarnation."""
+        recovered = 0
+        for shard, link in enumerate(self.links):
+            if link.replay is None or not len(link.replay) or link.incarnation is None:
+                continue
+            found = self._ask_actor(shard, lambda shard=shard: self._discover(shard, 10))
+            if found[1] != link.incarnation:
+                self._recover(shard, found, "idle")
+                recovered += 1
+        self.flush()
+        return recovered
+
     def _lost_text(self, shard: int) -> str:
         if not self.keeps_replay:
             return (f"shard {shard} was lost and the server has no checkpoint_dir, so its state is gone; start "

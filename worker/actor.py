@@ -61,6 +61,12 @@ class LoopActor:
             return self.loop.run_epoch(epoch, should_stop=self.stop_requested.is_set, resumed=True)
         return self.loop.run_epoch(epoch, should_stop=self.stop_requested.is_set)
 
+    def catch_up(self) -> int:
+        """Between epochs (the driver asks while other workers still run): replay this worker's pushes to the
+        shards that restarted since it finished (``ParameterServer.catch_up``); how many shards it recovered."""
+        catch_up = getattr(getattr(self.loop, "client", None), "catch_up", None)
+        return 0 if catch_up is None else int(catch_up())
+
     def stop(self) -> None:
         self.stop_requested.set()
 

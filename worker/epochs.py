@@ -6,7 +6,9 @@ tables), and the one result dict they return.
     return run_result(ps, run, task=..., dataset=..., num_workers=..., data_rows=..., **table_fields)
 
 Per epoch: every worker runs ``run_epoch`` (``run_epoch_on``: a worker whose process died is asked again, Ray
-having restarted it; any other error stops the others and is raised as itself), then the driver evaluates
+having restarted it; any other error stops the others and is raised as itself; every ``IDLE_CHECK_SECONDS``
+the workers that already finished replay to shards that restarted since, ``LoopActor.catch_up``), then the
+driver evaluates
 (``evaluate(ps) -> {metric: value}``), appends a history row, calls ``on_epoch_end(epoch, ps)`` and
 ``progress(row)``. The workers are killed when the driver ends, whether it finished or raised.
 
@@ -28,6 +30,7 @@ import ray
 
 from ..server.remote_errors import unwrap
 
+IDLE_CHECK_SECONDS = 2.0  # while an epoch runs: how often the workers that finished it catch up (``catch_up``)
 METRIC_FIELDS = ("test_accuracy", "test_loss", "test_auc", "test_logloss")
 TABLE_FIELDS = ("table_rows", "embedding_dim", "sparse_table", "rows_touched", "table_admitted", "table_evicted",
                 "table_dropped_gradients", "table_state_bytes")
@@ -73,8 +76,12 @@ def run_epoch_on(workers, epoch: int, max_worker_restarts: int = 3, resume_flag:
     pending = {worker.run_epoch.remote(epoch, False, data): i for i, worker in enumerate(workers)}
     reports = [None] * len(workers)
     retries = [0] * len(workers)
+    catching_up: dict = {}  # catch_up() call -> worker index
     while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=IDLE_CHECK_SECONDS)
+        if not done:
+            _catch_up_idle(workers, set(pending.values()), catching_up)
+            continue
         index = pending.pop(done[0])
         try:
             reports[index] = ray.get(done[0])
@@ -90,7 +97,32 @@ def run_epoch_on(workers, epoch: int, max_worker_restarts: int = 3, resume_flag:
             for worker in workers:
                 ray.kill(worker)
             raise unwrap(error) from None
+    for ref in catching_up:  # done before the next epoch: a worker's handle serves one caller at a time
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayActorError:
+            pass
     return reports, sum(retries)
+
+
+def _catch_up_idle(workers, running: set, catching_up: dict) -> None:
+    """While some workers still run the epoch: have each one that finished replay to the shards that restarted
+    since (``LoopActor.catch_up``), one call at a time per worker, never waited for here. Without it a shard
+    that restarts after a worker finished lacks that worker's last pushes until its next epoch, and in sync
+    mode the workers still running wait for them forever."""
+    finished, _ = ray.wait(list(catching_up), num_returns=len(catching_up), timeout=0) if catching_up else ([], [])
+    for ref in finished:
+        catching_up.pop(ref)
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayActorError:
+            pass  # the worker died idle: Ray restarts it, and its next epoch resumes as its identity
+        except Exception as error:  # noqa: BLE001 - a shard lost for good: the running workers hit it too
+            raise unwrap(error) from None
+    asked = set(catching_up.values())
+    for index, worker in enumerate(workers):
+        if index not in running and index not in asked:
+            catching_up[worker.catch_up.remote()] = index
 
 
 @dataclass

@@ -1,0 +1,104 @@
+"""A worker that finished its epoch still replays to a shard that restarts afterwards (``catch_up``).
+
+A client notices a shard's restart only while it sends or waits. A worker done with its epoch sends nothing
+until the next one, so without ``catch_up`` a shard that restarts in between lacks that worker's last pushes,
+and in sync mode the workers still running wait for them forever (the chaos soak found it: a shard killed at
+an epoch's last step). The references: a server that got the same pushes and was never killed (bit for bit),
+and for the driver a plain record of which worker was asked when.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+import ray
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def _pushes(ps, grads):
+    for g in grads:
+        ps.push({"w": g}, worker_id=0)
+    ps.flush()
+
+
+def _restart(ps, shard: int) -> None:
+    before = ray.get(ps.shard_actors[shard].ping.remote())
+    ray.kill(ps.shard_actors[shard], no_restart=False)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if ray.get(ps.shard_actors[shard].ping.remote(), timeout=10) != before:
+                return
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            pass
+        assert time.monotonic() < deadline, "the shard did not restart"
+        time.sleep(0.1)
+
+
+def test_an_idle_handle_replays_to_a_shard_that_restarted_and_ends_as_if_it_had_not(tmp_path):
+    from rayps.server import ParameterServer
+    from rayps.updaters import Adam
+
+    rng = np.random.default_rng(0)
+    w0 = rng.normal(size=64).astype(np.float32)
+    grads = [rng.normal(size=64).astype(np.float32) for _ in range(5)]
+    options = dict(updater=Adam(learning_rate=0.01), num_shards=2, cpus_per_shard=0, checkpoint_every=1000)
+    clean = ParameterServer({"w": w0}, **options)
+    try:
+        _pushes(clean, grads)
+        expected = clean.pull()["w"]
+    finally:
+        clean.shutdown()
+    ps = ParameterServer({"w": w0}, checkpoint_dir=str(tmp_path / "c"), **options)
+    try:
+        _pushes(ps, grads)
+        assert ps.catch_up() == 0  # nothing restarted: nothing to do
+        _restart(ps, 1)  # back at its first checkpoint: none of the 5 pushes
+        assert ray.get(ps.shard_actors[1].stats.remote())["clocks"].get(0, 0) == 0
+        assert ps.catch_up() == 1
+        assert ray.get(ps.shard_actors[1].stats.remote())["clocks"] == {0: 5}
+        assert ps.stats()["recovery_causes"] == {"idle": 1}
+        np.testing.assert_array_equal(ps.pull()["w"], expected)
+    finally:
+        ps.shutdown()
+
+
+@ray.remote(num_cpus=0, max_concurrency=4)
+class _FakeWorker:
+    """Worker 0 finishes at once; worker 1 runs until worker 0 was asked to catch up (or 60 s). Each records
+    in ``log`` whether it was asked while running."""
+
+    def __init__(self, index: int, log: str):
+        self.index, self.log, self.running = index, log, False
+
+    def run_epoch(self, epoch, resumed=False, data=None):
+        self.running = True
+        try:
+            deadline = time.monotonic() + (0 if self.index == 0 else 60)
+            while time.monotonic() < deadline and not os.path.exists(f"{self.log}.0"):
+                time.sleep(0.05)
+            return os.path.exists(f"{self.log}.0")
+        finally:
+            self.running = False
+
+    def catch_up(self):
+        with open(f"{self.log}.{self.index}", "a") as handle:
+            handle.write("running\n" if self.running else "idle\n")
+        return 0
+
+
+def test_the_driver_asks_only_the_workers_that_finished_to_catch_up_while_others_run(tmp_path):
+    from rayps.worker.epochs import IDLE_CHECK_SECONDS, run_epoch_on
+
+    log = str(tmp_path / "asked")
+    workers = [_FakeWorker.remote(i, log) for i in range(2)]
+    reports, restarts = run_epoch_on(workers, 0)
+    assert reports == [False, True] and restarts == 0  # worker 1 saw worker 0 asked before it finished
+    with open(f"{log}.0") as handle:
+        assert set(handle.read().split()) == {"idle"}
+    assert not os.path.exists(f"{log}.1")  # never asked while it ran
+    assert IDLE_CHECK_SECONDS <= 5
