@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     data, model, steps = digits(config)
     events = schedule(config, steps)
     print(f"{steps} steps per worker; schedule: " + ", ".join(
-        f"{e.kind} {e.index} @ {e.step}" + (f" ({e.point}{'' if e.sent is None else f', sent={e.sent}'})"
+        f"{e.kind} {e.index} @ {'the first shard kill' if e.point == 'client.replayed' else e.step}" + (f" ({e.point}{'' if e.sent is None else f', sent={e.sent}'})"
                                             if e.kind == "worker" else "") for e in events), flush=True)
     with tempfile.TemporaryDirectory(prefix="rayps-chaos-") as workdir:
         clean = clean_run(config, data, model, workdir)

@@ -312,7 +312,9 @@ class ShardActor:
         with self.lock:
             stats = self.state.stats()
             self.metrics.report(self.state, self.checkpoints_written, self.data.counters)
-            stats.update(self.data.counters, waiting_reads=len(self.service.waiting))
+            stats.update(self.data.counters, waiting_reads=len(self.service.waiting),
+                         uncovered={client: seq - self.service.covered.get(client, 0)  # a restart's replay
+                                    for client, seq in self.state.applied_seq.items()})
         stats.update(restarts=self.restarts, checkpoints_written=self.checkpoints_written,
                      endpoint=self.data.endpoint)
         return stats

@@ -4,28 +4,23 @@ A BSP (``consistency="sync"``) run of ``rayps.worker.train`` (softmax on a digit
 a ``checkpoint_dir``) with, all at once:
 
 * worker deaths: ``FaultPlan`` points (server/faults.py) at seeded pushes of seeded workers, after sending to one
-  of the two shards (``client.sent``) or to both before the acknowledgement (``client.before_ack``); Ray restarts
-  the worker, which resumes as the same identity (``ParameterServer.as_worker``);
+  of the two shards (``client.sent``) or to both before the acknowledgement (``client.before_ack``), and, at the
+  first shard kill, a seeded worker dying while it replays to the restarted shard (``client.replayed``: the
+  pushes it kept for replay die with it and its restarted process recomputes them); Ray restarts the worker,
+  which resumes as the same identity (``ParameterServer.as_worker``);
 * shard deaths: a killer thread ``ray.kill``s a seeded shard (Ray restarts it from its last checkpoint, and the
   workers replay what it lacks) when the run reaches seeded steps;
 * the data plane through ``FaultProxy`` (tests/fault_proxy.py): drops, duplicates, delays, reorders, cuts.
 
-The schedule keeps a worker's death and a shard's death apart, because two of their overlaps are outside
-what is promised bit for bit (docs/design.md, "What is delivered, per failure"):
-
-* a worker that dies while it replays to a restarted shard (or before it noticed the restart) loses the pushes
-  it kept for replay; its restarted process recomputes them on newer parameters: exactly once, not
-  bit-identical. So a shard is killed only while every worker's next death is at least ``GAP`` pushes away:
-  under BSP no worker gets there before the restarted shard has all its pushes;
-* a shard killed after a worker's restart, before that shard wrote a checkpoint that holds the restarted
-  worker's resume point, needs pushes only the dead process had (its replay buffer died with it) and waits for
-  them (the run hangs). So after a worker's death no shard is killed until every shard wrote two checkpoints
-  after the restarted process pushed (the second one's snapshot is newer than that).
+Nothing keeps the kinds apart: a shard may die right after a worker did, or while a restarted worker catches
+up, and a worker dies in the middle of a replay. The one condition on a shard kill makes it count: the shard
+holds pushes of every worker that its last finished checkpoint does not (``uncovered`` in its stats), so every
+worker replays to it (and the replay death has a replay to die in).
 
 The killer decides while the proxy is frozen (nothing reaches the shards, so their clocks are exact), kills,
 thaws, points the proxy at the restarted shard's new endpoint, and waits until that shard holds every push it
-held before it died. A shard kill whose step comes while the rules forbid it waits; it is skipped once the run
-is within ``GAP`` steps of the next event. Every wait has a deadline."""
+held before it died. A shard kill whose step comes while its condition does not hold waits; it is skipped once
+the run passes the next event's step. Every wait has a deadline."""
 
 from __future__ import annotations
 
@@ -39,9 +34,8 @@ import numpy as np
 
 from fault_proxy import FaultProxy  # tests/fault_proxy.py
 
-GAP = 3  # pushes between a shard kill's step and the next worker death, at least
+GAP = 3  # pushes between two events of the schedule, at least, and before the run's end
 POLL = 0.05  # seconds between two looks at the shards' counters
-CHECKPOINTS_AFTER_WORKER_RESTART = 2
 
 
 @dataclass(frozen=True)
@@ -55,6 +49,7 @@ class SoakConfig:
     checkpoint_every: int = 4  # updates per shard between checkpoints
     worker_kills: int = 3
     shard_kills: int = 3
+    replay_kills: int = 1  # 0 or 1: a worker dies while replaying to the first shard killed
     resend_after: float = 0.15  # seconds of silence before a client resends (the proxy drops messages)
     wait: float = 300.0  # seconds: the deadline of every wait, never an expectation of speed
 
@@ -97,14 +92,14 @@ class Event:
 
 def schedule(config: SoakConfig, steps: int) -> list[Event]:
     """The seeded events, in step order: the kinds shuffled, one per equal slot of the run, at a seeded offset
-    in the first third of its slot (the run's first and last ``2 * GAP + 2`` steps are left alone)."""
+    in the first third of its slot (the run's first and last ``2 * GAP + 2`` steps are left alone); then the
+    replay death (step 0: it comes with the first shard kill)."""
     rng = random.Random(config.seed)
     kinds = ["shard"] * config.shard_kills + ["worker"] * config.worker_kills
     rng.shuffle(kinds)
     lead = tail = 2 * GAP + 2
     slot = (steps - lead - tail) // max(1, len(kinds))
-    assert slot >= 2 * GAP + CHECKPOINTS_AFTER_WORKER_RESTART * config.checkpoint_every + 2, \
-        f"{steps} steps are too few for {len(kinds)} kills"
+    assert slot >= 2 * GAP + 2, f"{steps} steps are too few for {len(kinds)} kills"
     events = []
     for i, kind in enumerate(kinds):
         step = lead + i * slot + rng.randrange(max(1, slot // 3))
@@ -114,13 +109,17 @@ def schedule(config: SoakConfig, steps: int) -> list[Event]:
             point = rng.choice(["client.sent", "client.before_ack"])
             events.append(Event("worker", step, rng.randrange(config.workers), point,
                                 rng.randrange(1, config.shards) if point == "client.sent" else None))
+    if config.replay_kills and config.shard_kills:
+        events.append(Event("worker", 0, rng.randrange(config.workers), "client.replayed"))
     return events
 
 
 def fault_plan(events: list[Event], marker_dir: str):
     from rayps.server.faults import Fault, FaultPlan
 
-    return FaultPlan([Fault(e.point, os.path.join(marker_dir, f"worker-{i}"), worker=e.index, seq=e.step, sent=e.sent)
+    return FaultPlan([Fault(e.point, os.path.join(marker_dir, f"worker-{i}"), worker=e.index,
+                            seq=None if e.point == "client.replayed" else e.step, sent=e.sent,
+                            count=1 if e.point == "client.replayed" else None)
                       for i, e in enumerate(events) if e.kind == "worker"])
 
 
@@ -187,7 +186,7 @@ def chaos_run(config: SoakConfig, data, model, steps: int, workdir) -> SoakRepor
         started = time.perf_counter()
         killer.start()
         try:
-            result = _train(config, ps, data, model, max_worker_restarts=config.worker_kills + 1)
+            result = _train(config, ps, data, model, max_worker_restarts=config.worker_kills + config.replay_kills + 1)
         finally:
             killer.stop()
         wall = time.perf_counter() - started
@@ -211,15 +210,14 @@ def identical(got: dict, expected: dict) -> bool:
 
 
 class Killer(threading.Thread):
-    """Kills the schedule's shards when the rules of the module docstring allow; see there."""
+    """Kills the schedule's shards, each once it holds pushes of every worker that its last finished
+    checkpoint does not; see the module docstring."""
 
     def __init__(self, config: SoakConfig, ps, proxy, events, plan, steps: int):
         super().__init__(name="soak-killer", daemon=True)
         self.config, self.ps, self.proxy, self.events, self.steps = config, ps, proxy, events, steps
         self.actors = ps.shard_actors
-        self.worker_faults = [(e, f) for e, f in zip([e for e in events if e.kind == "worker"], plan)]
-        self.checkpoints_at_restart: dict = {}  # worker fault -> each shard's checkpoints when its worker was back
-        self.settled: set = set()  # worker faults whose restarted worker every shard's checkpoint holds
+        self.workers = [f"{ps.run_id}.w{w}" for w in range(config.workers)]  # their identities (as_worker)
         self.kills = self.skipped = 0
         self.error: BaseException | None = None
         self.stopping = threading.Event()
@@ -233,7 +231,7 @@ class Killer(threading.Thread):
         try:
             shard_events = [e for e in self.events if e.kind == "shard"]
             for event in shard_events:
-                limit = min([e.step for e in self.events if e.step > event.step] + [self.steps - GAP]) - GAP
+                limit = min([e.step for e in self.events if e.step > event.step] + [self.steps - GAP])
                 if not self._kill_when_allowed(event, limit):
                     self.skipped += 1
                 if self.stopping.is_set():
@@ -254,19 +252,7 @@ class Killer(threading.Thread):
                 time.sleep(POLL)
 
     def _look(self) -> list[dict]:
-        """Every shard's stats, and the worker deaths brought up to date: fired (its marker), back (every shard
-        has a push of the restarted process), settled (every shard wrote the checkpoints after that)."""
-        stats = [self._stats(shard) for shard in range(self.config.shards)]
-        for event, fault in self.worker_faults:
-            if event in self.settled or not os.path.exists(fault.marker):
-                continue
-            if event not in self.checkpoints_at_restart:
-                if all(s["clocks"].get(event.index, 0) > event.step for s in stats):
-                    self.checkpoints_at_restart[event] = [s["checkpoints_written"] for s in stats]
-            elif all(s["checkpoints_written"] >= before + CHECKPOINTS_AFTER_WORKER_RESTART
-                     for s, before in zip(stats, self.checkpoints_at_restart[event])):
-                self.settled.add(event)
-        return stats
+        return [self._stats(shard) for shard in range(self.config.shards)]
 
     @staticmethod
     def _clocks(stats: list[dict]) -> tuple[int, int]:
@@ -274,16 +260,9 @@ class Killer(threading.Thread):
         values = [c for s in stats for c in s["clocks"].values()] or [0]
         return min(values), max(values)
 
-    def _allowed(self, stats: list[dict]) -> bool:
-        """No worker death unsettled, the next one at least ``GAP`` pushes ahead of every clock."""
-        _, fastest = self._clocks(stats)
-        for event, fault in self.worker_faults:
-            fired = os.path.exists(fault.marker)
-            if fired and event not in self.settled:
-                return False
-            if not fired and event.step - fastest < GAP:
-                return False
-        return True
+    def _allowed(self, stats: dict) -> bool:
+        """The shard holds pushes of every worker that its last finished checkpoint does not."""
+        return all(stats["uncovered"].get(worker, 0) > 0 for worker in self.workers)
 
     def _still_stats(self) -> list[dict]:
         """The shards' stats once two looks agree (the proxy frozen: only what was already sent still lands)."""
@@ -307,13 +286,13 @@ class Killer(threading.Thread):
             slowest, fastest = self._clocks(stats)
             if fastest > limit:
                 return False
-            if slowest >= event.step and self._allowed(stats):
+            if slowest >= event.step and self._allowed(stats[event.index]):
                 self.proxy.freeze()
                 try:
                     stats = self._still_stats()
                     if self._clocks(stats)[1] > limit:
                         return False
-                    if self._allowed(stats):
+                    if self._allowed(stats[event.index]):
                         incarnation = self._kill(event.index)
                         break
                 finally:

@@ -67,27 +67,33 @@ def test_an_idle_handle_replays_to_a_shard_that_restarted_and_ends_as_if_it_had_
         ps.shutdown()
 
 
-@ray.remote(num_cpus=0, max_concurrency=4)
+@ray.remote(num_cpus=0, max_concurrency=4, max_restarts=1)
 class _FakeWorker:
-    """Worker 0 finishes at once; worker 1 runs until worker 0 was asked to catch up (or 60 s). Each records
-    in ``log`` whether it was asked while running."""
+    """Worker 0 finishes at once; worker 1 runs until ``wait_for`` exists (or 60 s). Each records in
+    ``log.<index>`` whether it was asked to catch up while running, and each run in ``runs.<index>``; with
+    ``die_once`` worker 0's first catch-up kills its process."""
 
-    def __init__(self, index: int, log: str):
-        self.index, self.log, self.running = index, log, False
+    def __init__(self, index: int, log: str, wait_for: str, die_once: bool):
+        self.index, self.log, self.wait_for, self.die_once, self.running = index, log, wait_for, die_once, False
 
     def run_epoch(self, epoch, resumed=False, data=None):
         self.running = True
+        with open(f"{self.log}.runs.{self.index}", "a") as handle:
+            handle.write("run\n")
         try:
             deadline = time.monotonic() + (0 if self.index == 0 else 60)
-            while time.monotonic() < deadline and not os.path.exists(f"{self.log}.0"):
+            while time.monotonic() < deadline and not os.path.exists(self.wait_for):
                 time.sleep(0.05)
-            return os.path.exists(f"{self.log}.0")
+            return f"worker {self.index}, run {len(open(f'{self.log}.runs.{self.index}').read().split())}"
         finally:
             self.running = False
 
     def catch_up(self):
         with open(f"{self.log}.{self.index}", "a") as handle:
             handle.write("running\n" if self.running else "idle\n")
+        if self.die_once and not os.path.exists(f"{self.log}.died"):
+            open(f"{self.log}.died", "w").close()
+            os._exit(1)
         return 0
 
 
@@ -95,10 +101,24 @@ def test_the_driver_asks_only_the_workers_that_finished_to_catch_up_while_others
     from rayps.worker.epochs import IDLE_CHECK_SECONDS, run_epoch_on
 
     log = str(tmp_path / "asked")
-    workers = [_FakeWorker.remote(i, log) for i in range(2)]
+    workers = [_FakeWorker.remote(i, log, f"{log}.0", False) for i in range(2)]
     reports, restarts = run_epoch_on(workers, 0)
-    assert reports == [False, True] and restarts == 0  # worker 1 saw worker 0 asked before it finished
-    with open(f"{log}.0") as handle:
+    assert reports == ["worker 0, run 1", "worker 1, run 1"] and restarts == 0
+    with open(f"{log}.0") as handle:  # worker 1 ended only because worker 0 was asked, idle
         assert set(handle.read().split()) == {"idle"}
     assert not os.path.exists(f"{log}.1")  # never asked while it ran
     assert IDLE_CHECK_SECONDS <= 5
+
+
+def test_a_worker_that_dies_catching_up_runs_the_epoch_again(tmp_path):
+    """Its restarted process recomputes what the shards lack (the replay it died in): one restart counted,
+    the report of its finished run kept."""
+    from rayps.worker.epochs import run_epoch_on
+
+    log = str(tmp_path / "asked")
+    workers = [_FakeWorker.remote(i, log, f"{log}.died", True) for i in range(2)]  # 1 runs until 0 died
+    reports, restarts = run_epoch_on(workers, 0)
+    assert restarts == 1
+    assert reports[0] == "worker 0, run 1"
+    with open(f"{log}.runs.0") as handle:
+        assert handle.read().split() == ["run", "run"]  # asked again after it died catching up

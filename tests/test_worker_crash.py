@@ -100,14 +100,17 @@ def test_a_worker_dies_after_sending_to_some_shards(digits, tmp_path, consistenc
     _assert_outcome(digits, consistency, num_shards, got, stats, result)
 
 
-def test_a_worker_dies_after_sending_everywhere_before_the_acknowledgement(digits, tmp_path):
+@pytest.mark.parametrize("consistency,num_shards", [("sync", 2), ("sync", 3), ("async", 2), ("async", 3)])
+def test_a_worker_dies_after_sending_everywhere_before_the_acknowledgement(digits, tmp_path, consistency,
+                                                                          num_shards):
     marker = tmp_path / "fired"
-    got, stats, result = _run(digits, "sync", 3, [Fault("client.before_ack", str(marker), worker=0, seq=11)])
+    got, stats, result = _run(digits, consistency, num_shards,
+                              [Fault("client.before_ack", str(marker), worker=0, seq=11)])
     assert marker.exists() and result["worker_restarts"] >= 1
-    _assert_outcome(digits, "sync", 3, got, stats, result)
+    _assert_outcome(digits, consistency, num_shards, got, stats, result)
 
 
-@pytest.mark.parametrize("consistency,num_shards", [("sync", 2), ("async", 3)])
+@pytest.mark.parametrize("consistency,num_shards", [("sync", 2), ("sync", 3), ("async", 2), ("async", 3)])
 def test_a_shard_dies_between_a_checkpoints_blob_and_its_pointer(digits, tmp_path, consistency, num_shards):
     """The half-written checkpoint is never read (its pointer was not written): the shard restores the one
     before and the workers replay what it lacks."""

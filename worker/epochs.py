@@ -72,57 +72,43 @@ def run_epoch_on(workers, epoch: int, max_worker_restarts: int = 3, resume_flag:
     """Run one epoch on every worker; returns the reports and how many worker restarts it took. A worker
     process that died is asked again (Ray restarts it and it resumes where its pushes stopped; with
     ``resume_flag`` it is told so: ``run_epoch(epoch, resumed=True)``); any other error stops the others and is
-    raised as itself."""
-    pending = {worker.run_epoch.remote(epoch, False, data): i for i, worker in enumerate(workers)}
+    raised as itself.
+
+    While some workers still run, every ``IDLE_CHECK_SECONDS`` each one that finished is asked to ``catch_up``
+    (replay to the shards that restarted since; one call at a time per worker, never while it runs, all
+    answered before the next epoch). Without it a shard that restarts after a worker finished lacks that
+    worker's last pushes until its next epoch, and in sync mode the workers still running wait for them
+    forever. A worker that dies during its catch-up is asked to run the epoch again, like one that died in it:
+    its restarted process recomputes what the shards lack."""
+    calls = {worker.run_epoch.remote(epoch, False, data): (i, "run") for i, worker in enumerate(workers)}
     reports = [None] * len(workers)
     retries = [0] * len(workers)
-    catching_up: dict = {}  # catch_up() call -> worker index
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1, timeout=IDLE_CHECK_SECONDS)
+    while calls:
+        running = {index for index, kind in calls.values() if kind == "run"}
+        done, _ = ray.wait(list(calls), num_returns=1, timeout=IDLE_CHECK_SECONDS if running else None)
         if not done:
-            _catch_up_idle(workers, set(pending.values()), catching_up)
+            asked = {index for index, kind in calls.values() if kind == "catch_up"}
+            for index, worker in enumerate(workers):
+                if index not in running and index not in asked:
+                    calls[worker.catch_up.remote()] = (index, "catch_up")
             continue
-        index = pending.pop(done[0])
+        index, kind = calls.pop(done[0])
         try:
-            reports[index] = ray.get(done[0])
+            value = ray.get(done[0])
+            if kind == "run" and reports[index] is None:
+                reports[index] = value
         except ray.exceptions.RayActorError:
             if retries[index] >= max_worker_restarts:
                 for worker in workers:
                     ray.kill(worker)
                 raise RuntimeError(f"worker {index} died {retries[index] + 1} times in epoch {epoch}") from None
             retries[index] += 1
-            again = workers[index].run_epoch.remote(epoch, resume_flag, data)
-            pending[again] = index
+            calls[workers[index].run_epoch.remote(epoch, resume_flag, data)] = (index, "run")
         except Exception as error:  # noqa: BLE001 - the worker's own exception is re-raised
             for worker in workers:
                 ray.kill(worker)
             raise unwrap(error) from None
-    for ref in catching_up:  # done before the next epoch: a worker's handle serves one caller at a time
-        try:
-            ray.get(ref)
-        except ray.exceptions.RayActorError:
-            pass
     return reports, sum(retries)
-
-
-def _catch_up_idle(workers, running: set, catching_up: dict) -> None:
-    """While some workers still run the epoch: have each one that finished replay to the shards that restarted
-    since (``LoopActor.catch_up``), one call at a time per worker, never waited for here. Without it a shard
-    that restarts after a worker finished lacks that worker's last pushes until its next epoch, and in sync
-    mode the workers still running wait for them forever."""
-    finished, _ = ray.wait(list(catching_up), num_returns=len(catching_up), timeout=0) if catching_up else ([], [])
-    for ref in finished:
-        catching_up.pop(ref)
-        try:
-            ray.get(ref)
-        except ray.exceptions.RayActorError:
-            pass  # the worker died idle: Ray restarts it, and its next epoch resumes as its identity
-        except Exception as error:  # noqa: BLE001 - a shard lost for good: the running workers hit it too
-            raise unwrap(error) from None
-    asked = set(catching_up.values())
-    for index, worker in enumerate(workers):
-        if index not in running and index not in asked:
-            catching_up[worker.catch_up.remote()] = index
 
 
 @dataclass
