@@ -192,3 +192,31 @@ def test_a_ray_dataset_run_survives_a_worker_death_and_reports_the_rows_it_skipp
     assert [row["rows_skipped"] for row in result["history"]] == [skipped, 0]
     assert applied_rows + skipped == 2 * 2 * split_rows
     assert result["test_accuracy"] > 0.8
+
+
+def test_a_ray_dataset_run_prints_no_ray_internals(tmp_path):
+    """In a fresh process (its own embedded Ray): training on a ``ray.data.Dataset`` hands each worker the server
+    handle and its split with its first ``run_epoch``, not in the constructor, so Ray prints no core_worker line
+    about constructor arguments in the object store."""
+    import subprocess
+    import sys
+
+    _digits_parquet(tmp_path / "train.parquet")
+    script = f"""
+import ray
+from rayps.server import ParameterServer
+from rayps.server.client import ensure_ray
+from rayps.worker import build_model, train
+ensure_ray()
+model = build_model("softmax", 64, 10)
+ps = ParameterServer(model.init_params(0))
+result = train(ps, model, ray.data.read_parquet({str(tmp_path / "train.parquet")!r}), num_workers=2, epochs=1,
+               batch_size=64, label_column="label", max_worker_restarts=1)
+ps.shutdown()
+print("accuracy", result["test_accuracy"])
+"""
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr
+    assert "accuracy" in completed.stdout
+    for internal in ("core_worker", "constructor arguments"):
+        assert internal not in completed.stdout + completed.stderr, completed.stderr

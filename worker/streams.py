@@ -110,8 +110,21 @@ class StreamLoop(WorkerLoop):
 
 @ray.remote(max_concurrency=4)  # threads: clock() and stop() are answered while run_epoch() runs
 class StreamWorkerActor(LoopActor):
+    """``StreamLoop`` on a Ray actor. ``client, split``: given, or None to take them from the first
+    ``run_epoch(..., data=(client, splits, None))`` (what ``train`` does: this worker reads
+    ``splits[worker_id]``; worker/actor.py says why not in the constructor)."""
+
+    fetch = staticmethod(lambda splits, _: (splits, None))  # the splits are no object refs: nothing to fetch
+
     def __init__(self, client, grad_fn, split, columns, worker_id, num_workers, batch_size, split_rows, n_fetch,
                  n_push, first_epoch=0, prefetch=False):
         import_ray_data()  # quiet Ray Data's per-execution logging in this process too
-        self.adopt(StreamLoop(client, grad_fn, split, columns, worker_id, num_workers, batch_size, split_rows,
-                              n_fetch, n_push, first_epoch, prefetch))
+
+        def build(client, splits, _):
+            return StreamLoop(client, grad_fn, splits[worker_id], columns, worker_id, num_workers, batch_size,
+                              split_rows, n_fetch, n_push, first_epoch, prefetch)
+        if client is None:
+            self.later(build)
+        else:
+            self.adopt(StreamLoop(client, grad_fn, split, columns, worker_id, num_workers, batch_size, split_rows,
+                                  n_fetch, n_push, first_epoch, prefetch))

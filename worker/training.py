@@ -78,13 +78,14 @@ def train(ps, model, data, num_workers: int = 4, epochs: int = 20, batch_size: i
     grad_fn, model_evaluate = _model_parts(model)
     user_evaluate = evaluate
     stream = None
-    data_refs = None  # in-memory data: (ps, [x_ref], [y_ref]), handed to the workers with each run_epoch
+    data_refs = None  # (ps, [x_ref], [y_ref]) or (ps, splits, None), handed to the workers with each run_epoch
     if is_ray_dataset(data):
         stream = StreamSource(data, num_workers, batch_size, label_column, feature_columns)
         test, classification = stream.eval_arrays(eval_data), stream.classification
         dataset, data_rows, dropped = "ray.data", stream.rows, stream.dropped_per_epoch
+        data_refs = (ps, stream.splits, None)  # each worker reads its own split
         workers = start_workers(StreamWorkerActor, num_workers, cpus_per_worker, max_worker_restarts, placement,
-                                lambda w: (ps, grad_fn, stream.splits[w], stream.columns, w, num_workers, batch_size,
+                                lambda w: (None, grad_fn, None, stream.columns, w, num_workers, batch_size,
                                            stream.split_rows, n_fetch, n_push, first_epoch, prefetch))
     elif isinstance(data, Dataset):
         check_run_args(num_workers, epochs, batch_size, first_epoch, num_train=data.num_train)
