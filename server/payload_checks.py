@@ -1,16 +1,17 @@
 """What a shard checks in a push before it touches anything (plain functions over ``ShardState``'s fields).
 
-Each returns None, or ``(message, nonfinite)``: one line naming the problem: the payload's dtypes and sizes against the layout of the
-pieces present, every array 1-D and of its key's dtype, no NaN or Inf (one summing pass per array,
-``validation.all_finite``; the offending parameter is named), and row pushes against their tables. A message
-that fails changes nothing; the caller turns the line into the push's error (``ShardState.Problem``).
+Each returns None, or ``(message, nonfinite)``: one line naming the problem: the payload's dtypes and sizes
+against the layout of the pieces present, every array 1-D and of its key's dtype, no NaN or Inf (one pass per
+array reading each element's exponent bits, ``finite_copy.all_finite``; the offending parameter is named), and
+row pushes against their tables. A message that fails changes nothing; the caller turns the line into the
+push's error (``ShardState.Problem``).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .validation import all_finite
+from .finite_copy import all_finite
 
 
 def check_rows(shard_index: int, row_tables, rows) -> tuple[str, bool] | None:

@@ -8,26 +8,55 @@ sends as one frame without copying it (server/protocol.py):
   caller's array (``grads[name].reshape(-1)[start:stop]``). A message that may outlive the call (``own``: a
   pipelined ``push`` returns before its acknowledgement; ``own_payloads``: the client keeps its pushes for
   replay, with a ``checkpoint_dir``) must own its data, so the view is copied;
-* otherwise the pieces are packed into a buffer: a fresh one when the message must own it, else one reused
+* otherwise the pieces are packed into a buffer: one the message owns when it must own it, else one reused
   buffer per (shard, dtype) of the full push (no allocation, no page faults for large messages).
 
-Checks run first, over the whole push, so a bad push reaches no shard (atomic across shards): structure
-(``validation.check_gradients``), then ONE finiteness pass per array without a temporary — a reduction whose
-result is finite only if every element is (``all_finite``); an overflowing sum of finite values is rechecked
-exactly. A non-finite gradient raises naming ``grads['name']`` (nan_policy "reject") or turns the push into
-clock ticks (payload ``None``, "skip").
+An owned buffer of a full push of ``POOL_FROM_BYTES`` or more is recycled, not allocated afresh (a fresh large
+allocation is a fresh mapping whose every page faults in while it is written): up to ``POOL_DEPTH`` buffers
+per (shard, dtype) are kept, and the message gets an array over one of them through a ``_Lease``, an object
+that every array, view, memoryview or ZeroMQ frame made from the message's array keeps alive. A buffer is
+given to a new push only once its lease is garbage: nothing made from the earlier message is left (not the
+message in the client's unacknowledged or replay lists, not a frame ZeroMQ has yet to send). When all are in
+use a fresh buffer is allocated and not kept.
+
+Checks run before anything is sent, over the whole push, so a bad push reaches no shard (atomic across shards):
+structure (``validation.check_gradients``) first; finiteness while the payloads are built, every element read
+once: a copied piece is copied and checked in one pass (``finite_copy.copy_all_finite``), a view is checked where
+it lies (``finite_copy.all_finite``: an exact test of the exponent bits). The pieces of a parameter cover it, so
+every element of every pushed array is checked. On a non-finite element the built payloads are dropped and the
+first non-finite gradient in ``grads`` order is named: a ValueError naming ``grads['name']`` (nan_policy
+"reject") or a push of clock ticks (payload ``None``, "skip"). Large arrays are swept by ``SWEEP_THREADS``
+threads.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Mapping
 
 import numpy as np
 
 from ..updaters.groups import assign_groups
+from . import finite_copy
 from .layout import ParameterLayout
 from .row_tables import check_rows, route
-from .validation import all_finite, check_gradients
+from .validation import check_gradients
+
+SWEEP_THREADS = 2  # threads that copy and check one large array (finite_copy)
+POOL_FROM_BYTES = 1 << 20  # owned buffers of full pushes this large are recycled
+POOL_DEPTH = 2  # recycled buffers per (shard, dtype): a push and the one after it
+
+
+class _NonFinite(Exception):
+    """A piece being built holds a NaN or Inf (caught in ``PushPlan.messages``)."""
+
+
+class _Lease:
+    """Holds a recycled buffer for the arrays made from it (``np.asarray(lease)``); see the module docstring."""
+
+    def __init__(self, owner: np.ndarray):
+        self.owner = owner
+        self.__array_interface__ = owner.__array_interface__
 
 
 class PushPlan:
@@ -46,6 +75,7 @@ class PushPlan:
         # per shard: ((dtype, numpy dtype, elements, ((name, flat start, flat stop, piece), ...)), ...)
         self.full_parts = [self._parts(pieces) for pieces in layout.shard_pieces]
         self.scratch: dict[tuple[int, str], np.ndarray] = {}
+        self.recycled: dict[tuple[int, str], list] = {}  # (shard, dtype) -> [(buffer, weakref to its lease)]
 
     @staticmethod
     def _parts(pieces) -> tuple:
@@ -70,23 +100,22 @@ class PushPlan:
         if not (rows and isinstance(grads, Mapping) and not grads):
             check_gradients(grads, self.layout.shapes, self.layout.dtypes)
         shard_rows, nonfinite = self._route_rows(rows)
-        for name, value in grads.items():
-            if not all_finite(value):
-                nonfinite = name
-                break
+        full = len(grads) == len(self.layout.names)
+        try:  # builds and checks every piece (module docstring); nothing is sent before this returns
+            built = [(self._payload(shard, self.full_parts[shard], grads, own), None) if full
+                     else self._partial(shard, grads) for shard in range(self.num_shards)]
+        except _NonFinite as found:
+            built = None
+            nonfinite = next((name for name, value in grads.items() if not finite_copy.all_finite(value)),
+                             found.args[0])
         if nonfinite is not None:
             if self.nan_policy == "reject":
                 raise ValueError(f"grads[{nonfinite!r}] contains NaN or Inf (nan_policy='reject'; "
                                  f"use nan_policy='skip' to drop such pushes)")
             return [(shard, None, None, None, None) for shard in range(self.num_shards)]
         factors = self._normalization_factors(grads) if self.normalizes else None
-        full = len(grads) == len(self.layout.names)
         messages = []
-        for shard in range(self.num_shards):
-            if full:
-                payload, present = self._payload(shard, self.full_parts[shard], grads, own), None
-            else:
-                payload, present = self._partial(shard, grads)
+        for shard, (payload, present) in enumerate(built):
             shard_factors = None
             if factors:
                 names = self.shard_names[shard]
@@ -94,7 +123,9 @@ class PushPlan:
             messages.append((shard, payload, present, shard_factors, shard_rows[shard]))
         return messages
 
-    def _payload(self, shard: int, parts, grads, own: bool) -> dict:
+    def _payload(self, shard: int, parts, grads, own: bool, full: bool = True) -> dict:
+        """The payload of ``parts`` (``full``: every piece of the shard); raises ``_NonFinite`` on a NaN or
+        Inf (see the module docstring)."""
         payload = {}
         for dtype, np_dtype, size, members in parts:
             if len(members) == 1:
@@ -102,21 +133,33 @@ class PushPlan:
                 source = grads[name]
                 if source.dtype == np_dtype and source.flags.c_contiguous:
                     view = source.reshape(-1)[start:stop]
-                    payload[dtype] = view.copy() if own else view
+                    if own:
+                        copy = self._owned(shard, dtype, np_dtype, size, full)
+                        if not finite_copy.copy_all_finite(view, copy, SWEEP_THREADS):
+                            raise _NonFinite(name)
+                        payload[dtype] = copy
+                    elif finite_copy.all_finite(view, SWEEP_THREADS):
+                        payload[dtype] = view
+                    else:
+                        raise _NonFinite(name)
                     continue
             if not own:
                 buffer = self._scratch(shard, dtype, np_dtype, size)
             else:
-                buffer = np.empty(size, dtype=np_dtype)
+                buffer = self._owned(shard, dtype, np_dtype, size, full)
             cursor = 0
             for name, start, stop, piece in members:
                 source = grads[name]
                 end = cursor + stop - start
                 if source.flags.c_contiguous:
-                    np.copyto(buffer[cursor:end], source.reshape(-1)[start:stop], casting="same_kind")
+                    finite = finite_copy.copy_all_finite(source.reshape(-1)[start:stop], buffer[cursor:end],
+                                                         SWEEP_THREADS)
                 else:
                     rows = source[piece.row_start:piece.row_stop] if source.ndim else source
-                    np.copyto(buffer[cursor:end].reshape(piece.shape), rows, casting="same_kind")
+                    finite = finite_copy.copy_all_finite(rows, buffer[cursor:end].reshape(piece.shape),
+                                                         SWEEP_THREADS)
+                if not finite:
+                    raise _NonFinite(name)
                 cursor = end
             payload[dtype] = buffer
         return payload
@@ -127,12 +170,29 @@ class PushPlan:
             buffer = self.scratch[(shard, dtype)] = np.empty(size, dtype=np_dtype)
         return buffer
 
+    def _owned(self, shard: int, dtype: str, np_dtype, size: int, full: bool) -> np.ndarray:
+        """A buffer for a message to own: recycled for a large full push, else fresh (module docstring)."""
+        if not full or size * np_dtype.itemsize < POOL_FROM_BYTES:
+            return np.empty(size, dtype=np_dtype)
+        pool = self.recycled.setdefault((shard, dtype), [])
+        for slot, (buffer, lease) in enumerate(pool):
+            if lease() is None:
+                break
+        else:
+            if len(pool) >= POOL_DEPTH:
+                return np.empty(size, dtype=np_dtype)
+            slot, buffer = len(pool), np.empty(size, dtype=np_dtype)
+            pool.append(None)
+        lease = _Lease(buffer)
+        pool[slot] = (buffer, weakref.ref(lease))
+        return np.asarray(lease)
+
     def _partial(self, shard: int, grads) -> tuple[dict, list[int]]:
         """A push of only some parameters: the present pieces, packed in layout order (fresh buffers), and their
         indices (None when they are all of this shard's pieces, as ``ParameterLayout.pack`` says it)."""
         pieces = self.layout.shard_pieces[shard]
         present = [p for p in pieces if p.name in grads]
-        payload = self._payload(shard, self._parts(present), grads, True) if present else {}
+        payload = self._payload(shard, self._parts(present), grads, True, full=False) if present else {}
         return payload, None if len(present) == len(pieces) else [p.index for p in present]
 
     # -- rows and normalization ----------------------------------------------------------------------------
@@ -153,7 +213,7 @@ class PushPlan:
                 raise TypeError(f"rows[{name!r}] must be a tuple (ids, grads)")
             ids, grads = check_rows(name, self.tables[name], *part)
             if nonfinite is None:
-                if not all_finite(grads):
+                if not finite_copy.all_finite(grads):
                     nonfinite = name
             grads = grads.astype(self.tables[name].dtype, copy=False)
             for shard, positions in enumerate(route(ids, self.num_shards)):
