@@ -12,10 +12,20 @@ Zero copy both ways: a received gradient is a view of the received frame, read b
 whole-parameter reply is sent from the live buffers (``copy=False``). ZeroMQ copies frames below
 ``zmq.COPY_THRESHOLD`` at once; larger ones it reads later, from its I/O thread, so before the next change
 of the state the thread waits for those sends to finish (``MessageTracker``).
+
+Received buffers are reused, not mapped afresh: ZeroMQ allocates each received message with ``malloc``, and
+glibc serves an allocation above its mmap threshold (128 KiB, raised by use to at most 32 MiB) from a
+fresh ``mmap`` that ``free`` unmaps, so every large push
+would fault its pages in again (a fault and a zeroed page per 4 KiB) while the bytes arrive. A shard
+process therefore raises glibc's mmap threshold to ``MESSAGE_HEAP_BYTES`` and its trim threshold to
+``HEAP_KEEP_BYTES`` (``keep_message_buffers``, once, at the first ``DataServer``): a received message below that
+size is taken from, and returned to, the heap (glibc's per-thread heaps hold at most 64 MiB, so larger
+messages are still mapped). Nothing changes where ``mallopt`` is not glibc's.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import random
@@ -37,7 +47,24 @@ HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_F
                     | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 MONITORED = HANDSHAKE_FAILED | zmq.EVENT_ACCEPTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 TRACK_BYTES = 65536  # replies with a frame this large are sent without a copy and tracked
+MESSAGE_HEAP_BYTES = 64 << 20  # glibc M_MMAP_THRESHOLD in a shard: smaller allocations come from the heap
+HEAP_KEEP_BYTES = 256 << 20  # glibc M_TRIM_THRESHOLD in a shard: free heap memory kept for the next message
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc malloc.h)
 log = logging.getLogger(__name__)
+_buffers_kept = False
+
+
+def keep_message_buffers() -> bool:
+    """Set this process's glibc malloc thresholds (module docstring), once; False where there is no glibc."""
+    global _buffers_kept
+    if not _buffers_kept:
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            _buffers_kept = bool(libc.mallopt(M_MMAP_THRESHOLD, MESSAGE_HEAP_BYTES)
+                                 and libc.mallopt(M_TRIM_THRESHOLD, HEAP_KEEP_BYTES))
+        except (OSError, AttributeError):  # not glibc (macOS, musl): every large message is mapped afresh
+            _buffers_kept = False
+    return _buffers_kept
 
 
 def parse_ports(ports) -> tuple[int, int]:
@@ -117,6 +144,7 @@ class DataServer:
         self.lock = lock
         self.on_change = on_change  # called (lock held) after a message changed the state
         self.on_start = on_start  # called first thing on the data-plane thread
+        keep_message_buffers()
         self.context = zmq.Context(io_threads=1)
         self.zap = ZapHandler(self.context, credentials)
         socket = self.socket = self.context.socket(zmq.ROUTER)
