@@ -12,8 +12,9 @@ floating-point flag) and the copy keeps every bit (NaN payloads, signed zeros), 
 
 Arrays of ``SWEEP_FROM`` elements and more (C-contiguous float16/32/64) go through numba kernels compiled
 ``nogil`` (numba is imported on the first such array, not with this module); with ``threads`` > 1 and at least
-``SPLIT_FROM`` elements the array is cut into ``threads`` contiguous ranges, all but the first swept on a small
-pool of Python threads that block between calls (no spinning OpenMP pool in the caller's process). Anything
+``SPLIT_FROM`` elements the array is cut into ``threads`` contiguous ranges (at most ``MAX_THREADS``, at most
+the machine's cores), all but the first swept on a small pool of Python threads that block between calls (no
+spinning OpenMP pool in the caller's process). Anything
 else, or no numba: ``validation.all_finite`` and ``np.copyto`` (``casting="same_kind"``).
 """
 
@@ -29,6 +30,7 @@ from .validation import all_finite as _numpy_all_finite
 
 SWEEP_FROM = 1 << 16  # elements: from here on the numba sweep (below: NumPy, no kernel call)
 SPLIT_FROM = 1 << 20  # elements: from here on an array is cut over ``threads`` threads
+MAX_THREADS = 4  # at most this many ranges per array (and never more than the machine's cores)
 EXPONENT = {2: np.uint16(0x7C00), 4: np.uint32(0x7F800000), 8: np.uint64(0x7FF0000000000000)}
 BITS = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 FLOATS = frozenset({np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)})
@@ -83,7 +85,7 @@ def _swept(array: np.ndarray) -> bool:
 
 
 def _ranges(size: int, threads: int) -> list[tuple[int, int]]:
-    parts = max(1, min(threads, size // (SPLIT_FROM // 2)))
+    parts = max(1, min(threads, MAX_THREADS, os.cpu_count() or 1, size // (SPLIT_FROM // 2)))
     step = -(-size // parts)
     return [(start, min(start + step, size)) for start in range(0, size, step)]
 
@@ -101,8 +103,7 @@ def _executor() -> ThreadPoolExecutor:
     global _pool
     with _lock:
         if _pool is None or _pool[0] != os.getpid():
-            _pool = (os.getpid(), ThreadPoolExecutor(max(1, (os.cpu_count() or 2) - 1),
-                                                     thread_name_prefix="rayps-finite"))
+            _pool = (os.getpid(), ThreadPoolExecutor(MAX_THREADS - 1, thread_name_prefix="rayps-finite"))
         return _pool[1]
 
 
