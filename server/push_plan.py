@@ -8,16 +8,16 @@ sends as one frame without copying it (server/protocol.py):
   caller's array (``grads[name].reshape(-1)[start:stop]``). A message that may outlive the call (``own``: a
   pipelined ``push`` returns before its acknowledgement; ``own_payloads``: the client keeps its pushes for
   replay, with a ``checkpoint_dir``) must own its data, so the view is copied;
-* otherwise the pieces are packed into a buffer: one the message owns when it must own it, else one reused
-  buffer per (shard, dtype) of the full push (no allocation, no page faults for large messages).
+* otherwise the pieces are packed into a buffer the message owns (``own`` or not: ZeroMQ reads a large frame
+  after the call returns, and an unacknowledged message may be resent, so no later push may write into it).
 
-An owned buffer of a full push of ``POOL_FROM_BYTES`` or more is recycled, not allocated afresh (a fresh large
-allocation is a fresh mapping whose every page faults in while it is written): up to ``POOL_DEPTH`` buffers
-per (shard, dtype) are kept, and the message gets an array over one of them through a ``_Lease``, an object
-that every array, view, memoryview or ZeroMQ frame made from the message's array keeps alive. A buffer is
-given to a new push only once its lease is garbage: nothing made from the earlier message is left (not the
-message in the client's unacknowledged or replay lists, not a frame ZeroMQ has yet to send). When all are in
-use a fresh buffer is allocated and not kept.
+A buffer (a copy or a pack) of a full push of ``POOL_FROM_BYTES`` or more is recycled, not allocated afresh (a
+fresh large allocation is a fresh mapping whose every page faults in while it is written): up to
+``POOL_DEPTH`` buffers per (shard, dtype) are kept, and the message gets an array over one of them through a
+``_Lease``, an object that every array, view, memoryview or ZeroMQ frame made from the message's array keeps
+alive. A buffer is given to a new push only once its lease is garbage: nothing made from the earlier message
+is left (not the message in the client's unacknowledged or replay lists, not a frame ZeroMQ has yet to send).
+When all are in use a fresh buffer is allocated and not kept.
 
 Checks run before anything is sent, over the whole push, so a bad push reaches no shard (atomic across shards):
 structure (``validation.check_gradients``) first; finiteness while the payloads are built, every element read
@@ -74,7 +74,6 @@ class PushPlan:
         self.shard_names = [frozenset(p.name for p in pieces) for pieces in layout.shard_pieces]
         # per shard: ((dtype, numpy dtype, elements, ((name, flat start, flat stop, piece), ...)), ...)
         self.full_parts = [self._parts(pieces) for pieces in layout.shard_pieces]
-        self.scratch: dict[tuple[int, str], np.ndarray] = {}
         self.recycled: dict[tuple[int, str], list] = {}  # (shard, dtype) -> [(buffer, weakref to its lease)]
 
     @staticmethod
@@ -143,10 +142,7 @@ class PushPlan:
                     else:
                         raise _NonFinite(name)
                     continue
-            if not own:
-                buffer = self._scratch(shard, dtype, np_dtype, size)
-            else:
-                buffer = self._owned(shard, dtype, np_dtype, size, full)
+            buffer = self._owned(shard, dtype, np_dtype, size, full)
             cursor = 0
             for name, start, stop, piece in members:
                 source = grads[name]
@@ -164,14 +160,8 @@ class PushPlan:
             payload[dtype] = buffer
         return payload
 
-    def _scratch(self, shard: int, dtype: str, np_dtype, size: int) -> np.ndarray:
-        buffer = self.scratch.get((shard, dtype))
-        if buffer is None or buffer.size != size:
-            buffer = self.scratch[(shard, dtype)] = np.empty(size, dtype=np_dtype)
-        return buffer
-
     def _owned(self, shard: int, dtype: str, np_dtype, size: int, full: bool) -> np.ndarray:
-        """A buffer for a message to own: recycled for a large full push, else fresh (module docstring)."""
+        """A buffer for a message: recycled for a large full push, else fresh (module docstring)."""
         if not full or size * np_dtype.itemsize < POOL_FROM_BYTES:
             return np.empty(size, dtype=np_dtype)
         pool = self.recycled.setdefault((shard, dtype), [])

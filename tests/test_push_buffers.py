@@ -1,6 +1,7 @@
 """``PushPlan``'s recycled owned buffers (server/push_plan.py), no Ray.
 
-A full push's owned payload reuses a buffer of an earlier push only once nothing made from that push is left:
+A full push's payload buffer (an owned copy, or a pack of several pieces, owned or not) reuses a buffer of an
+earlier push only once nothing made from that push is left:
 not its payload array, a view or memoryview of it, nor the frames the message was encoded to; while any is
 alive the earlier push's data stay as they were (a fresh buffer is used). Every payload equals
 ``ParameterLayout.pack`` of its own push; partial pushes and small ones are never recycled.
@@ -82,18 +83,21 @@ def test_a_buffer_is_reused_only_once_nothing_of_its_push_is_left(num_shards):
     _assert_is_pack(layout, second, second_grads)
 
 
-def test_partial_and_unowned_pushes_are_not_recycled():
+def test_partial_pushes_are_not_recycled_and_packs_of_unowned_pushes_are():
     layout = ParameterLayout.build(SHAPES, DTYPES, 2)
     plan = PushPlan(layout, as_groups(Sgd()), {}, "reject", own_payloads=False)
     grads = _grads(6)
     plan.messages({"W": grads["W"], "h": grads["h"]}, own=True)
-    plan.messages(grads, own=False)
     assert plan.recycled == {}
-    memories = set()
-    for seed in range(4):  # each push dropped before the next: the same buffers every time
-        grads = _grads(seed)
-        messages = plan.messages(grads, own=True)
-        _assert_is_pack(layout, messages, grads)
-        memories.add(tuple(_memory(messages)))
-        del messages
-    assert len(memories) == 1
+    for own in (False, True):
+        memories = set()
+        for seed in range(4):  # each push dropped before the next: the same buffers every time
+            grads = _grads(seed)
+            messages = plan.messages(grads, own=own)
+            _assert_is_pack(layout, messages, grads)
+            views = {key for key in _memory(messages) if any(
+                np.shares_memory(messages[key[0]][1][key[1]], g) for g in grads.values())}
+            assert bool(views) is (not own)  # unowned single pieces are views of the caller's arrays
+            memories.add(tuple(sorted(set(_memory(messages)) - views)))
+            del messages
+        assert len(memories) == 1 and memories != {()}
