@@ -109,6 +109,8 @@ def _executor() -> ThreadPoolExecutor:
 
 def all_finite(array: np.ndarray, threads: int = 1) -> bool:
     """True when no element of ``array`` is NaN or +-Inf (see the module docstring)."""
+    if array.size < SWEEP_FROM:  # the common small case first, in as few steps as possible
+        return _numpy_all_finite(array)
     found = kernels() if _swept(array) else None
     if found is None:
         return _numpy_all_finite(array)
@@ -123,6 +125,9 @@ def copy_all_finite(source: np.ndarray, out: np.ndarray, threads: int = 1) -> bo
     pass when both are C-contiguous arrays of the same float dtype (see the module docstring)."""
     if source.shape != out.shape:
         raise ValueError(f"copy_all_finite: source shape {source.shape} != out shape {out.shape}")
+    if source.size < SWEEP_FROM:
+        np.copyto(out, source, casting="same_kind")
+        return _numpy_all_finite(source)
     found = kernels() if _swept(source) and out.dtype == source.dtype and out.flags.c_contiguous \
         and out.flags.writeable else None
     if found is None:

@@ -20,13 +20,14 @@ is left (not the message in the client's unacknowledged or replay lists, not a f
 When all are in use a fresh buffer is allocated and not kept.
 
 Checks run before anything is sent, over the whole push, so a bad push reaches no shard (atomic across shards):
-structure (``validation.check_gradients``) first; finiteness while the payloads are built, every element read
-once: a copied piece is copied and checked in one pass (``finite_copy.copy_all_finite``), a view is checked where
-it lies (``finite_copy.all_finite``: an exact test of the exponent bits). The pieces of a parameter cover it, so
-every element of every pushed array is checked. On a non-finite element the built payloads are dropped and the
-first non-finite gradient in ``grads`` order is named: a ValueError naming ``grads['name']`` (nan_policy
-"reject") or a push of clock ticks (payload ``None``, "skip"). Large arrays are swept by ``SWEEP_THREADS``
-threads.
+structure (``validation.check_gradients``) first; then finiteness: an array below ``finite_copy.SWEEP_FROM``
+elements whole, before anything is built (``finite_copy.all_finite``); a larger one while the payloads are
+built, every element read once: a copied piece is copied and checked in one pass
+(``finite_copy.copy_all_finite``), a view is checked where it lies (``finite_copy.all_finite``: an exact test of
+the exponent bits). The pieces of a parameter cover it, so every element of every pushed array is checked. On
+a non-finite element the built payloads are dropped and the first non-finite gradient in ``grads`` order is
+named: a ValueError naming ``grads['name']`` (nan_policy "reject") or a push of clock ticks (payload ``None``,
+"skip"). Large arrays are swept by ``SWEEP_THREADS`` threads.
 """
 
 from __future__ import annotations
@@ -100,13 +101,20 @@ class PushPlan:
             check_gradients(grads, self.layout.shapes, self.layout.dtypes)
         shard_rows, nonfinite = self._route_rows(rows)
         full = len(grads) == len(self.layout.names)
-        try:  # builds and checks every piece (module docstring); nothing is sent before this returns
-            built = [(self._payload(shard, self.full_parts[shard], grads, own), None) if full
-                     else self._partial(shard, grads) for shard in range(self.num_shards)]
-        except _NonFinite as found:
-            built = None
-            nonfinite = next((name for name, value in grads.items() if not finite_copy.all_finite(value)),
-                             found.args[0])
+        small = finite_copy.SWEEP_FROM  # smaller arrays are checked whole, first; larger ones while built
+        bad = False
+        for value in grads.values():
+            if value.size < small and not finite_copy.all_finite(value):
+                bad = True
+                break
+        if not bad:
+            try:  # builds and checks every piece (module docstring); nothing is sent before this returns
+                built = [(self._payload(shard, self.full_parts[shard], grads, own), None) if full
+                         else self._partial(shard, grads) for shard in range(self.num_shards)]
+            except _NonFinite:
+                bad = True
+        if bad:  # the first non-finite gradient in grads order
+            nonfinite = next((name for name, value in grads.items() if not finite_copy.all_finite(value)), "?")
         if nonfinite is not None:
             if self.nan_policy == "reject":
                 raise ValueError(f"grads[{nonfinite!r}] contains NaN or Inf (nan_policy='reject'; "
@@ -126,13 +134,21 @@ class PushPlan:
         """The payload of ``parts`` (``full``: every piece of the shard); raises ``_NonFinite`` on a NaN or
         Inf (see the module docstring)."""
         payload = {}
+        small = finite_copy.SWEEP_FROM  # arrays this small were checked whole in ``messages``
         for dtype, np_dtype, size, members in parts:
             if len(members) == 1:
                 name, start, stop, _ = members[0]
                 source = grads[name]
                 if source.dtype == np_dtype and source.flags.c_contiguous:
                     view = source.reshape(-1)[start:stop]
-                    if own:
+                    if source.size < small and not own:
+                        payload[dtype] = view
+                    elif source.size < small and (not full or view.nbytes < POOL_FROM_BYTES):
+                        payload[dtype] = view.copy()  # what _owned would give, in one step
+                    elif source.size < small:
+                        payload[dtype] = copy = self._owned(shard, dtype, np_dtype, size, full)
+                        np.copyto(copy, view)
+                    elif own:
                         copy = self._owned(shard, dtype, np_dtype, size, full)
                         if not finite_copy.copy_all_finite(view, copy, SWEEP_THREADS):
                             raise _NonFinite(name)
@@ -148,13 +164,13 @@ class PushPlan:
                 source = grads[name]
                 end = cursor + stop - start
                 if source.flags.c_contiguous:
-                    finite = finite_copy.copy_all_finite(source.reshape(-1)[start:stop], buffer[cursor:end],
-                                                         SWEEP_THREADS)
+                    part, into = source.reshape(-1)[start:stop], buffer[cursor:end]
                 else:
-                    rows = source[piece.row_start:piece.row_stop] if source.ndim else source
-                    finite = finite_copy.copy_all_finite(rows, buffer[cursor:end].reshape(piece.shape),
-                                                         SWEEP_THREADS)
-                if not finite:
+                    part = source[piece.row_start:piece.row_stop] if source.ndim else source
+                    into = buffer[cursor:end].reshape(piece.shape)
+                if source.size < small:
+                    np.copyto(into, part, casting="same_kind")
+                elif not finite_copy.copy_all_finite(part, into, SWEEP_THREADS):
                     raise _NonFinite(name)
                 cursor = end
             payload[dtype] = buffer
