@@ -67,7 +67,7 @@ from .shard_state import TICK
 from .sync_steps import HISTORY_BYTES
 from .validation import check_initial_params, check_server_config
 
-DEFAULT_MAX_IN_FLIGHT = 8  # pushes per shard not yet acknowledged before push() waits
+DEFAULT_MAX_IN_FLIGHT = 128  # pushes per shard not yet acknowledged before push() waits (and 64 MiB of them)
 DEFAULT_DATA_PORTS = "47000-47999"
 _embedded = {"started": False}  # did this process start the Ray it runs on (an embedded local one)?
 

@@ -39,7 +39,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from .credentials import RunCredentials, ZapHandler
 from .protocol import ProtocolError, PushMessage, Rejection, from_frames, peek_rid, to_frames
-from .shard_service import ShardService
+from .shard_service import ShardService, coalesce_acks, is_plain_ack
 
 HWM = 1000  # messages queued per peer, each way, before ZeroMQ drops (clients resend) or blocks
 BATCH = 64  # messages handled per poll
@@ -192,12 +192,16 @@ class DataServer:
                 if self.monitor in ready:
                     self._connection_event()
                 if self.socket in ready:
-                    for _ in range(BATCH):
-                        try:
-                            parts = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        self._message(parts)
+                    outbox: list = []  # this batch's replies: acknowledgements coalesced, sent at its end
+                    try:
+                        for _ in range(BATCH):
+                            try:
+                                parts = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                            except zmq.Again:
+                                break
+                            self._message(parts, outbox)
+                    finally:
+                        self._send(coalesce_acks(outbox))
             except Exception:  # noqa: BLE001 - one bad event must not stop the shard's data plane
                 log.exception("rayps data plane: error while serving; the shard goes on")
             deadline = self.service.next_deadline()
@@ -208,7 +212,9 @@ class DataServer:
                     self._changed()
                 self._send(replies)
 
-    def _message(self, parts) -> None:
+    def _message(self, parts, outbox: list) -> None:
+        """Handle one message; its replies go to ``outbox`` (plain acknowledgements wait there for the batch's
+        end, any other reply is sent first: a read's live buffers must leave before a push changes them)."""
         peer, frames = parts[0].bytes, parts[1:]
         try:
             message = from_frames(frames)
@@ -224,7 +230,10 @@ class DataServer:
         with self.lock:
             replies = self.service.handle(peer, message, time.monotonic())
             self._changed()
-        self._send(replies)
+        outbox += replies
+        if not all(is_plain_ack(reply) for _, reply in outbox):
+            self._send(coalesce_acks(outbox))
+            outbox.clear()
 
     def _changed(self) -> None:
         if self.service.changed and self.on_change is not None:

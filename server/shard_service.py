@@ -37,6 +37,35 @@ from .shard_state import ShardState
 MAX_PENDING = 1024  # early pushes one client may have waiting for a gap before it is told "overloaded"
 
 
+def is_plain_ack(reply) -> bool:
+    """A push's acknowledgement and nothing else (no problems, no read, not a fused pull waiting)."""
+    return (isinstance(reply, Reply) and reply.ack is not None and not reply.errors and reply.params is None
+            and reply.ids is None and reply.rows is None and not reply.waiting)
+
+
+def coalesce_acks(replies: list) -> list:
+    """``replies`` (``(peer, reply)`` in order) less the plain acknowledgements a later one to the same peer
+    covers: acknowledgements are cumulative (the client takes ``ack.applied`` as every push up to it applied),
+    so of a run of pushes a shard handled together one ``Ack`` answers all those at or below the last one's
+    ``applied``; an acknowledgement of a push still waiting for a gap (its seq above that) is kept, and so is
+    every other reply, in order."""
+    last: dict = {}
+    for position, (peer, reply) in enumerate(replies):
+        if is_plain_ack(reply):
+            last[peer] = position
+    if not last:
+        return replies
+    out = []
+    for position, (peer, reply) in enumerate(replies):
+        final = last.get(peer)
+        if (final is not None and position < final and is_plain_ack(reply)
+                and reply.ack.seq <= replies[final][1].ack.applied
+                and reply.ack.incarnation == replies[final][1].ack.incarnation):
+            continue
+        out.append((peer, reply))
+    return out
+
+
 @dataclass
 class WaitingRead:
     peer: bytes
