@@ -78,12 +78,15 @@ class EchoServer:
         def serve():
             connection, _ = server.accept()
             connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            while True:
-                header = _read_exactly(connection, 8)
-                (size,) = struct.unpack("<Q", header)
-                body = _read_exactly(connection, size)
-                connection.sendall(header)
-                connection.sendall(body)
+            try:
+                while True:
+                    header = _read_exactly(connection, 8)
+                    (size,) = struct.unpack("<Q", header)
+                    body = _read_exactly(connection, size)
+                    connection.sendall(header)
+                    connection.sendall(body)
+            except ConnectionError:  # the driver closed its end: this size is done
+                connection.close()
 
         threading.Thread(target=serve, daemon=True).start()
         return server.getsockname()[1]
