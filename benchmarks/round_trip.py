@@ -12,7 +12,9 @@ actor (``num_cpus=0``) on this machine:
   header, checks, the kernel, the reply — authenticated (PLAIN, the default) and with ``encrypt=True``.
 
 And pipelined 1 KB pushes: ``rayps push()`` x N then ``flush()`` against N bare Ray calls submitted together
-(``[actor.sink.remote(a) for ...]`` then one ``ray.get``), the issue's small-push target.
+(``[actor.sink.remote(a) for ...]`` then one ``ray.get``), the issue's small-push target, and the pyzmq floor
+of that stream: the same window over a bare DEALER/ROUTER pair whose receiver applies each 1 KB gradient and
+acknowledges each burst once (``EchoServer.start_zmq_stream``).
 
     python benchmarks/round_trip.py [--repeats 7] [--json-out PATH]
 """
@@ -34,7 +36,7 @@ import zmq
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine, median, start_ray, table, write_json  # noqa: E402
 
-from rayps.server.client import ParameterServer  # noqa: E402
+from rayps.server.client import DEFAULT_MAX_IN_FLIGHT, ParameterServer  # noqa: E402
 from rayps.updaters import Sgd  # noqa: E402
 
 SIZES = {"1 KB": 256, "38 KB": 9610, "17 MB": 4_350_000}  # float32 elements
@@ -69,6 +71,31 @@ class EchoServer:
 
         threading.Thread(target=serve, daemon=True).start()
         return endpoint
+
+    def start_zmq_stream(self, endpoint: str, size: int) -> str:
+        """The floor of pipelined small pushes over pyzmq: a ROUTER thread that takes what arrived (up to 64
+        messages), applies each as ``params[:] -= 1e-6 * g`` straight from the frame, and answers the burst with
+        one acknowledgement (its count): rayps' flow control, without its protocol, checks or bookkeeping."""
+        router = zmq.Context.instance().socket(zmq.ROUTER)
+        port = router.bind_to_random_port(endpoint)
+        params = np.zeros(size, np.float32)
+
+        def serve():
+            while True:
+                router.poll()
+                acks: dict = {}
+                for _ in range(64):
+                    try:
+                        peer, frame = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    params[:] -= np.float32(1e-6) * np.frombuffer(frame.buffer, np.float32)
+                    acks[peer.bytes] = acks.get(peer.bytes, 0) + 1
+                for peer, count in acks.items():
+                    router.send_multipart([peer, struct.pack("<I", count)])
+
+        threading.Thread(target=serve, daemon=True).start()
+        return f"{endpoint}:{port}"
 
     def start_socket(self) -> int:
         server = socket.socket()
@@ -176,7 +203,20 @@ def pipelined(server, repeats: int, count: int = 2000) -> dict:
         for _ in range(count):
             ps.push(grads)
         ps.flush()
-    out = {"bare ray pipelined": count / timed(bare, 1, repeats), "rayps push": count / timed(pushes, 1, repeats)}
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.connect(ray.get(server.start_zmq_stream.remote(f"tcp://{LOOPBACK}", array.size)))
+    window = DEFAULT_MAX_IN_FLIGHT
+
+    def stream():  # the same window as rayps: at most ``window`` unacknowledged, refilled when half empty
+        sent = acked = 0
+        while acked < count:
+            while sent < count and sent - acked < window:
+                dealer.send(array, copy=False)
+                sent += 1
+            while acked < count and (sent - acked > window // 2 or sent == count):
+                acked += struct.unpack("<I", dealer.recv())[0]
+    out = {"bare ray pipelined": count / timed(bare, 1, repeats), "rayps push": count / timed(pushes, 1, repeats),
+           "zmq pipelined": count / timed(stream, 1, repeats)}
     ps.shutdown()
     return out
 
@@ -191,8 +231,10 @@ def report(results: dict) -> str:
                        [[p] + [f"{r['ray call'] / r[p]:.1f}x" for r in rows] for p in paths_],
                        title="speed-up over one Ray actor call (same run)"))
     rates = results["pipelined_1kb"]
-    lines.append(f"1 KB pipelined: rayps push {rates['rayps push']:,.0f}/s, bare Ray calls "
-                 f"{rates['bare ray pipelined']:,.0f}/s: {rates['rayps push'] / rates['bare ray pipelined']:.1f}x")
+    bare = rates["bare ray pipelined"]
+    lines.append(f"1 KB pipelined: rayps push {rates['rayps push']:,.0f}/s, bare Ray calls {bare:,.0f}/s: "
+                 f"{rates['rayps push'] / bare:.1f}x; the pyzmq floor (same window, bare update, one ack a burst) "
+                 f"{rates['zmq pipelined']:,.0f}/s: {rates['zmq pipelined'] / bare:.1f}x")
     return "\n\n".join(lines)
 
 

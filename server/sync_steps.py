@@ -9,8 +9,8 @@ each client reports with every push its *low water*: the fewest of its pushes ev
 holds (``ShardLinks.low_water``). With checkpoints (``keep_for_recovery``) a shard keeps the parameters of
 every step from ``min over clients of step_of(client, worker, low water)`` on; without, only the step before
 the last (a worker that died after sending to some shards lacks at most one push). At most ``history_bytes``
-of them either way (oldest dropped first; a read that reaches further back gets the live parameters and is
-counted in ``resume_reads_inexact``).
+of them either way, but always the step before the last (oldest dropped first; a read that reaches further
+back gets the live parameters and is counted in ``resume_reads_inexact``).
 
 A mixin of ``ShardState`` (server/shard_state.py), split out by concept: it works on the state's own fields
 (``sync_steps``, ``sync_clock``, ``params``, ``history``, ``low_water``) and applies a step with ``_apply``.
