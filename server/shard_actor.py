@@ -53,6 +53,7 @@ from .shard_spec import ShardOptions, ShardSpec, build_state
 from .shard_state import ShardState
 
 METRICS_EVERY = 100  # pushes between two reports to Prometheus
+CHECKPOINT_WAIT_SECONDS = 600.0  # checkpoint_now: the longest wait for a checkpoint write already in flight
 METRICS_SECONDS = 1.0  # ... or seconds, whichever comes first
 APPLY_SECONDS_BOUNDARIES = [1e-5, 1e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5, 1.0, 5.0]
 log = logging.getLogger(__name__)
@@ -149,6 +150,7 @@ class ShardActor:
         self.table_chains: dict = {}  # table -> the chain of its incremental checkpoints in checkpoint_dir
         self.updates_at_checkpoint = 0
         self.checkpoint_writing = False
+        self.checkpoint_wait = CHECKPOINT_WAIT_SECONDS
         self.checkpoints_written = 0
         self.generation = 0  # of the last checkpoint taken: each takes a larger one (unique blob names)
         self.incarnation = uuid.uuid4().hex  # new in every process: clients detect a restart by it
@@ -231,15 +233,20 @@ class ShardActor:
         if not self.checkpoint_dir:
             with self.lock:
                 return self.state.applied_seq.get(client_id, 0)
+        deadline = time.monotonic() + self.checkpoint_wait
         while True:
             with self.lock:
                 if not self.checkpoint_writing:
                     applied, snapshot, generation = self._take_checkpoint()
                     break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"shard {self.state.shard_index}: a checkpoint write in flight did not finish "
+                                   f"within {self.checkpoint_wait:g}s (checkpoint_dir {self.checkpoint_dir!r})")
             time.sleep(0.01)
         self._write_checkpoint(applied, snapshot, generation)
         if self.service.covered is not applied:
-            raise RuntimeError(f"shard {self.state.shard_index}: the checkpoint for a restarted worker failed")
+            raise RuntimeError(f"shard {self.state.shard_index}: the checkpoint for a restarted worker could not be "
+                               f"written to {self.checkpoint_dir!r} (the shard's log says why)")
         return applied.get(client_id, 0)
 
     def _write_checkpoint(self, applied: dict, snapshot: dict, generation: int) -> None:

@@ -122,3 +122,41 @@ def test_a_worker_that_dies_catching_up_runs_the_epoch_again(tmp_path):
     assert reports[0] == "worker 0, run 1"
     with open(f"{log}.runs.0") as handle:
         assert handle.read().split() == ["run", "run"]  # asked again after it died catching up
+
+
+def test_checkpoint_now_names_a_failed_write_and_a_write_that_never_ends_and_loses_nothing(tmp_path):
+    """What a restarted worker asks of every shard (``as_worker``): a checkpoint covering what the shard applied.
+    Its checkpoint directory replaced by a file: a RuntimeError naming the directory, and the shard serves on
+    with its state intact; a write already in flight that never ends: a RuntimeError after ``checkpoint_wait``;
+    once the directory is back, the checkpoint covers every push."""
+    import shutil
+
+    from rayps.server import ParameterServer
+    from rayps.updaters import Sgd
+
+    directory = tmp_path / "c"
+    ps = ParameterServer({"w": np.zeros(8, np.float32)}, updater=Sgd(learning_rate=1.0),
+                         checkpoint_dir=str(directory), checkpoint_every=1000, cpus_per_shard=0)
+    try:
+        for _ in range(3):
+            ps.push({"w": np.ones(8, np.float32)})
+        ps.flush()
+        actor = ps.shard_actors[0]
+        shutil.rmtree(directory)
+        directory.write_text("not a directory")  # every write below it fails, even as root
+        with pytest.raises(RuntimeError, match="could not be written to"):
+            ray.get(actor.checkpoint_now.remote(ps.client_id))
+        np.testing.assert_array_equal(ps.pull()["w"], np.full(8, -3.0, np.float32))
+
+        ray.get(actor.__ray_call__.remote(lambda shard: setattr(shard, "checkpoint_wait", 0.2)
+                                          or setattr(shard, "checkpoint_writing", True)))
+        with pytest.raises(RuntimeError, match="did not finish within 0.2s"):
+            ray.get(actor.checkpoint_now.remote(ps.client_id))
+        ray.get(actor.__ray_call__.remote(lambda shard: setattr(shard, "checkpoint_writing", False)))
+
+        directory.unlink()
+        directory.mkdir()
+        assert ray.get(actor.checkpoint_now.remote(ps.client_id)) == 3
+        assert ray.get(actor.stats.remote())["uncovered"] == {ps.client_id: 0}
+    finally:
+        ps.shutdown()
