@@ -5,8 +5,9 @@ configured range, authenticated by the run's credentials (server/credentials.py:
 this same thread). The thread loops: poll; answer ZAP requests; count failed handshakes (the socket monitor:
 outsiders never reach the logic); receive a batch of messages; decode each (``protocol.from_frames``: every
 size checked against the header before a buffer is read) and hand it to ``ShardService`` under the shard's
-lock; send the replies. A frame that does not decode gets a ``Rejection`` naming the field, and the
-connection and the state stay as they were.
+lock; send the replies (a batch's plain push acknowledgements once, at its end: ``coalesce_acks``; any other
+reply at once). A frame that does not decode gets a ``Rejection`` naming the field, and the connection and the
+state stay as they were.
 
 Zero copy both ways: a received gradient is a view of the received frame, read by the update kernel; a
 whole-parameter reply is sent from the live buffers (``copy=False``). ZeroMQ copies frames below
