@@ -160,3 +160,20 @@ def test_checkpoint_now_names_a_failed_write_and_a_write_that_never_ends_and_los
         assert ray.get(actor.stats.remote())["uncovered"] == {ps.client_id: 0}
     finally:
         ps.shutdown()
+
+
+def test_a_worker_built_without_a_client_needs_data_with_its_first_epoch():
+    """``WorkerActor(None, ...)`` takes its server handle and arrays from the first ``run_epoch(..., data=...)``
+    (worker/actor.py); asked without it, a ValueError that names ``data``; a
+    worker that was never started has nothing to catch up."""
+    from rayps.worker import WorkerActor
+
+    worker = WorkerActor.options(num_cpus=0).remote(None, lambda params, batch: (0.0, {}), None, None, 0, 1, 32, 0,
+                                                    1, 1)
+    try:
+        with pytest.raises(ValueError, match="data: this worker was built without a client"):
+            ray.get(worker.run_epoch.remote(0))
+        assert ray.get(worker.catch_up.remote()) == 0
+        assert ray.get(worker.clock.remote()) == 0
+    finally:
+        ray.kill(worker)
