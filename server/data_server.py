@@ -231,8 +231,8 @@ class DataServer:
         with self.lock:
             replies = self.service.handle(peer, message, time.monotonic())
             self._changed()
-        outbox += replies
-        if not all(is_plain_ack(reply) for _, reply in outbox):
+        outbox += replies  # until now it held plain acknowledgements only
+        if not all(is_plain_ack(reply) for _, reply in replies):
             self._send(coalesce_acks(outbox))
             outbox.clear()
 

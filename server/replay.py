@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import collections
 
+from .transport import message_nbytes
+
 
 class ReplayBuffer:
     def __init__(self):
@@ -30,31 +32,24 @@ class ReplayBuffer:
         return len(self.messages)
 
 
-def message_bytes(message) -> int:
-    """The array bytes a push carries: its dense payload (arrays, or an ``EncodedPayload``) and its rows."""
-    payload = message.payload or {}
-    total = payload.nbytes if hasattr(payload, "nbytes") else sum(getattr(a, "nbytes", 0) for a in payload.values())
-    for pair in (message.rows or {}).values():
-        total += sum(getattr(a, "nbytes", 0) for a in pair)
-    return int(total)
-
-
 class InFlight(dict):
-    """seq -> the unacknowledged push, and ``nbytes``: the array bytes they hold together."""
+    """seq -> the unacknowledged push, in the order they were sent (so in seq order), and ``nbytes``: the bytes
+    they carry together (``transport.message_nbytes``, counted once per push)."""
 
     def __init__(self):
         super().__init__()
         self.nbytes = 0
+        self._sizes: dict[int, int] = {}
 
     def __setitem__(self, seq: int, message) -> None:
-        if seq in self:
-            self.nbytes -= message_bytes(self[seq])
+        size = message_nbytes(message.payload, message.rows)
+        self.nbytes += size - self._sizes.get(seq, 0)
+        self._sizes[seq] = size
         super().__setitem__(seq, message)
-        self.nbytes += message_bytes(message)
 
     def __delitem__(self, seq: int) -> None:
-        self.nbytes -= message_bytes(self[seq])
         super().__delitem__(seq)
+        self.nbytes -= self._sizes.pop(seq)
 
     def pop(self, seq: int, default=None):
         if seq not in self:

@@ -244,10 +244,10 @@ class ShardLinks(LinkRecovery):
             link.incarnation = ack.incarnation
         elif ack.incarnation != link.incarnation:
             return  # from a process this client no longer talks to
-        link.unacked.pop(ack.seq, None)
-        if link.unacked and min(link.unacked) <= ack.applied:  # acknowledgements are cumulative: the shard
-            for seq in [s for s in link.unacked if s <= ack.applied]:  # applied every push up to ``applied``
-                del link.unacked[seq]
+        unacked = link.unacked
+        unacked.pop(ack.seq, None)
+        while unacked and next(iter(unacked)) <= ack.applied:  # cumulative: every push up to ``applied`` is
+            del unacked[next(iter(unacked))]  # applied (``unacked`` is in seq order)
         link.restarts_in_a_row = 0
         link.covered = max(link.covered, ack.covered)
         if link.replay is not None:

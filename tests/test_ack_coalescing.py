@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from rayps.server.protocol import Ack, PushMessage, Reply
-from rayps.server.replay import InFlight, message_bytes
+from rayps.server.replay import InFlight
+from rayps.server import shard_links
 from rayps.server.shard_links import Link, ShardLinks
 from rayps.server.shard_service import coalesce_acks, is_plain_ack
 
@@ -92,7 +93,13 @@ def test_the_client_forgets_every_push_up_to_the_acknowledged_applied_and_no_oth
     assert link.unacked.nbytes == 2 * 16
 
 
-def test_in_flight_counts_the_bytes_of_the_pushes_it_holds():
+def _array_bytes(message) -> int:
+    """The reference: every array the push carries, counted by hand."""
+    total = sum(a.nbytes for a in message.payload.values())
+    return total + sum(ids.nbytes + grads.nbytes for ids, grads in (message.rows or {}).values())
+
+
+def test_in_flight_counts_the_bytes_of_the_pushes_it_holds_and_keeps_them_in_seq_order():
     rng = np.random.default_rng(0)
     held = InFlight()
     model = {}
@@ -106,4 +113,28 @@ def test_in_flight_counts_the_bytes_of_the_pushes_it_holds():
             assert (held.pop(seq) is None) == (model.pop(seq, None) is None)
         elif seq in model:
             del held[seq], model[seq]
-        assert held.nbytes == sum(message_bytes(m) for m in model.values())
+        assert held.nbytes == sum(_array_bytes(m) for m in model.values())
+        assert list(held) == list(model)
+
+
+def test_a_window_full_of_bytes_blocks_the_next_push_until_half_of_them_are_acknowledged(monkeypatch):
+    """``max_in_flight`` is far away; the window's byte bound (``WINDOW_BYTES``, here 1,000 bytes) blocks the
+    push that finds 1,000 bytes or more unacknowledged, until at most 500 remain."""
+    monkeypatch.setattr(shard_links, "WINDOW_BYTES", 1000)
+    link = Link(incarnation="i")
+    links = _links_without_ray(link)
+    links.window, links.rid, links.pending = 128, 0, {}
+    links._send = lambda shard, message: None
+    waits = []
+
+    def pump(done):  # the shard acknowledges the oldest push until ``done()``
+        acknowledged = 0
+        while not done():
+            del link.unacked[next(iter(link.unacked))]
+            acknowledged += 1
+        waits.append((acknowledged, link.unacked.nbytes))
+    links.pump = pump
+    for seq in range(1, 6):  # 400 bytes each: the 4th push finds 1,200 in flight and waits for 2 acks
+        links.push(0, PushMessage(0, "c", seq, 0, payload={"float32": np.zeros(100, np.float32)}))
+    assert waits == [(2, 400)]
+    assert sorted(link.unacked) == [3, 4, 5] and link.unacked.nbytes == 1200
