@@ -10,9 +10,9 @@ reply at once). A frame that does not decode gets a ``Rejection`` naming the fie
 state stay as they were.
 
 Zero copy both ways: a received gradient is a view of the received frame, read by the update kernel; a
-whole-parameter reply is sent from the live buffers (``copy=False``). ZeroMQ copies frames below
-``zmq.COPY_THRESHOLD`` at once; larger ones it reads later, from its I/O thread, so before the next change
-of the state the thread waits for those sends to finish (``MessageTracker``).
+whole-parameter reply is sent from the live buffers. Frames below ``sockets.COPY_BELOW`` are copied at once;
+larger ones ZeroMQ reads later, from its I/O thread, so before the next change of the state the thread waits
+for those sends to finish (a ``MessageTracker`` per frame).
 
 Received buffers are reused, not mapped afresh: ZeroMQ allocates each received message with ``malloc``, and
 glibc serves an allocation above its mmap threshold (128 KiB, raised by use to at most 32 MiB) from a
@@ -41,13 +41,13 @@ from zmq.utils.monitor import parse_monitor_message
 from .credentials import RunCredentials, ZapHandler
 from .protocol import ProtocolError, PushMessage, Rejection, from_frames, peek_rid, to_frames
 from .shard_service import ShardService, coalesce_acks, is_plain_ack
+from .sockets import has_message, send_frames
 
 HWM = 1000  # messages queued per peer, each way, before ZeroMQ drops (clients resend) or blocks
 BATCH = 64  # messages handled per poll
 HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                     | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 MONITORED = HANDSHAKE_FAILED | zmq.EVENT_ACCEPTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
-TRACK_BYTES = 65536  # replies with a frame this large are sent without a copy and tracked
 MESSAGE_HEAP_BYTES = 64 << 20  # glibc M_MMAP_THRESHOLD in a shard: smaller allocations come from the heap
 HEAP_KEEP_BYTES = 256 << 20  # glibc M_TRIM_THRESHOLD in a shard: free heap memory kept for the next message
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc malloc.h)
@@ -196,11 +196,9 @@ class DataServer:
                     outbox: list = []  # this batch's replies: acknowledgements coalesced, sent at its end
                     try:
                         for _ in range(BATCH):
-                            try:
-                                parts = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
-                            except zmq.Again:
+                            if not has_message(self.socket):
                                 break
-                            self._message(parts, outbox)
+                            self._message(self.socket.recv_multipart(copy=False), outbox)
                     finally:
                         self._send(coalesce_acks(outbox))
             except Exception:  # noqa: BLE001 - one bad event must not stop the shard's data plane
@@ -242,14 +240,10 @@ class DataServer:
 
     def _send(self, replies) -> None:
         for peer, reply in replies:
-            frames = to_frames(reply)
-            large = any(getattr(f, "nbytes", 0) >= TRACK_BYTES for f in frames[1:])
             try:
-                tracker = self.socket.send_multipart([peer, *frames], copy=False, track=large)
+                self.trackers += send_frames(self.socket, [peer, *to_frames(reply)], track=True)
             except zmq.ZMQError:  # the peer is gone (its queue is full or it disconnected): it will resend
                 continue
-            if large:
-                self.trackers.append(tracker)
 
     def _settle_sends(self) -> None:
         for tracker in self.trackers:

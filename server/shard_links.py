@@ -29,6 +29,7 @@ from .faults import NO_FAULTS
 from .link_recovery import LinkRecovery
 from .protocol import Ack, PushMessage, Rejection, Reply, from_frames, to_frames
 from .replay import InFlight, ReplayBuffer
+from .sockets import has_message, send_frames
 
 WINDOW_BYTES = 64 << 20  # the unacknowledged pushes' array bytes per shard before a push waits (one always goes)
 LOOK_FIRST = 0.5  # seconds of silence before the first look at the shards (through Ray), then doubling ...
@@ -137,7 +138,7 @@ class ShardLinks(LinkRecovery):
             self.connect(shard)
         message.incarnation = link.incarnation
         try:
-            link.socket.send_multipart(to_frames(message), copy=False, flags=zmq.NOBLOCK)
+            send_frames(link.socket, to_frames(message), zmq.NOBLOCK)
         except zmq.Again:  # the queue to this shard is full: the silence handling resends it
             pass
 
@@ -213,12 +214,8 @@ class ShardLinks(LinkRecovery):
 
     def _drain(self, socket) -> None:
         shard = self.sockets.get(socket)
-        while shard is not None:
-            try:
-                frames = socket.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            self._dispatch(shard, from_frames(frames))
+        while shard is not None and has_message(socket):
+            self._dispatch(shard, from_frames(socket.recv_multipart(copy=False)))
             if self.sockets.get(socket) is None:  # the link was reopened while dispatching (a recovery)
                 return
 
