@@ -58,6 +58,7 @@ import time
 
 import numpy as np
 import ray
+from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import attach_pyspy, machine, median, pyspy_summary, start_ray, table, write_json  # noqa: E402
@@ -150,6 +151,16 @@ def steady_rate(history: list[dict]) -> float:
 
 def run_one(system: str, options: dict, model, data, updater, params, workers, epochs, batch_size, seed,
             shards: int) -> dict:
+    """One run of one system. Every system's driver runs with a 1-thread BLAS, as ``rayps``' epoch driver does
+    (worker/epochs.py: an idle OpenBLAS pool spins and takes a core from the actors): the baselines' drivers
+    evaluate with NumPy after every epoch too, and the textbook's routes every step, so without the same limit
+    the ratio would measure the spinning pool, not the systems."""
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _run_one(system, options, model, data, updater, params, workers, epochs, batch_size, seed, shards)
+
+
+def _run_one(system: str, options: dict, model, data, updater, params, workers, epochs, batch_size, seed,
+             shards: int) -> dict:
     if system == "textbook":
         result = train_textbook(model, data, updater, workers, epochs, batch_size, seed, mode=options["mode"],
                                 params=params)
@@ -170,8 +181,6 @@ def run_one(system: str, options: dict, model, data, updater, params, workers, e
 def gradient_ceiling(model, data, params, batch_size: int, cores: int, repeats: int = 5) -> dict:
     """Seconds of one gradient on one BLAS thread (median), and ``batch x cores / that``: the samples/s no PS
     can exceed on this machine."""
-    from threadpoolctl import threadpool_limits  # noqa: PLC0415 - a scikit-learn dependency, present here
-
     x, y = data.x_train[:batch_size], data.y_train[:batch_size]
     with threadpool_limits(1):
         model.loss_and_grads(params, x, y)

@@ -12,6 +12,10 @@ driver evaluates
 (``evaluate(ps) -> {metric: value}``), appends a history row, calls ``on_epoch_end(epoch, ps)`` and
 ``progress(row)``. The workers are killed when the driver ends, whether it finished or raised.
 
+While it drives the epochs, the driver's BLAS runs on one thread (``threadpool_limits``): after a call, an
+OpenBLAS pool's threads spin waiting for the next one, and with an evaluation every epoch a pool of the
+machine's cores never goes to sleep — one core taken from the workers and shards for the whole run.
+
 The result's fields (``RESULT_FIELDS``; ``rayps train --json-out`` writes the same, plus ``CLI_FIELDS``) and a
 history row's (``HISTORY_FIELDS``) are documented once, in the README ("The result of a run"). Every field is
 present in every result; a metric that does not apply to the task (accuracy of a regression, AUC of a dense
@@ -27,6 +31,7 @@ from typing import Callable
 
 import numpy as np
 import ray
+from threadpoolctl import threadpool_limits
 
 from ..server.remote_errors import unwrap
 
@@ -130,6 +135,7 @@ def drive_epochs(ps, workers, *, epochs: int, evaluate: Callable[[object], dict]
     some of ``METRIC_FIELDS`` (the others are None in the row). The workers are killed at the end."""
     run = EpochRun()
     started = time.perf_counter()
+    blas = threadpool_limits(limits=1, user_api="blas")  # see the module docstring
     try:
         for epoch in range(first_epoch, epochs):
             epoch_started = time.perf_counter()
@@ -155,6 +161,7 @@ def drive_epochs(ps, workers, *, epochs: int, evaluate: Callable[[object], dict]
             if progress is not None:
                 progress(row)
     finally:
+        blas.restore_original_limits()
         for worker in workers:
             ray.kill(worker)
     return run
