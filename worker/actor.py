@@ -50,12 +50,13 @@ class LoopActor:
 
     def run_epoch(self, epoch: int, resumed: bool = False, data=None):
         """``resumed``: the driver asks again after this worker's process died during ``epoch``. ``data``:
-        ``(client, [x_ref], [y_ref])`` for a worker built without a client."""
+        ``(client, [x_ref], [y_ref])`` for a worker built without a client, or ``[ObjectRef]`` of that tuple
+        (``drive_epochs``: read only by a worker that has no loop yet)."""
         if self.loop is None:
             if data is None:
                 raise ValueError("data: this worker was built without a client; pass data=(client, [x_ref], "
                                  "[y_ref])")
-            client, x, y = data
+            client, x, y = ray.get(data[0]) if isinstance(data, list) else data
             self.adopt(self.build(client, *self.fetch(x, y)))
         if resumed:
             return self.loop.run_epoch(epoch, should_stop=self.stop_requested.is_set, resumed=True)

@@ -61,8 +61,9 @@ def check_run_args(num_workers, epochs, batch_size, first_epoch: int = 0, num_tr
 
 
 def in_memory_data(ps, x, y) -> tuple:
-    """``(ps, [x_ref], [y_ref])``: the arrays put in the object store once, handed to every worker with each
-    ``run_epoch`` (worker/actor.py says why not in the constructor)."""
+    """``(ps, [x_ref], [y_ref])``: the arrays put in the object store once; ``drive_epochs`` puts this tuple
+    there too and hands its reference to every worker with each ``run_epoch`` (worker/actor.py says why not in
+    the constructor)."""
     return ps, [ray.put(x)], [ray.put(y)]
 
 
@@ -132,7 +133,13 @@ def drive_epochs(ps, workers, *, epochs: int, evaluate: Callable[[object], dict]
                  on_epoch_end: Callable[[int, object], None] | None = None,
                  progress: Callable[[dict], None] | None = None) -> EpochRun:
     """Epochs ``first_epoch .. epochs-1`` on ``workers`` (see the module docstring); ``evaluate(ps)`` returns
-    some of ``METRIC_FIELDS`` (the others are None in the row). The workers are killed at the end."""
+    some of ``METRIC_FIELDS`` (the others are None in the row). The workers are killed at the end.
+
+    ``data`` (the server handle and the training data) is put in the object store once and each ``run_epoch``
+    carries only its reference, ``[ObjectRef]``: a worker reads it when it has no loop yet (its first epoch, or
+    the first after Ray restarted it). Sent as itself, the handle and its shard actors' handles were pickled by
+    the driver and unpickled by every worker on every epoch."""
+    data = None if data is None else [ray.put(data)]
     run = EpochRun()
     started = time.perf_counter()
     blas = threadpool_limits(limits=1, user_api="blas")  # see the module docstring
