@@ -31,6 +31,10 @@ each push until a checkpoint holds it and replays what a restarted shard lacks, 
 twice (``ShardLinks``). In sync mode each shard then also keeps the parameters of the steps a restarted worker
 may recompute, at most ``history_bytes`` (server/sync_steps.py).
 
+The shards' update kernels flush results below the normal float range to 0 (``flush_denormals``, default True:
+a subnormal result costs ~100x a normal one on x86, and training makes them; updaters/float_env.py).
+``flush_denormals=False`` keeps IEEE subnormals.
+
 Where the data plane listens: ``data_host`` (else ``RAYPS_DATA_HOST``; else 127.0.0.1 when this handle started
 an embedded local Ray, whose processes all run on this machine; else each shard's node address as Ray knows
 it), at a port of ``data_ports`` (else ``RAYPS_DATA_PORTS``, default 47000-47999).
@@ -115,7 +119,7 @@ class ParameterServer(HandleIdentity, RowTableCalls):
                  pull_timeout: float | None = 300.0, recovery_timeout: float = 120.0,
                  placement=None, sparse=None, compression: str = "none", encrypt: bool = False,
                  data_host: str | None = None, data_ports=None, initial_state: InitialState | None = None,
-                 history_bytes: int = HISTORY_BYTES):
+                 history_bytes: int = HISTORY_BYTES, flush_denormals: bool = True):
         from ..updaters import Adam  # noqa: PLC0415
 
         check_server_config(num_shards=num_shards, consistency=consistency, staleness=staleness,
@@ -126,6 +130,8 @@ class ParameterServer(HandleIdentity, RowTableCalls):
         if isinstance(history_bytes, bool) or not isinstance(history_bytes, int) or history_bytes < 0:
             raise ValueError(f"history_bytes must be an integer >= 0 (bytes a shard keeps of earlier steps), "
                              f"got {history_bytes!r}")
+        if not isinstance(flush_denormals, bool):
+            raise ValueError(f"flush_denormals must be True or False, got {flush_denormals!r}")
         params, self.tables, table_arrays = split_sparse(params, sparse)
         self.table_arrays = set(table_arrays)
         if params or not self.tables:
@@ -172,7 +178,7 @@ class ParameterServer(HandleIdentity, RowTableCalls):
             nan_policy=nan_policy, sync_timeout=sync_timeout, checkpoint_dir=self.checkpoint_dir,
             checkpoint_every=checkpoint_every, row_tables=tuple(row_specs),
             row_states=(initial_state.table_rows or None) if initial_state is not None else None,
-            data_host=host, data_ports=ports, history_bytes=history_bytes))]
+            data_host=host, data_ports=ports, history_bytes=history_bytes, flush_denormals=flush_denormals))]
         for shard in range(num_shards):
             shard_options = dict(actor_options, **(placement.options_for(shard) if placement is not None else {}))
             spec = ShardSpec(shard_index=shard, pieces=self.layout.shard_pieces[shard],

@@ -43,6 +43,7 @@ import warnings
 
 import ray
 
+from ..updaters.float_env import flush_denormals
 from .checkpoints import format as ckpt
 from .checkpoints import shard as shard_checkpoint
 from .checkpoints import table_chains
@@ -146,6 +147,7 @@ class ShardActor:
         self.checkpoint_dir = options.checkpoint_dir
         self.checkpoint_every = int(options.checkpoint_every or 0)
         self.kernel_threads = max(1, int(spec.kernel_threads))
+        self.flush_denormals = bool(options.flush_denormals)
         self.restarts = 0
         self.table_chains: dict = {}  # table -> the chain of its incremental checkpoints in checkpoint_dir
         self.updates_at_checkpoint = 0
@@ -167,7 +169,7 @@ class ShardActor:
         self.metrics.restarts.set(self.restarts, tags=self.metrics.tags)
         host = options.data_host or ray.util.get_node_ip_address()
         self.data = DataServer(self.service, credentials=credentials, host=host, ports=tuple(options.data_ports),
-                               lock=self.lock, on_change=self._after_change, on_start=self._pin_kernel_threads)
+                               lock=self.lock, on_change=self._after_change, on_start=self._prepare_kernel_thread)
         self.data.thread.name = f"rayps-data-plane-{shard_index}"
         self.node_id = ray.get_runtime_context().get_node_id()
         self.data.start()
@@ -189,9 +191,13 @@ class ShardActor:
         log.warning("rayps shard %d restarted (%d restarts); restored %s", self.state.shard_index, self.restarts,
                     pointer["file"])
 
-    def _pin_kernel_threads(self) -> None:
-        """numba's pool size is per calling thread: set it on the data-plane thread (a shard gets
-        ``kernel_threads`` CPUs; more threads than that make every small update wait at a barrier)."""
+    def _prepare_kernel_thread(self) -> None:
+        """First thing on the data-plane thread, before any kernel: flush-to-zero (updaters/float_env.py: the
+        bit is per thread, and numba's pool, started from this thread, inherits it), and numba's pool size,
+        which is per calling thread too (a shard gets ``kernel_threads`` CPUs; more threads than that make
+        every small update wait at a barrier)."""
+        if self.flush_denormals:
+            flush_denormals(True)
         try:
             import numba  # noqa: PLC0415
 

@@ -59,6 +59,7 @@ class ShardOptions:
     data_host: str | None = None
     data_ports: tuple = (47000, 47999)
     history_bytes: int = HISTORY_BYTES
+    flush_denormals: bool = True  # kernels' results below the normal range become 0 (updaters/float_env.py)
 
 
 @dataclass(frozen=True, eq=False)
