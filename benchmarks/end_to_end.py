@@ -24,6 +24,8 @@ Systems (each run ``--repeats`` times, interleaved; medians reported):
 * ``socket PS``: ``benchmarks/socket_ps.py``, the same epochs with each step's push and pull over a TCP
   socket to one server actor applying rayps' kernel (no Ray call per step; no recovery, no checks): what a
   data plane outside Ray's task path could give;
+* ``zmq PS``: the socket PS over pyzmq instead (a ROUTER on a Unix socket served by one thread, DEALER
+  workers, one raw frame each way): the floor of a ZeroMQ data plane, which is what rayps' is;
 * rayps at the textbook's semantics — pull and push every step (``n_fetch = n_push = 1``: one fused
   ``push_pull`` per shard per step), float32, no prefetch: async and sync (BSP), and async with 2 shards;
 * rayps with its knobs: ``prefetch`` (the next gradient computed while the step's call is in flight: one step
@@ -83,7 +85,8 @@ TEXTBOOK = [("textbook sync", "textbook", {"mode": "sync"}),
 # the ceiling of one bare Ray actor round trip per step (benchmarks/ray_floor.py): samples/s only, it learns nothing
 RAY_FLOOR = [("ray floor (1 bare call/step, no update)", "floor", {})]
 # a data plane outside Ray's task path (benchmarks/socket_ps.py): TCP frames, rayps' kernel, no recovery
-SOCKET_PS = [("socket PS (async, TCP, no recovery)", "socket", {})]
+SOCKET_PS = [("socket PS (async, TCP, no recovery)", "socket", {}),
+             ("zmq PS (async, ipc, no recovery)", "socket", {"transport": "zmq"})]
 RAYPS_TEXTBOOK_SEMANTICS = [
     ("rayps async", "rayps", {"consistency": "async"}),
     ("rayps sync", "rayps", {"consistency": "sync"}),
@@ -166,7 +169,7 @@ def _run_one(system: str, options: dict, model, data, updater, params, workers, 
                                 params=params)
     elif system == "socket":
         result = train_socket_ps(model, data, updater, params, workers, epochs, batch_size, seed,
-                                 cpus_per_actor=cpu_share(workers + 1))
+                                 cpus_per_actor=cpu_share(workers + 1), transport=options.get("transport", "tcp"))
     elif system == "floor":
         result = train_floor(model, data, params, workers, epochs, batch_size, seed,
                              cpus_per_actor=cpu_share(workers + 1))

@@ -6,23 +6,33 @@ short of the end-to-end target). Ray still places the processes — one ``Socket
 epochs, partitions, gradients and evaluation as ``rayps.worker.train`` — but a step's gradient goes out and
 the parameters come back over one persistent TCP connection per worker (a length-prefixed frame of raw float32
 bytes; no pickle, no Ray call). The server applies rayps' own fused kernel (``Updater.apply`` on one flat
-float32 buffer, one numba thread) under one lock, in arrival order: the textbook's asynchronous semantics (pull
+float32 buffer, one numba thread, subnormal results flushed to zero as on rayps' shards) under one lock, in arrival order: the textbook's asynchronous semantics (pull
 and push every step, float32). Nothing here handles failures, authentication or hostile frames, all of which
 rayps' path does; it bounds what such a data plane could add, it is not one.
+
+``transport="zmq"``: the same server over pyzmq instead — one ROUTER socket on a Unix socket (``ipc://``, what
+rayps' clients use on the shard's node), served by ONE thread as rayps' shard is, each worker a DEALER; one
+frame of raw float32 each way, nothing else. That is the floor of a ZeroMQ data plane: ZeroMQ moves every
+message through an I/O thread in each process, so a round trip wakes six threads where plain sockets wake two.
 
     python benchmarks/end_to_end.py --model small --only "textbook async,rayps async,socket PS"
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
+import tempfile
 import threading
 import time
+import uuid
 
 import numpy as np
 import ray
+import zmq
 
+from rayps.updaters.float_env import flush_denormals
 from rayps.worker.loop import epoch_batches
 
 FRAME = struct.Struct("<Q")  # byte length of the float32 payload that follows
@@ -58,19 +68,26 @@ class SocketServer:
     """Flat float32 parameters and updater state; every frame received is a gradient, applied, then answered
     with the parameters."""
 
-    def __init__(self, flat_params: np.ndarray, updater):
+    def __init__(self, flat_params: np.ndarray, updater, transport: str = "tcp"):
         self.params = np.array(flat_params, dtype=np.float32)
         self.updater = updater
         self.state = updater.init(self.params)
         self.iteration = 0
         self.lock = threading.Lock()
+        if transport == "zmq":
+            self.router = zmq.Context.instance().socket(zmq.ROUTER)
+            self.endpoint = f"ipc://{tempfile.gettempdir()}/rayps-zmq-ps-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            self.router.bind(self.endpoint)
+            threading.Thread(target=self._serve_zmq, daemon=True).start()
+            return
+        self.endpoint = None
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.listener.bind((ray.util.get_node_ip_address(), 0))
         self.listener.listen()
         threading.Thread(target=self._accept, daemon=True).start()
 
-    def address(self) -> tuple[str, int]:
-        return self.listener.getsockname()[:2]
+    def address(self):
+        return self.endpoint or self.listener.getsockname()[:2]
 
     def weights(self) -> np.ndarray:
         with self.lock:
@@ -86,6 +103,7 @@ class SocketServer:
         import numba  # noqa: PLC0415 - numba's pool size is per calling thread
 
         numba.set_num_threads(1)
+        flush_denormals(True)  # as rayps' shards do by default (updaters/float_env.py)
         grads = np.empty_like(self.params)
         reply = np.empty_like(self.params)
         with connection:
@@ -95,6 +113,19 @@ class SocketServer:
                     self.iteration += 1
                     reply[...] = self.params
                 _send_frame(connection, reply)
+
+    def _serve_zmq(self) -> None:
+        import numba  # noqa: PLC0415
+
+        numba.set_num_threads(1)
+        flush_denormals(True)
+        while True:
+            peer, frame = self.router.recv_multipart(copy=False)
+            grads = np.frombuffer(frame.buffer, dtype=np.float32)
+            with self.lock:
+                self.updater.apply(self.params, grads, self.state, self.iteration)
+                self.iteration += 1
+                self.router.send_multipart([peer, self.params])  # copied at once: the next apply may follow
 
 
 @ray.remote
@@ -108,8 +139,23 @@ class SocketWorker:
         self.bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
         self.flat = np.empty(int(self.bounds[-1]), dtype=np.float32)
         self.grads = np.empty_like(self.flat)
+        if isinstance(address, str):  # a ZeroMQ endpoint
+            self.dealer = zmq.Context.instance().socket(zmq.DEALER)
+            self.dealer.connect(address)
+            return
+        self.dealer = None
         self.connection = socket.create_connection(tuple(address))
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _step(self) -> None:
+        """Send the gradient, receive the parameters."""
+        if self.dealer is not None:
+            self.dealer.send(self.grads)
+            self.flat[...] = np.frombuffer(self.dealer.recv(copy=False).buffer, dtype=np.float32)
+            return
+        _send_frame(self.connection, self.grads)
+        if not _recv_frame(self.connection, self.flat):
+            raise ConnectionError("the socket server closed the connection")
 
     def _params(self) -> dict:
         return {name: self.flat[a:b].reshape(shape)
@@ -124,20 +170,19 @@ class SocketWorker:
             _, grads = self.model.loss_and_grads(self._params(), self.x[batch], self.y[batch])
             for name, a, b in zip(self.shapes, self.bounds[:-1], self.bounds[1:]):
                 self.grads[a:b] = grads[name].reshape(-1)
-            _send_frame(self.connection, self.grads)
-            if not _recv_frame(self.connection, self.flat):
-                raise ConnectionError("the socket server closed the connection")
+            self._step()
             samples += len(batch)
         return samples
 
 
 def train_socket_ps(model, data, updater, params: dict, num_workers: int = 4, epochs: int = 20,
-                    batch_size: int = 32, seed: int = 0, cpus_per_actor: float = 0.0) -> dict:
-    """``rayps.worker.train``'s epochs over the socket PS; the keys of its result the comparison reads."""
+                    batch_size: int = 32, seed: int = 0, cpus_per_actor: float = 0.0, transport: str = "tcp") -> dict:
+    """``rayps.worker.train``'s epochs over the socket PS (``transport``: "tcp" sockets or "zmq"); the keys of
+    its result the comparison reads."""
     shapes = {name: value.shape for name, value in params.items()}
     flat = np.concatenate([np.asarray(value, dtype=np.float32).reshape(-1) for value in params.values()])
     x_ref, y_ref = ray.put(data.x_train), ray.put(data.y_train)
-    server = SocketServer.options(num_cpus=cpus_per_actor).remote(flat, updater)
+    server = SocketServer.options(num_cpus=cpus_per_actor).remote(flat, updater, transport)
     address = ray.get(server.address.remote())
     workers = [SocketWorker.options(num_cpus=cpus_per_actor).remote(model, address, shapes, x_ref, y_ref, w,
                                                                     num_workers, batch_size, seed)

@@ -26,7 +26,8 @@ systems, and the driver evaluates on the test set after every epoch, as ``rayps.
 actor's numba pool gets as many threads as the actor has CPUs (at least 1), the rule rayps' shards follow
 (``ParameterServer(cpus_per_shard=...)``), so that both run the same kernels the same way and the ratio is not won
 by a setting either could use (docs/profile.md section 1: a 2-thread pool on a busy 2-core machine waits at
-barriers).
+barriers); for the same reason the applying thread flushes subnormal results to zero, as rayps' shards do by
+default (updaters/float_env.py: Adam's moments of a dead unit decay into the subnormal range, ~100x slower).
 
     python benchmarks/textbook_ps.py --mode async --hidden 128 --epochs 20
 """
@@ -45,6 +46,7 @@ import ray
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import start_ray  # noqa: E402
 
+from rayps.updaters.float_env import flush_denormals  # noqa: E402
 from rayps.worker.loop import epoch_batches  # noqa: E402
 
 MODES = ("sync", "async")
@@ -65,11 +67,13 @@ class TextbookParameterServer:
 
     def apply_gradients(self, *gradients):
         """Combine the gradients (mean), step every parameter, return the new weights."""
-        if self.numba_threads and self.pinned_thread != threading.get_ident():
+        if self.pinned_thread != threading.get_ident():
             self.pinned_thread = threading.get_ident()
-            import numba  # noqa: PLC0415
+            flush_denormals(True)  # as rayps' shards do by default: the same kernels at the same speed
+            if self.numba_threads:
+                import numba  # noqa: PLC0415
 
-            numba.set_num_threads(min(self.numba_threads, numba.config.NUMBA_NUM_THREADS))
+                numba.set_num_threads(min(self.numba_threads, numba.config.NUMBA_NUM_THREADS))
         for name, param in self.params.items():
             if len(gradients) == 1:
                 combined = gradients[0][name]
