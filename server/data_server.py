@@ -268,5 +268,7 @@ class DataServer:
         seen["failed"] += 1
         self.counters["handshakes_failed"] += 1
         if self.counters["handshakes_failed"] == 1:
-            log.warning("rayps data plane: refused a connection from %s that did not hold the run's credentials "
-                        "(event %s); further ones are only counted", event.get("endpoint"), event.get("event"))
+            log.warning("rayps data plane: a connection from %s ended without the run's credentials (event %s: "
+                        "refused, or closed before its handshake finished, as a member's may be when it reconnects "
+                        "to a restarted shard); further ones are only counted", event.get("endpoint"),
+                        event.get("event"))
