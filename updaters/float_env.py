@@ -3,8 +3,8 @@
 An arithmetic result below the smallest normal float (float32: 1.18e-38; float64: 2.2e-308) is a subnormal
 number, and x86 CPUs compute one through a microcode assist, ~100x slower than a normal operation. Training
 makes them: a parameter whose gradient is 0 for a while (a dead ReLU's weights, a pixel that is always 0) has
-its Adam/Nesterovs/RmsProp moments multiplied by ``beta1`` < 1 every step, down into the subnormal range,
-where they stay for hundreds of steps. With FTZ set, such a result is 0 instead, computed at full speed:
+its state multiplied by a decay below 1 every step (Adam's ``beta1``, Nesterovs' momentum, RmsProp's
+``rms_decay``), down into the subnormal range, where it stays for hundreds of steps. With FTZ set, such a result is 0 instead, computed at full speed:
 TensorFlow's CPU kernels run this way by default, and ``torch.set_flush_denormal(True)`` does the same.
 
 Only results are flushed (FTZ), not inputs (DAZ): a subnormal input still reads as itself, so the transport
