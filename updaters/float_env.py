@@ -25,7 +25,7 @@ import platform
 import numpy as np
 
 FTZ = 0x8000  # MXCSR bit 15: flush to zero
-_ops = None  # (get, set) of MXCSR, compiled on first use; False where there is no x86-64 numba
+_ops = None  # (get, set) of MXCSR (updaters/mxcsr.py, imported on first use); False where there is none
 
 
 def _mxcsr_ops():
@@ -34,50 +34,13 @@ def _mxcsr_ops():
         _ops = False
         if platform.machine().lower() in ("x86_64", "amd64"):
             try:
-                _ops = _compile()
+                from . import mxcsr  # noqa: PLC0415 - numba, only where a shard asks
+
+                mxcsr.get_mxcsr()  # compile (or load from the disk cache) now: a failure belongs here
+                _ops = (mxcsr.get_mxcsr, mxcsr.set_mxcsr)
             except Exception:  # noqa: BLE001 - no numba/llvmlite, or a build that lacks the intrinsics
                 _ops = False
     return _ops
-
-
-def _compile():
-    from llvmlite import ir  # noqa: PLC0415
-    from numba import njit, types  # noqa: PLC0415
-    from numba.core import cgutils  # noqa: PLC0415
-    from numba.extending import intrinsic  # noqa: PLC0415
-
-    byte_pointer = ir.PointerType(ir.IntType(8))
-
-    def call(builder, name: str, slot) -> None:
-        function = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer]),
-                                                  name)
-        builder.call(function, [builder.bitcast(slot, byte_pointer)])
-
-    @intrinsic
-    def stmxcsr(typingctx):
-        def codegen(context, builder, signature, args):
-            slot = cgutils.alloca_once(builder, ir.IntType(32))
-            call(builder, "llvm.x86.sse.stmxcsr", slot)
-            return builder.load(slot)
-        return types.uint32(), codegen
-
-    @intrinsic
-    def ldmxcsr(typingctx, value):
-        def codegen(context, builder, signature, args):
-            call(builder, "llvm.x86.sse.ldmxcsr", cgutils.alloca_once_value(builder, args[0]))
-            return context.get_dummy_value()
-        return types.void(types.uint32), codegen
-
-    @njit(cache=False)
-    def get_mxcsr():
-        return stmxcsr()
-
-    @njit(cache=False)
-    def set_mxcsr(value):
-        ldmxcsr(value)
-
-    get_mxcsr()  # compile both now: a failure belongs to _mxcsr_ops
-    return get_mxcsr, set_mxcsr
 
 
 def flush_denormals(enable: bool = True) -> bool:
