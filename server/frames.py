@@ -13,7 +13,6 @@ is read (no sockets, no message types: server/protocol.py builds its messages on
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import msgpack
@@ -98,25 +97,43 @@ def read_arrays(header: dict, frames) -> list:
                             len(frames) - 1)
     checked = []
     for index, spec in enumerate(specs):
-        if (not isinstance(spec, list) or len(spec) != 2 or spec[0] not in ARRAY_DTYPES
-                or not isinstance(spec[1], list) or len(spec[1]) > 4
-                or not all(type(d) is int and 0 <= d < 1 << 40 for d in spec[1])):
+        dtype = shape = None
+        if type(spec) is list and len(spec) == 2:
+            name, shape = spec
+            dtype = DTYPE_OF.get(name) if type(name) is str else None
+        if dtype is None or type(shape) is not list or len(shape) > 4:
             raise ProtocolError(f"a[{index}]", f"[dtype in {sorted(ARRAY_DTYPES)}, shape of <= 4 sizes]", spec)
-        dtype = DTYPE_OF[spec[0]]
-        size = math.prod(spec[1])
-        length = buffer_of(frames[index + 1]).nbytes
-        if length != size * dtype.itemsize:
-            raise ProtocolError(f"a[{index}]", f"{size * dtype.itemsize} bytes for {spec[0]} {tuple(spec[1])}",
-                                f"{length} bytes")
-        checked.append((dtype, tuple(spec[1])))
+        size = 1
+        for dimension in shape:
+            if type(dimension) is not int or not 0 <= dimension < 1 << 40:
+                raise ProtocolError(f"a[{index}]", f"[dtype in {sorted(ARRAY_DTYPES)}, shape of <= 4 sizes]", spec)
+            size *= dimension
+        buffer = buffer_of(frames[index + 1])
+        if buffer.nbytes != size * dtype.itemsize:
+            raise ProtocolError(f"a[{index}]", f"{size * dtype.itemsize} bytes for {spec[0]} {tuple(shape)}",
+                                f"{buffer.nbytes} bytes")
+        checked.append((dtype, shape, buffer))
     out = []  # only now are buffers read
-    for (dtype, shape), frame in zip(checked, frames[1:]):
-        array = np.frombuffer(buffer_of(frame), dtype=dtype)
+    for dtype, shape, buffer in checked:
+        array = np.frombuffer(buffer, dtype=dtype)
         if not array.flags.aligned:  # a kernel wants aligned elements: copy the rare odd frame
             array = array.copy()
         array.flags.writeable = False  # a received frame is read, never written
-        out.append(array.reshape(shape))
+        out.append(array if len(shape) == 1 else array.reshape(shape))
     return out
+
+
+def fields(header: dict, specs) -> list:
+    """The values of ``specs`` (``(key, name, check, expected)``, checked in that order); ``ProtocolError``
+    naming the first field that does not pass its check."""
+    get = header.get
+    values = []
+    for key, name, check, expected in specs:
+        value = get(key)
+        if not check(value):
+            raise ProtocolError(name, expected, value)
+        values.append(value)
+    return values
 
 
 def header_field(header: dict, key: str, name: str, check, expected: str):

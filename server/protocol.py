@@ -39,8 +39,9 @@ import msgpack
 import numpy as np
 
 from .compression import EncodedTensor  # the threshold codec's own type
-from .frames import (ARRAY_DTYPES, VERSION, ArrayFrames, ProtocolError, array_at, buffer_of, header_field,  # noqa: F401
-                     is_client_id, is_count, is_opt_count, is_opt_str, is_timeout, read_arrays, read_header)
+from .frames import (ARRAY_DTYPES, VERSION, ArrayFrames, ProtocolError, array_at, buffer_of,  # noqa: F401
+                     fields, header_field, is_client_id, is_count, is_opt_count, is_opt_str, is_timeout, read_arrays,
+                     read_header)
 
 CAST_MODES = ("fp16", "bf16")
 REJECTION_CODES = ("malformed", "restarted", "timeout", "overloaded")
@@ -266,6 +267,29 @@ def _is_factors(value) -> bool:
         for k, v in value.items()))
 
 
+def _is_bool(value) -> bool:
+    return type(value) is bool
+
+
+def _is_seq(value) -> bool:
+    return is_count(value) and value >= 1
+
+
+# a push's header fields: (key, field name, check, what is expected), in the order ``from_frames`` checks them
+PUSH_FIELDS = (("c", "client_id", is_client_id, "a client id (1-256 characters)"),
+               ("s", "seq", _is_seq, "a sequence number >= 1"),
+               ("w", "worker_id", is_count, "a worker id (int >= 0)"),
+               ("e", "epoch", is_count, "an epoch (int >= 0)"),
+               ("pr", "present", _is_present, "nil, 'tick' or a list of piece indices"),
+               ("f", "factors", _is_factors, "nil or a map name -> [scale, clip]"),
+               ("rp", "replayed", _is_bool, "true or false"),
+               ("i", "incarnation", is_opt_str, "nil or an incarnation id"),
+               ("pw", "pull_worker", is_opt_count, "nil or a worker id"),
+               ("pl", "pull", _is_bool, "true or false"),
+               ("t", "timeout", is_timeout, "nil or seconds >= 0"),
+               ("lw", "low_water", is_count, "a sequence number >= 0"))
+
+
 def from_frames(frames) -> Message:
     """The message in ``frames`` (bytes, memoryviews or ``zmq.Frame``), checked whole before any array is
     read; ``ProtocolError`` naming the field otherwise."""
@@ -274,22 +298,12 @@ def from_frames(frames) -> Message:
     rid = header_field(header, "r", "rid", is_count, "a request id (int >= 0)")
     arrays = read_arrays(header, frames)
     if kind == "push":
-        present = header_field(header, "pr", "present", _is_present, "nil, 'tick' or a list of piece indices")
-        factors = header_field(header, "f", "factors", _is_factors, "nil or a map name -> [scale, clip]")
+        (client_id, seq, worker_id, epoch, present, factors, replayed, incarnation, pull_worker, pull, timeout,
+         low_water) = fields(header, PUSH_FIELDS)
         return PushMessage(
-            rid, header_field(header, "c", "client_id", is_client_id, "a client id (1-256 characters)"),
-            header_field(header, "s", "seq", lambda v: is_count(v) and v >= 1, "a sequence number >= 1"),
-            header_field(header, "w", "worker_id", is_count, "a worker id (int >= 0)"),
-            header_field(header, "e", "epoch", is_count, "an epoch (int >= 0)"),
-            _decode_payload(header.get("p"), arrays), present,
+            rid, client_id, seq, worker_id, epoch, _decode_payload(header.get("p"), arrays), present,
             None if factors is None else {k: (float(v[0]), float(v[1])) for k, v in factors.items()},
-            _decode_rows(header.get("rw"), arrays),
-            header_field(header, "rp", "replayed", lambda v: type(v) is bool, "true or false"),
-            header_field(header, "i", "incarnation", is_opt_str, "nil or an incarnation id"),
-            header_field(header, "pw", "pull_worker", is_opt_count, "nil or a worker id"),
-            header_field(header, "pl", "pull", lambda v: type(v) is bool, "true or false"),
-            header_field(header, "t", "timeout", is_timeout, "nil or seconds >= 0"),
-            header_field(header, "lw", "low_water", is_count, "a sequence number >= 0"))
+            _decode_rows(header.get("rw"), arrays), replayed, incarnation, pull_worker, pull, timeout, low_water)
     if kind == "pull":
         return PullRequest(
             rid, header_field(header, "c", "client_id", is_client_id, "a client id (1-256 characters)"),
