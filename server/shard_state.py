@@ -207,10 +207,11 @@ class ShardState(SyncSteps):
         return _problem(check_payload(self.shard_index, self.pieces, self.full_sizes, payload, present_idx))
 
     def _apply(self, payload, present_idx, factors, epoch, rows=None) -> None:
-        rows = {name: part for name, part in (rows or {}).items() if len(part[0])}
         started = time.perf_counter()
-        for name, (ids, grads) in rows.items():  # checked already: cost proportional to the rows touched
-            self.row_tables[name].push_rows(ids, grads, epoch)
+        if rows:
+            for name, (ids, grads) in rows.items():  # checked already: cost proportional to the rows touched
+                if len(ids):
+                    self.row_tables[name].push_rows(ids, grads, epoch)
         if len(present_idx) == 0:
             self._count_update(started)
             return

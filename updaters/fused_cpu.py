@@ -312,12 +312,12 @@ def _fused_step(rule_class, kernels: FusedKernels, dtype: np.dtype):
         g = grads.reshape(-1)
         if bits is not None:
             p, g = p.view(bits), g.view(bits)
-        adjust = tuple(compute(x) for x in adjustments)
+        adjust = tuple(map(compute, adjustments))
         if zero_update:
             args = (p, compute(0.0), adjust[4])
         else:
             slots = tuple(_slot_view(state, k) for k in range(state.shape[0]))
-            rule = tuple(compute(x) for x in kernels.kernel_scalars(scalars))
+            rule = tuple(map(compute, kernels.kernel_scalars(scalars)))
             args = (p, g, *slots, rule) + adjust
         loop(p.size >= SERIAL_BELOW)(*args)
 
