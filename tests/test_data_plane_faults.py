@@ -381,7 +381,11 @@ def _bsp_run(seed=None, steps=30):
         assert [s["sync_clock"] for s in stats["shards"]] == [steps, steps]
         assert [s["updates_applied"] for s in stats["shards"]] == [steps, steps]
         if proxy is not None:
-            assert all(proxy.faults.values()), proxy.faults  # every kind happened
+            # every kind happened, reorders aside: as in the push_pull test above, a lane carries one message at a
+            # time here (a worker waits for each step), so a held message is reordered only when a resend or the
+            # step's parameters follow it within the hold (one CI run of four saw none); the pipelined test
+            # asserts reorders
+            assert all(v for k, v in proxy.faults.items() if k != "reordered"), proxy.faults
         return results, ps.pull()
     finally:
         for handle in handles:
