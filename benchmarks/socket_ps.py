@@ -2,28 +2,27 @@
 
 Not part of rayps: a measurement for the design question the floors raise (section "Floors" of
 ``benchmarks/RESULTS-transport-e2e.md``: one bare Ray actor call per step, with no update at all, already falls
-short of the end-to-end target). Ray still places the processes — one ``SocketServer`` actor and 4 ``SocketWorker`` actors, the same
-epochs, partitions, gradients and evaluation as ``rayps.worker.train`` — but a step's gradient goes out and
-the parameters come back over one persistent TCP connection per worker (a length-prefixed frame of raw float32
-bytes; no pickle, no Ray call). The server applies rayps' own fused kernel (``Updater.apply`` on one flat
-float32 buffer, one numba thread, subnormal results flushed to zero as on rayps' shards) under one lock, in arrival order: the textbook's asynchronous semantics (pull
-and push every step, float32). Nothing here handles failures, authentication or hostile frames, all of which
-rayps' path does; it bounds what such a data plane could add, it is not one.
+short of the end-to-end target). Ray still places the processes — one ``SocketServer`` actor and 4
+``SocketWorker`` actors, the same epochs, partitions, gradients and evaluation as ``rayps.worker.train`` — but a
+step's gradient goes out and the parameters come back over one persistent TCP connection per worker (a
+length-prefixed frame of raw float32 bytes; no pickle, no Ray call). The server applies rayps' own fused kernel
+(``Updater.apply`` on one flat float32 buffer, one numba thread, subnormal results flushed to zero as on rayps'
+shards) under one lock, in arrival order: the textbook's asynchronous semantics (pull and push every step,
+float32). Nothing here handles failures, authentication or hostile frames, all of which rayps' path does; it
+bounds what such a data plane could add, it is not one.
 
 ``transport="zmq"``: the same server over pyzmq instead — one ROUTER socket on a Unix socket (``ipc://``, what
-rayps' clients use on the shard's node), served by ONE thread as rayps' shard is, each worker a DEALER; one
-frame of raw float32 each way, nothing else. That is the floor of a ZeroMQ data plane: ZeroMQ moves every
-message through an I/O thread in each process, so a round trip wakes six threads where plain sockets wake two.
+rayps' clients use on the shard's node; in Linux's abstract namespace, so a killed server leaves no file),
+served by ONE thread as rayps' shard is, each worker a DEALER; one frame of raw float32 each way, nothing else.
+That is the floor of a ZeroMQ data plane, where every message also passes ZeroMQ's I/O thread in each process.
 
     python benchmarks/end_to_end.py --model small --only "textbook async,rayps async,socket PS"
 """
 
 from __future__ import annotations
 
-import os
 import socket
 import struct
-import tempfile
 import threading
 import time
 import uuid
@@ -76,7 +75,7 @@ class SocketServer:
         self.lock = threading.Lock()
         if transport == "zmq":
             self.router = zmq.Context.instance().socket(zmq.ROUTER)
-            self.endpoint = f"ipc://{tempfile.gettempdir()}/rayps-zmq-ps-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            self.endpoint = f"ipc://@rayps-zmq-ps-{uuid.uuid4().hex}"
             self.router.bind(self.endpoint)
             threading.Thread(target=self._serve_zmq, daemon=True).start()
             return

@@ -65,18 +65,11 @@ def kernels():
     if _kernels is None:
         with _lock:
             if _kernels is None:
-                try:
-                    import numba  # noqa: PLC0415 - deferred: only large arrays need it
-                except ImportError:  # pragma: no cover - numba is a dependency
-                    _kernels = False
-                else:
-                    def compiled(fn):
-                        try:
-                            return numba.njit(nogil=True, fastmath=False, cache=True)(fn)
-                        except RuntimeError:  # "cannot cache function ...: no locator available"
-                            return numba.njit(nogil=True, fastmath=False)(fn)
+                from ..updaters import fused_cpu  # noqa: PLC0415 - deferred (numba): only large arrays need it
 
-                    _kernels = (compiled(_count_nonfinite), compiled(_copy_count_nonfinite))
+                _kernels = False if fused_cpu.numba is None else tuple(  # numba is a dependency; not required here
+                    fused_cpu.jit_cached(fn, nogil=True, fastmath=False)
+                    for fn in (_count_nonfinite, _copy_count_nonfinite))
     return _kernels or None
 
 

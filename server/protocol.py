@@ -337,7 +337,7 @@ def from_frames(frames) -> Message:
         return Reply(rid, ack, header_field(header, "er", "errors", lambda v: isinstance(v, list) and all(
             type(e) is str for e in v), "a list of strings"), params,
             array_at(arrays, header.get("ids"), "ids", 1, True), array_at(arrays, header.get("rw"), "rows", 2, True),
-            header_field(header, "wt", "waiting", lambda v: type(v) is bool, "true or false"))
+            header_field(header, "wt", "waiting", _is_bool, "true or false"))
     if kind == "reject":
         return Rejection(rid, header_field(header, "cd", "code", lambda v: v in REJECTION_CODES,
                                      f"one of {list(REJECTION_CODES)}"),

@@ -52,13 +52,20 @@ def _parallel(fn):
 def _compiled(fn, parallel: bool):
     """``fn`` compiled by numba (``parallel``: ``prange`` spreads over numba's threads; else it is a plain
     ``range`` and the call is one thread with no parallel launch at all), cached on disk where possible."""
+    return jit_cached(fn, parallel=parallel, fastmath=False)
+
+
+def jit_cached(fn, **options):
+    """``numba.njit(**options)(fn)``, cached on disk where numba finds a writable directory (next to the source,
+    else ``$NUMBA_CACHE_DIR`` or the user cache); where it finds none (a read-only install), compiled in memory,
+    and no later call tries the disk again. Every numba function of rayps is built here."""
     global _CACHE
     if _CACHE:
         try:
-            return numba.njit(parallel=parallel, fastmath=False, cache=True)(fn)
+            return numba.njit(cache=True, **options)(fn)
         except RuntimeError:  # "cannot cache function ...: no locator available"
             _CACHE = False
-    return numba.njit(parallel=parallel, fastmath=False)(fn)
+    return numba.njit(**options)(fn)
 
 
 def _inline(fn):

@@ -8,9 +8,11 @@ cache the jitted functions on disk (a fresh shard process loads them in millisec
 from __future__ import annotations
 
 from llvmlite import ir
-from numba import njit, types
+from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from .fused_cpu import jit_cached
 
 BYTE_POINTER = ir.PointerType(ir.IntType(8))
 
@@ -37,20 +39,13 @@ def _ldmxcsr(typingctx, value):
     return types.void(types.uint32), codegen
 
 
-def _jit(fn):
-    try:
-        return njit(cache=True)(fn)
-    except RuntimeError:  # "cannot cache function ...: no locator available" (a read-only install)
-        return njit(fn)
-
-
-@_jit
+@jit_cached
 def get_mxcsr():
     """MXCSR of the calling thread (uint32)."""
     return _stmxcsr()
 
 
-@_jit
+@jit_cached
 def set_mxcsr(value):
     """Load ``value`` (a ``np.uint32``) into the calling thread's MXCSR."""
     _ldmxcsr(value)
