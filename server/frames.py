@@ -18,7 +18,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-VERSION = 2  # 2: a push carries the client's low water ("lw")
+VERSION = 3  # 2: a push carries the client's low water ("lw"); 3: and how many pushes it holds ("n")
 MAX_HEADER_BYTES = 1 << 20
 MAX_ARRAYS = 4096
 ARRAY_DTYPES = frozenset({"float16", "float32", "float64", "uint16", "int8", "uint8", "int32", "int64"})

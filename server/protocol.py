@@ -17,7 +17,11 @@ Kinds (``Message.kind``):
 
 * ``push`` (``PushMessage``): one clock tick of a worker for one shard — a dense payload (dtype -> flat array,
   or a compressed ``EncodedPayload``; None: the client dropped a non-finite push), row gradients, and
-  optionally the pull that follows it (``pull_worker``, the fused push+pull of a training step).
+  optionally the pull that follows it (``pull_worker``, the fused push+pull of a training step). A *batch*
+  (``count`` > 1, ``PushMessage.batch``) carries ``count`` plain pushes of one worker and epoch, sequence numbers
+  ``seq .. seq + count - 1``: each dtype's array is their payloads one after the other, and nothing else
+  (no rows, pieces, factors, encoding or pull); the shard applies them exactly as if each had come alone
+  (server/push_batches.py).
 * ``pull`` (``PullRequest``): parameters (all, or some pieces) once this client's pushes up to ``after_seq``
   are applied and the consistency model lets ``worker_id`` read; with ``at_seq`` (sync mode, a restarted
   worker), the parameters of the step on which this client's push ``at_seq + 1`` is computed.
@@ -45,6 +49,7 @@ from .frames import (ARRAY_DTYPES, VERSION, ArrayFrames, ProtocolError, array_at
 
 CAST_MODES = ("fp16", "bf16")
 REJECTION_CODES = ("malformed", "restarted", "timeout", "overloaded")
+MAX_BATCH = 1024  # pushes one message may hold
 
 
 @dataclass
@@ -105,6 +110,23 @@ class PushMessage:
     pull: bool = False
     timeout: float | None = None  # of the fused pull
     low_water: int = 0  # the client's pushes every shard's finished checkpoint covers (``ShardState.low_water``)
+    count: int = 1  # pushes this message holds (a batch: seqs ``seq .. seq + count - 1``)
+
+    def batchable(self) -> bool:
+        """Whether this push may travel in a batch: a plain dense push (arrays; no rows, pieces, factors,
+        encoding or pull) of one message."""
+        return (self.count == 1 and type(self.payload) is dict and bool(self.payload) and self.present is None
+                and self.factors is None and self.rows is None and not self.pull)
+
+    @classmethod
+    def batch(cls, pushes: list) -> "PushMessage":
+        """One message holding ``pushes`` (``batchable``, one client, worker and epoch, consecutive seqs, the same
+        dtypes): each dtype's payloads concatenated (one copy; a batch is for small pushes)."""
+        first, last = pushes[0], pushes[-1]
+        payload = {dtype: np.concatenate([push.payload[dtype] for push in pushes]) for dtype in first.payload}
+        return cls(last.rid, first.client_id, first.seq, first.worker_id, first.epoch, payload,
+                   replayed=any(push.replayed for push in pushes), incarnation=last.incarnation,
+                   low_water=last.low_water, count=len(pushes))
 
 
 @dataclass
@@ -193,7 +215,7 @@ def to_frames(message: Message) -> list:
                   "p": _encode_payload(message.payload, arrays), "pr": message.present, "f": message.factors,
                   "rw": _encode_rows(message.rows, arrays), "rp": message.replayed, "i": message.incarnation,
                   "pl": message.pull, "pw": message.pull_worker, "t": message.timeout,
-                  "lw": message.low_water}
+                  "lw": message.low_water, "n": message.count}
     elif kind == "pull":
         header = {"c": message.client_id, "s": message.after_seq, "w": message.worker_id, "pc": message.pieces,
                   "i": message.incarnation, "t": message.timeout, "as": message.at_seq}
@@ -275,6 +297,10 @@ def _is_seq(value) -> bool:
     return is_count(value) and value >= 1
 
 
+def _is_push_count(value) -> bool:
+    return type(value) is int and 1 <= value <= MAX_BATCH
+
+
 # a push's header fields: (key, field name, check, what is expected), in the order ``from_frames`` checks them
 PUSH_FIELDS = (("c", "client_id", is_client_id, "a client id (1-256 characters)"),
                ("s", "seq", _is_seq, "a sequence number >= 1"),
@@ -287,7 +313,8 @@ PUSH_FIELDS = (("c", "client_id", is_client_id, "a client id (1-256 characters)"
                ("pw", "pull_worker", is_opt_count, "nil or a worker id"),
                ("pl", "pull", _is_bool, "true or false"),
                ("t", "timeout", is_timeout, "nil or seconds >= 0"),
-               ("lw", "low_water", is_count, "a sequence number >= 0"))
+               ("lw", "low_water", is_count, "a sequence number >= 0"),
+               ("n", "count", _is_push_count, f"a push count 1..{MAX_BATCH}"))
 
 
 def from_frames(frames) -> Message:
@@ -299,11 +326,15 @@ def from_frames(frames) -> Message:
     arrays = read_arrays(header, frames)
     if kind == "push":
         (client_id, seq, worker_id, epoch, present, factors, replayed, incarnation, pull_worker, pull, timeout,
-         low_water) = fields(header, PUSH_FIELDS)
-        return PushMessage(
+         low_water, count) = fields(header, PUSH_FIELDS)
+        message = PushMessage(
             rid, client_id, seq, worker_id, epoch, _decode_payload(header.get("p"), arrays), present,
             None if factors is None else {k: (float(v[0]), float(v[1])) for k, v in factors.items()},
-            _decode_rows(header.get("rw"), arrays), replayed, incarnation, pull_worker, pull, timeout, low_water)
+            _decode_rows(header.get("rw"), arrays), replayed, incarnation, pull_worker, pull, timeout, low_water,
+            count)
+        if count > 1:
+            _check_batch(message)
+        return message
     if kind == "pull":
         return PullRequest(
             rid, header_field(header, "c", "client_id", is_client_id, "a client id (1-256 characters)"),
@@ -344,6 +375,20 @@ def from_frames(frames) -> Message:
                          header_field(header, "fd", "field", lambda v: type(v) is str, "a field name"),
                          header_field(header, "ms", "message", lambda v: type(v) is str, "a message"))
     raise ProtocolError("kind", "one of ['push', 'pull', 'rows', 'reply', 'reject']", kind)
+
+
+def _check_batch(message: PushMessage) -> None:
+    """A batch holds plain dense pushes only, and each array divides into ``count`` equal parts."""
+    if type(message.payload) is not dict or not message.payload:
+        raise ProtocolError("payload", f"plain arrays for a batch of {message.count} pushes", message.payload)
+    for key, name in (("present", "present"), ("factors", "factors"), ("rows", "rows"), ("pull", "pull")):
+        if getattr(message, key):
+            raise ProtocolError(name, f"nothing in a batch of {message.count} pushes", getattr(message, key))
+    if message.seq + message.count - 1 >= 1 << 62:
+        raise ProtocolError("seq", "a batch whose last sequence number is below 2**62", message.seq)
+    for dtype, array in message.payload.items():
+        if array.size % message.count:
+            raise ProtocolError(f"payload[{dtype!r}]", f"a multiple of count {message.count} elements", array.size)
 
 
 def peek_rid(frames) -> int:

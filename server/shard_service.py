@@ -5,8 +5,9 @@ shard's data-plane thread (server/data_server.py) decodes a message, calls ``han
 and sends the replies it returns; ``expire(now)`` runs when the socket has been quiet until
 ``next_deadline()``. Only that thread calls these, so the parameters change on one thread.
 
-* A push (``PushMessage``) is applied through ``ShardState.push`` (exactly-once by ``(client_id, seq)``) and
-  always acknowledged (``Ack``: the seq, the client's last applied seq, the last one a checkpoint covers, and
+* A push (``PushMessage``) is applied through ``ShardState.push`` (exactly-once by ``(client_id, seq)``; a
+  batch through ``ShardState.push_batch``, as if each of its pushes had come alone) and always acknowledged
+  (``Ack``: the seq (a batch's last), the client's last applied seq, the last one a checkpoint covers, and
   this process's incarnation), with the problems of the pushes it applied (``errors``). A push addressed to
   another incarnation (the client knew an earlier process) is rejected ``restarted`` without being applied:
   the client recovers and replays it.
@@ -119,10 +120,14 @@ class ShardService:
         if message.replayed:
             state.counters["replays_received"] += 1
         state.report_low_water(message.client_id, message.worker_id, message.low_water)
-        outcome = state.push(message.client_id, message.seq, message.worker_id, message.payload, message.present,
-                             message.factors, message.epoch, message.rows)
+        if message.count == 1:
+            outcome = state.push(message.client_id, message.seq, message.worker_id, message.payload,
+                                 message.present, message.factors, message.epoch, message.rows)
+        else:  # a batch: as if each of its pushes had come alone (server/push_batches.py)
+            outcome = state.push_batch(message.client_id, message.seq, message.worker_id, message.payload,
+                                       message.count, message.epoch)
         self.changed = outcome.received > 0
-        ack = self.ack(message.client_id, message.seq)
+        ack = self.ack(message.client_id, message.seq + message.count - 1)
         if not message.pull:
             return [(peer, Reply(message.rid, ack, outcome.errors))]
         read = PullRequest(message.rid, message.client_id, message.seq, message.pull_worker, None,

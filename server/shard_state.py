@@ -29,6 +29,7 @@ from ..updaters.groups import ParamGroup
 from . import transport
 from .layout import Piece
 from .payload_checks import check_payload, check_rows
+from .push_batches import BatchedPushes
 from .shard_invariants import check_shard_state
 from .sync_steps import HISTORY_BYTES, SyncStep, SyncSteps
 from .validation import CONSISTENCY_MODES, NAN_POLICIES
@@ -70,8 +71,11 @@ class Range:
     pieces_at: slice | np.ndarray  # the same, as a slice when they are consecutive (a view: no gather)
 
 
-class ShardState(SyncSteps):
+class ShardState(SyncSteps, BatchedPushes):
     """See the module docstring. ``buffers``: dtype -> flat initial parameters (copied)."""
+
+    outcome = PushOutcome
+    default_factors = DEFAULT_FACTORS
 
     def __init__(self, shard_index: int, pieces: Sequence[Piece], groups: Sequence[ParamGroup],
                  buffers: Mapping[str, np.ndarray], consistency: str = "async", staleness: int = 0,
@@ -122,7 +126,7 @@ class ShardState(SyncSteps):
                          "duplicates_dropped": 0, "nonfinite_skipped": 0, "nonfinite_rejected": 0,
                          "max_staleness": 0, "max_clock_gap": 0, "apply_seconds": 0.0,
                          "sync_steps_forced": 0, "late_pushes_dropped": 0, "replays_received": 0,
-                         "resume_reads_inexact": 0}
+                         "resume_reads_inexact": 0, "pushes_batched": 0}
 
     def _ranges(self) -> dict[tuple[str, int], Range]:
         members: dict[tuple[str, int], list[Piece]] = {}
@@ -178,12 +182,7 @@ class ShardState(SyncSteps):
             return None
         payload, rows, nbytes, undecodable = transport.decode_push(  # compressed pushes: server/transport.py
             payload, rows, self.pieces, present, self.row_tables, f"shard {self.shard_index}")
-        self.counters["bytes_pushed"] += nbytes
-        clock = self.clocks.get(worker_id, 0)
-        self.clocks[worker_id] = clock + 1
-        staleness = self.version - self.pulled_version.get(worker_id, 0)
-        self.counters["max_staleness"] = max(self.counters["max_staleness"], staleness)
-        self.counters["max_clock_gap"] = max(self.counters["max_clock_gap"], self.clock_gap())
+        clock = self._count_push(worker_id, nbytes)
         present_idx = self.every_piece if present is None else np.asarray(present, dtype=np.int64)
         problem = (Problem(undecodable) if undecodable else None) or self._check_payload(payload, present_idx) \
             or self._check_rows(rows)
@@ -199,6 +198,16 @@ class ShardState(SyncSteps):
         elif payload is not None:
             self._apply(payload, present_idx, factors, epoch, rows)
         return problem
+
+    def _count_push(self, worker_id: int, nbytes: int) -> int:
+        """A push's bytes, clock tick, staleness and clock gap; the worker's clock before it."""
+        counters = self.counters
+        counters["bytes_pushed"] += nbytes
+        clock = self.clocks.get(worker_id, 0)
+        self.clocks[worker_id] = clock + 1
+        counters["max_staleness"] = max(counters["max_staleness"], self.version - self.pulled_version.get(worker_id, 0))
+        counters["max_clock_gap"] = max(counters["max_clock_gap"], self.clock_gap())
+        return clock
 
     def _check_rows(self, rows) -> Problem | None:
         return _problem(check_rows(self.shard_index, self.row_tables, rows))
@@ -220,7 +229,7 @@ class ShardState(SyncSteps):
             for r in self.ranges.values():
                 its = self.iterations[r.pieces_at]
                 if np.minimum.reduce(its) == np.maximum.reduce(its):
-                    self._kernel(r.dtype, r.group, r.start, r.stop, payload[r.dtype][r.start:r.stop],
+                    self._kernel(r.dtype, r.group, r.start, r.stop, (payload[r.dtype][r.start:r.stop],),
                                  int(its[0]), epoch, DEFAULT_FACTORS)
                     self.iterations[r.pieces_at] += 1
                 else:
@@ -258,13 +267,14 @@ class ShardState(SyncSteps):
         if run is None:
             return
         dtype, group, start, stop, source, iteration, key_factors, indices = run
-        self._kernel(dtype, group, start, stop, payload[dtype][source:source + (stop - start)], iteration, epoch,
+        self._kernel(dtype, group, start, stop, (payload[dtype][source:source + (stop - start)],), iteration, epoch,
                      key_factors)
         self.iterations[indices] += 1
 
-    def _kernel(self, dtype, group_index, start, stop, grads, iteration, epoch, key_factors) -> None:
-        """One kernel call on ``buffer[start:stop]`` of one range. Shapes and dtypes were checked with the
-        payload and the arrays are the shard's own, so ``Updater.apply``'s per-call checks are skipped."""
+    def _kernel(self, dtype, group_index, start, stop, steps, iteration, epoch, key_factors) -> None:
+        """Kernel calls on ``buffer[start:stop]`` of one range, one per gradient of ``steps`` (successive
+        iterations from ``iteration``: a batch of pushes). Shapes and dtypes were checked with the payload and
+        the arrays are the shard's own, so ``Updater.apply``'s per-call checks are skipped."""
         key = (dtype, group_index)
         group = self.groups[group_index]
         r = self.ranges[key]
@@ -272,13 +282,15 @@ class ShardState(SyncSteps):
         if start != r.start or stop != r.stop:
             state = state[:, start - r.start:stop - r.start]  # each slot stays contiguous: no copy
         params = self.params[dtype][start:stop]
-        adjustments = group.adjustments(iteration, epoch, *key_factors)
-        scalars = group.updater.rule_scalars(iteration, epoch)
         kernel = self.kernels[key]
-        if kernel is None:
-            reference_step(group.updater, params, grads, state, scalars, adjustments)
-        else:
-            kernel(params, grads, state, scalars, adjustments)
+        for grads in steps:
+            adjustments = group.adjustments(iteration, epoch, *key_factors)
+            scalars = group.updater.rule_scalars(iteration, epoch)
+            if kernel is None:
+                reference_step(group.updater, params, grads, state, scalars, adjustments)
+            else:
+                kernel(params, grads, state, scalars, adjustments)
+            iteration += 1
 
     # -- reads ---------------------------------------------------------------------------------------------
     def clock_gap(self) -> int:

@@ -100,6 +100,8 @@ def _messages():
         "push rows": PushMessage(3, "c", 2, 1, payload={}, rows={"emb": (ids, row_grads)}),
         "push tick": PushMessage(4, "c", 3, 1, payload={}, present="tick"),
         "push skipped": PushMessage(5, "c", 4, 1, payload=None),
+        "push batch": PushMessage.batch([PushMessage(15 + i, "c", 9 + i, 2, 1, {"float32": f32 * i, "float64": f64},
+                                                     incarnation=INCARNATION, low_water=i) for i in range(3)]),
         "push threshold": PushMessage(6, "c", 5, 1, payload=threshold),
         "push fp16": PushMessage(7, "c", 6, 1, payload=fp16, rows=transport.encode_rows({"emb": (ids, row_grads)},
                                                                                           "fp16")),
@@ -123,6 +125,12 @@ def test_every_message_kind_survives_the_wire_field_by_field(name):
         assert isinstance(decoded.rows["emb"][1], CastRows) and decoded.rows["emb"][1].mode == "fp16"
     if name == "push threshold":
         assert all(isinstance(part, EncodedTensor) for part in wire(message).payload.values())
+    if name == "push batch":  # seqs 9..11, one after the other in each array, the last push's rid and low water
+        decoded = wire(message)
+        assert (decoded.count, decoded.seq, decoded.rid, decoded.low_water, decoded.worker_id) == (3, 9, 17, 2, 2)
+        f32, f64 = _rng_arrays()
+        np.testing.assert_array_equal(decoded.payload["float32"], np.concatenate([f32 * 0, f32 * 1, f32 * 2]))
+        np.testing.assert_array_equal(decoded.payload["float64"], np.concatenate([f64, f64, f64]))
 
 
 def test_arrays_are_sent_as_views_not_copies():
@@ -174,8 +182,8 @@ MALFORMED = {
     "no frames": (lambda frames: [], "frames", "at least a header frame"),
     "garbage header": (lambda frames: [b"\xc1\xc1 not msgpack", *frames[1:]], "header", "a msgpack map"),
     "header not a map": (lambda frames: [msgpack.packb([1, 2, 3]), *frames[1:]], "header", "a msgpack map"),
-    "version 1": (_set("v", 1), "version", "protocol version 2"),
-    "version 3": (_set("v", 3), "version", "protocol version 2"),
+    "version 2": (_set("v", 2), "version", "protocol version 3"),
+    "version 4": (_set("v", 4), "version", "protocol version 3"),
     "unknown kind": (_set("k", "gossip"), "kind", "'push'"),
     "array frame dropped": (lambda frames: frames[:-1], "frames", "2 array frame(s)"),
     "extra frame": (lambda frames: [*frames, b"\0" * 8], "frames", "2 array frame(s)"),
@@ -188,6 +196,20 @@ MALFORMED = {
     "low_water negative": (_set("lw", -1), "low_water", "a sequence number >= 0"),
     "seq negative": (_set("s", -3), "seq", "a sequence number >= 1"),
     "present not tick": (_set("pr", "tock"), "present", "'tick'"),
+    "count missing": (_edit(lambda header: header.pop("n")), "count", "a push count 1..1024"),
+    "count 0": (_set("n", 0), "count", "a push count 1..1024"),
+    "count over the cap": (_set("n", 1025), "count", "a push count 1..1024"),
+    "count a float": (_set("n", 2.0), "count", "a push count 1..1024"),
+    "batch sizes not a multiple": (_set("n", 5), "payload['float32']", "a multiple of count 5 elements"),
+    "batch with pieces": (_edit(lambda header: header.update(n=2, pr=[0])), "present", "nothing in a batch of 2"),
+    "batch of ticks": (_edit(lambda header: header.update(n=2, pr="tick")), "present", "nothing in a batch of 2"),
+    "batch with a pull": (_edit(lambda header: header.update(n=2, pl=True, pw=0)), "pull", "nothing in a batch"),
+    "batch with factors": (_edit(lambda header: header.update(n=2, f={"w": [1.0, 2.0]})), "factors",
+                           "nothing in a batch"),
+    "batch of a dropped push": (lambda frames: _edit(lambda header: header.update(n=2, p=None, a=[]))(frames[:1]),
+                                "payload", "plain arrays for a batch of 2 pushes"),
+    "batch past the last seq": (_edit(lambda header: header.update(n=2, s=(1 << 62) - 1)), "seq",
+                                "a batch whose last sequence number is below 2**62"),
     "payload ref out of range": (_edit(lambda header: header["p"]["d"].__setitem__("float32", 9)),
                                  "payload['float32']", "an index into the 2 array frame(s)"),
     "header too large": (_set("pad", "x" * MAX_HEADER_BYTES), "header", f"at most {MAX_HEADER_BYTES} bytes"),
