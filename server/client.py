@@ -1,7 +1,7 @@
 """``ParameterServer``: the client handle — the public API of rayps.
 
     ps = ParameterServer(params, updater=Adam(...), num_shards=2, consistency="async")
-    ps.push(grads, worker_id=0)      # returns at once; one message per shard, straight to the shards
+    ps.push(grads, worker_id=0)      # returns at once; one message per shard (or a batch of them), straight there
     ps.flush()                       # every push this handle issued is applied (errors raised here)
     ps.pull(names=None)              # caller-owned arrays; sees this handle's earlier pushes
     ps.pull(copy=False)              # read-only arrays, views of the received buffers where possible
@@ -21,8 +21,10 @@ it gets its own client identity (a fresh ``client_id`` and sequence counter) and
 
 A push is checked whole before anything is sent (``PushPlan``: a bad or non-finite push reaches no shard) and
 travels as ONE message per shard: a small header and the arrays as they are (views of the caller's where a
-shard's part is one contiguous piece). ``push`` returns at once and keeps owned copies (the caller may reuse its
-arrays); ``push_pull`` blocks until the reply, so it sends the caller's arrays without copying them.
+shard's part is one contiguous piece); small pushes made while a shard is busy with this handle's earlier ones
+travel several to a message (a batch, server/shard_links.py), each applied as if it had come alone. ``push``
+returns at once and keeps owned copies (the caller may reuse its arrays); ``push_pull`` blocks until the reply,
+so it sends the caller's arrays without copying them.
 
 With ``checkpoint_dir`` (a local path, a URI such as ``s3://bucket/run`` or ``gs://bucket/run``, or a
 ``(pyarrow.fs.FileSystem, path)`` pair: server/checkpoints/storage.py), shards checkpoint every
@@ -367,7 +369,7 @@ class ParameterServer(HandleIdentity, RowTableCalls):
         total = {key: sum(s[key] for s in shards) for key in ("bytes_pushed", "bytes_pulled", "duplicates_dropped",
                                                                "restarts", "checkpoints_written",
                                                                "late_pushes_dropped", "replays_received",
-                                                               "resume_reads_inexact")}
+                                                               "resume_reads_inexact", "pushes_batched")}
         return {
             "shards": shards,
             "num_shards": len(shards),

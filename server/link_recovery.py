@@ -65,14 +65,15 @@ class LinkRecovery:
         other workers would wait for them forever. Asks (Ray) each shard some of whose pushes no checkpoint
         holds yet for its incarnation."""
         recovered = 0
-        for shard, link in enumerate(self.links):
-            if link.replay is None or not len(link.replay) or link.incarnation is None:
-                continue
-            found = self._ask_actor(shard, lambda shard=shard: self._discover(shard, 10))
-            if found[1] != link.incarnation:
-                self._recover(shard, found, "idle")
-                recovered += 1
-        self.flush()
+        with self.lock:
+            for shard, link in enumerate(self.links):
+                if link.replay is None or not len(link.replay) or link.incarnation is None:
+                    continue
+                found = self._ask_actor(shard, lambda shard=shard: self._discover(shard, 10))
+                if found[1] != link.incarnation:
+                    self._recover(shard, found, "idle")
+                    recovered += 1
+            self.flush()
         return recovered
 
     def _lost_text(self, shard: int) -> str:
@@ -82,6 +83,8 @@ class LinkRecovery:
         return f"shard {shard} died and will not be restarted"
 
     def _resend(self, shard: int) -> None:
+        self.links[shard].held = []  # resent here with the rest, one by one
+        self.links[shard].held_bytes = 0
         for seq in sorted(self.links[shard].unacked):
             self._send(shard, self.links[shard].unacked[seq])
         for rid, entry in list(self.pending.items()):
@@ -113,6 +116,7 @@ class LinkRecovery:
         self.recovery_causes[cause] += 1
         self._open(shard, endpoint)
         link.unacked = InFlight()
+        link.held, link.held_bytes = [], 0  # replayed below with the rest
         for count, (seq, message) in enumerate(link.replay.after(applied), 1):
             message.replayed = True
             link.unacked[seq] = message

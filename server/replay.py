@@ -47,6 +47,10 @@ class InFlight(dict):
         self._sizes[seq] = size
         super().__setitem__(seq, message)
 
+    def size_of(self, seq: int) -> int:
+        """The bytes of push ``seq`` (in flight)."""
+        return self._sizes[seq]
+
     def __delitem__(self, seq: int) -> None:
         super().__delitem__(seq)
         self.nbytes -= self._sizes.pop(seq)

@@ -6,10 +6,21 @@ address, incarnation, this client's last applied sequence number) and authentica
 credentials. Every message is a ``protocol`` type; every request carries a request id (``rid``) and the
 shard incarnation this client knows.
 
+* Small pushes travel in batches while the shard is busy (Nagle's rule, as TCP coalesces small segments): a
+  plain push (``PushMessage.batchable``) to a shard that has sent pushes still unacknowledged waits in the
+  link's ``held`` list; the held pushes go out as ONE message (``PushMessage.batch``) when they reach
+  ``BATCH_PUSHES`` pushes or ``BATCH_BYTES``, when the first of them has waited ``LINGER`` seconds, when the
+  shard has acknowledged every push sent (the link asks its socket at the 1st, 2nd, 4th, ... held push), or
+  when this client sends that shard anything else or waits for anything. A push to an idle shard goes at once,
+  alone. Held pushes count in the window and are kept for resending like any other (a resend or a replay sends
+  them one by one); the shard applies a batch exactly as if each push had come alone. A held push leaves within
+  ``LINGER`` seconds even if the caller makes no further call (``Linger``, server/push_linger.py: a thread
+  that sleeps while nothing is held); the sockets are used under ``lock``, by one thread at a time.
 * Pushes: at most ``window`` unacknowledged per shard, holding at most ``WINDOW_BYTES`` (a full window blocks
   the sender until acknowledgements bring it down to half: back-pressure, no unbounded queue; the pushes then
-  go out in bursts, which the shard acknowledges with one cumulative ``Ack``). An unacknowledged push is kept to be resent; with a
-  checkpoint directory every push is also kept until a finished checkpoint covers it (``ReplayBuffer``).
+  go out in bursts, which the shard acknowledges with one cumulative ``Ack``). An unacknowledged push is kept to
+  be resent; with a checkpoint directory every push is also kept until a finished checkpoint covers it
+  (``ReplayBuffer``).
 * Reads (pull, rows, the pull of a fused push) wait here for their reply; a push's rejected parts (a NaN
   gradient, a bad row) come back in its acknowledgement and are raised by the next ``flush``/read.
 * Silence, restarts and control calls: ``LinkRecovery`` (server/link_recovery.py).
@@ -18,6 +29,7 @@ shard incarnation this client knows.
 from __future__ import annotations
 
 import collections
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -27,10 +39,14 @@ import zmq
 from .credentials import RunCredentials
 from .faults import NO_FAULTS
 from .link_recovery import LinkRecovery
+from .push_linger import Linger
 from .protocol import Ack, PushMessage, Rejection, Reply, from_frames, to_frames
 from .replay import InFlight, ReplayBuffer
 from .sockets import has_message, send_frames
 
+BATCH_PUSHES = 32  # held pushes that go out as one message at once
+BATCH_BYTES = 256 << 10  # ... or held array bytes; a push this large never waits
+LINGER = 0.005  # seconds a held push may wait for more (then the next push, or the linger thread, sends it)
 WINDOW_BYTES = 64 << 20  # the unacknowledged pushes' array bytes per shard before a push waits (one always goes)
 LOOK_FIRST = 0.5  # seconds of silence before the first look at the shards (through Ray), then doubling ...
 LOOK_MAX = 4.0  # ... up to this
@@ -61,6 +77,9 @@ class Link:
     replay: ReplayBuffer | None = None
     restarts_in_a_row: int = 0
     covered: int = 0  # this client's pushes the shard's last finished checkpoint holds (from its acks)
+    held: list = field(default_factory=list)  # pushes waiting to go out in one batch (in ``unacked`` too)
+    held_bytes: int = 0
+    held_since: float = 0.0
 
 
 class ShardLinks(LinkRecovery):
@@ -86,6 +105,8 @@ class ShardLinks(LinkRecovery):
         self.node_id = ray.get_runtime_context().get_node_id()
         self.poller = zmq.Poller()
         self.sockets: dict = {}  # socket -> shard
+        self.lock = threading.RLock()  # the sockets: the caller's thread, or the linger thread, one at a time
+        self.linger = Linger(self, LINGER)
 
     # -- connections -------------------------------------------------------------------------------------------
     def _discover(self, shard: int, timeout: float):
@@ -120,12 +141,15 @@ class ShardLinks(LinkRecovery):
         return int(self._ask_actor(shard, lambda: self._discover(shard, 30))[2])
 
     def close(self) -> None:
-        for link in self.links:
-            if link.socket is not None:
-                link.socket.close(linger=0)
-                link.socket = None
-        self.sockets.clear()
-        self.poller = zmq.Poller()
+        with self.lock:
+            self.linger.close()
+            self.send_held()
+            for link in self.links:
+                if link.socket is not None:
+                    link.socket.close(linger=0)
+                    link.socket = None
+            self.sockets.clear()
+            self.poller = zmq.Poller()
 
     # -- sending -----------------------------------------------------------------------------------------------
     def _next_rid(self) -> int:
@@ -143,11 +167,21 @@ class ShardLinks(LinkRecovery):
             pass
 
     def push(self, shard: int, message: PushMessage, wait_reply: bool = False) -> int:
-        """Send a push (``message.seq`` set by the caller); waits while the shard's window is full. With
-        ``wait_reply`` (a fused push+pull) it is also a request: its rid, for ``wait``."""
+        """Send a push (``message.seq`` set by the caller), or hold it for a batch (module docstring); waits
+        while the shard's window is full. With ``wait_reply`` (a fused push+pull) it is also a request: its rid,
+        for ``wait``."""
+        with self.lock:
+            return self._push(shard, message, wait_reply)
+
+    def _push(self, shard: int, message: PushMessage, wait_reply: bool) -> int:
         link = self.links[shard]
         if len(link.unacked) >= self.window or link.unacked.nbytes >= WINDOW_BYTES:  # full: until half empty
             self.pump(lambda: len(link.unacked) <= self.window // 2 and link.unacked.nbytes <= WINDOW_BYTES // 2)
+        batchable = not wait_reply and message.batchable()
+        held = len(link.held)
+        if batchable and held & (held - 1) == 0 and link.socket is not None and has_message(link.socket):
+            self._drain(link.socket)  # acknowledgements that arrived (asked at 0, 1, 2, 4, ... held): is the
+            # shard still busy? (asking costs a system call, as much as the rest of a small push)
         message.rid = self._next_rid()
         message.low_water = self.low_water()
         link.unacked[message.seq] = message
@@ -155,15 +189,61 @@ class ShardLinks(LinkRecovery):
             link.replay.add(message.seq, message)
         if wait_reply:
             self.pending[message.rid] = Pending(shard, message)
-        self._send(shard, message)
+        if batchable and link.unacked.size_of(message.seq) < BATCH_BYTES:
+            self._hold(shard, link, message)
+        else:
+            self._send_held(shard)
+            self._send(shard, message)
         return message.rid
 
+    def _hold(self, shard: int, link: Link, message: PushMessage) -> None:
+        """Add ``message`` to the link's held pushes; send them unless the shard is busy (pushes sent and not
+        acknowledged) and the batch is neither full nor old."""
+        held = link.held
+        if held and (held[-1].worker_id != message.worker_id or held[-1].epoch != message.epoch
+                     or held[-1].seq + 1 != message.seq or held[-1].payload.keys() != message.payload.keys()):
+            self._send_held(shard)  # a batch holds consecutive pushes of one worker and epoch
+            held = link.held
+        busy = len(link.unacked) - len(held) > 1  # sent and unacknowledged, besides the held and this one
+        if not held:
+            link.held_since = time.monotonic()
+            if busy:
+                self.linger.arm()
+        held.append(message)
+        link.held_bytes += link.unacked.size_of(message.seq)
+        if (not busy or len(held) >= BATCH_PUSHES or link.held_bytes >= BATCH_BYTES
+                or time.monotonic() - link.held_since >= LINGER):
+            self._send_held(shard)
+
+    def _send_held(self, shard: int) -> None:
+        """Send the link's held pushes (one message: a batch, or the push alone)."""
+        link = self.links[shard]
+        held = link.held
+        if not held:
+            return
+        link.held, link.held_bytes = [], 0
+        self._send(shard, held[0] if len(held) == 1 else PushMessage.batch(held))
+
+    def send_held(self, older_than: float = 0.0) -> None:
+        """Send every link's held pushes (before this client waits for anything), or those whose first has
+        waited ``older_than`` seconds (the linger thread)."""
+        now = time.monotonic()
+        for shard, link in enumerate(self.links):
+            if link.held and now - link.held_since >= older_than:
+                self._send_held(shard)
+
+    def oldest_held(self) -> float | None:
+        """When the oldest held batch began (``time.monotonic``), or None when nothing is held."""
+        return min((link.held_since for link in self.links if link.held), default=None)
+
     def request(self, shard: int, message) -> int:
-        """Send a read; its rid, for ``wait``."""
-        message.rid = self._next_rid()
-        self.pending[message.rid] = Pending(shard, message)
-        self._send(shard, message)
-        return message.rid
+        """Send a read (after the pushes held for this shard); its rid, for ``wait``."""
+        with self.lock:
+            message.rid = self._next_rid()
+            self.pending[message.rid] = Pending(shard, message)
+            self._send_held(shard)
+            self._send(shard, message)
+            return message.rid
 
     def wait(self, rids) -> dict[int, Reply]:
         """rid -> reply for ``rids``; raises the first error among them (TimeoutError, ValueError, ShardLost)."""
@@ -195,6 +275,11 @@ class ShardLinks(LinkRecovery):
     # -- receiving ---------------------------------------------------------------------------------------------
     def pump(self, done) -> None:
         """Handle replies until ``done()``; on silence, look at the shards (see the module docstring)."""
+        with self.lock:
+            self._pump(done)
+
+    def _pump(self, done) -> None:
+        self.send_held()
         quiet = first = min(LOOK_FIRST, self.resend_after)  # a shorter resend_after looks sooner
         silent_since = resent_at = None
         while not done():

@@ -14,15 +14,18 @@ from __future__ import annotations
 import zmq
 
 COPY_BELOW = 65536  # bytes: smaller frames are copied on send (pyzmq's own zero-copy threshold)
+# plain ints: pyzmq's constants are enums, and every operation on one builds a new enum object
+SNDMORE, EVENTS, POLLIN = int(zmq.SNDMORE), int(zmq.EVENTS), int(zmq.POLLIN)
 
 
 def send_frames(socket: zmq.Socket, frames, flags: int = 0, track: bool = False) -> list:
     """Send ``frames`` (bytes or arrays) as one message; the trackers of the large frames when ``track``.
     Raises ``zmq.Again`` (with ``zmq.NOBLOCK``) before any frame left when the peer's queue is full."""
     trackers = []
+    flags = int(flags)
     last = len(frames) - 1
     for index, frame in enumerate(frames):
-        more = flags if index == last else flags | zmq.SNDMORE
+        more = flags if index == last else flags | SNDMORE
         if (frame.nbytes if hasattr(frame, "nbytes") else len(frame)) < COPY_BELOW:
             socket.send(frame, more)
         elif track:
@@ -33,4 +36,4 @@ def send_frames(socket: zmq.Socket, frames, flags: int = 0, track: bool = False)
 
 
 def has_message(socket: zmq.Socket) -> bool:
-    return bool(socket.get(zmq.EVENTS) & zmq.POLLIN)
+    return bool(socket.get(EVENTS) & POLLIN)

@@ -10,11 +10,13 @@ and never one the shard did not apply or acknowledge; every other reply goes out
 from __future__ import annotations
 
 import random
+import threading
 
 import numpy as np
 import pytest
 
 from rayps.server.protocol import Ack, PushMessage, Reply
+from rayps.server.push_linger import Linger
 from rayps.server.replay import InFlight
 from rayps.server import shard_links
 from rayps.server.shard_links import Link, ShardLinks
@@ -76,6 +78,8 @@ def test_a_burst_of_plain_pushes_is_answered_by_its_last_acknowledgement():
 def _links_without_ray(link: Link) -> ShardLinks:
     links = ShardLinks.__new__(ShardLinks)  # only the acknowledgement bookkeeping is exercised
     links.links = [link]
+    links.lock = threading.RLock()
+    links.linger = Linger(links, shard_links.LINGER)
     return links
 
 

@@ -18,6 +18,7 @@ import pytest
 import zmq
 
 from fault_proxy import FaultProxy  # tests/fault_proxy.py
+from rayps.server import shard_links
 from rayps.server.credentials import RunCredentials
 from rayps.server.protocol import PushMessage, Rejection, Reply, from_frames, to_frames
 from rayps.updaters import Sgd
@@ -331,7 +332,10 @@ def clean_async(ray_session):
 
 
 @pytest.mark.parametrize("mode", ["push_pull", "pipelined"])
-def test_async_single_writer_through_faults_matches_a_clean_run(clean_async, mode):
+def test_async_single_writer_through_faults_matches_a_clean_run(clean_async, mode, monkeypatch):
+    """``pipelined``: pushes outrun the shards, so they travel in batches (server/shard_links.py), here of at
+    most 4 pushes, so that the 60 pushes make enough messages for the proxy's faults to meet batches."""
+    monkeypatch.setattr(shard_links, "BATCH_PUSHES", 4)
     clean_steps, clean_final = clean_async
     ps = _server(PARAMS2, num_shards=2)
     proxy = _through_proxy(ps, [ps], seed=11 if mode == "push_pull" else 12)
@@ -348,6 +352,7 @@ def test_async_single_writer_through_faults_matches_a_clean_run(clean_async, mod
         assert [s["updates_applied"] for s in stats["shards"]] == [60, 60]
         assert [s["pushes"] for s in stats["shards"]] == [60, 60]  # every duplicate dropped, none applied
         assert stats["duplicates_dropped"] > 0
+        assert (stats["pushes_batched"] > 0) == (mode == "pipelined")
         # every kind happened; a push_pull lane carries one message at a time, so a held message is reordered
         # only when a resend follows it (often, not always): there the others must have happened
         kinds = proxy.faults if mode == "pipelined" else {k: v for k, v in proxy.faults.items() if k != "reordered"}

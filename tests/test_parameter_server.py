@@ -542,3 +542,54 @@ def test_as_worker_and_at_seq_refuse_what_they_cannot_mean(sgd_server):
     after = ps.pull()
     for name in before:
         np.testing.assert_array_equal(after[name], before[name])
+
+
+def test_small_pushes_to_a_busy_shard_travel_in_batches_and_each_is_applied_once(ray_session):
+    """Pushes made faster than a shard applies them are held and sent several to a message (server/shard_links.py);
+    each is applied on its own, in order: the parameters equal float32 SGD applied push by push in NumPy (the
+    fused Sgd kernel computes ``p - lr * g`` in float32, bit for bit), and the counters see every push."""
+    from rayps.server import ParameterServer
+
+    rng = np.random.default_rng(40)
+    start = {"w": rng.normal(size=256).astype(np.float32), "u": rng.normal(size=(4, 8)).astype(np.float32)}
+    ps = ParameterServer(start, updater=Sgd(learning_rate=0.125), num_shards=2)
+    try:
+        expected = {name: value.copy() for name, value in start.items()}
+        pushes = 600
+        for _ in range(pushes):
+            grads = {name: rng.normal(size=value.shape).astype(np.float32) for name, value in start.items()}
+            ps.push(grads)
+            for name, grad in grads.items():
+                expected[name] = expected[name] - np.float32(0.125) * grad
+        ps.flush()
+        pulled = ps.pull()
+        for name in start:
+            np.testing.assert_array_equal(pulled[name], expected[name], err_msg=name)
+        stats = ps.stats()
+        assert stats["updates_applied"] == pushes and stats["duplicates_dropped"] == 0
+        assert stats["pushes_batched"] > 0  # the pushes outran the shards: some travelled in batches
+        assert validate_shards(ps) == 2
+    finally:
+        ps.shutdown()
+
+
+def test_a_push_to_an_idle_shard_goes_at_once_without_a_flush(ray_session):
+    """A push that finds nothing of this handle unacknowledged is sent when ``push`` returns, not held: the shard
+    applies it while the handle makes no other call (watched through Ray, the control plane)."""
+    import ray
+
+    from rayps.server import ParameterServer
+
+    ps = ParameterServer({"w": np.zeros(8, np.float32)}, updater=Sgd(learning_rate=1.0), num_shards=1)
+    try:
+        for step in range(1, 4):
+            ps.push({"w": np.ones(8, np.float32)})
+            deadline = time.monotonic() + WAIT_SECONDS
+            while ray.get(ps.shard_actors[0].stats.remote())["updates_applied"] < step:
+                assert time.monotonic() < deadline, f"push {step} was not applied without a flush"
+                time.sleep(0.01)
+        ps.flush()
+        np.testing.assert_array_equal(ps.pull()["w"], np.full(8, -3.0, np.float32))
+        assert ps.stats()["pushes_batched"] == 0
+    finally:
+        ps.shutdown()
