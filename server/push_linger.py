@@ -13,13 +13,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 
 log = logging.getLogger(__name__)
 
 
 class Linger:
     def __init__(self, links, seconds: float):
-        self.links = links  # ``ShardLinks``: its ``lock`` and ``send_held(older_than=...)``
+        # ``ShardLinks``: its ``lock``, ``send_held(older_than=...)`` and ``oldest_held()``. Held weakly: a handle
+        # dropped without ``shutdown`` is collected as before, and its finalizer ends this thread.
+        self.links = weakref.ref(links)
+        weakref.finalize(links, self.close)
         self.seconds = seconds
         self.armed = threading.Event()
         self.closed = False
@@ -43,16 +47,20 @@ class Linger:
             if self.closed:
                 return
             time.sleep(wait)
-            with self.links.lock:
+            links = self.links()
+            if links is None:
+                return
+            with links.lock:
                 if self.closed:
                     return
                 try:
-                    self.links.send_held(older_than=self.seconds)
+                    links.send_held(older_than=self.seconds)
                 except Exception:  # noqa: BLE001 - the pushes stay in the window: the next call resends them
                     log.exception("rayps: sending held pushes failed; they are resent by the handle's next call")
-                oldest = self.links.oldest_held()
-                if oldest is None:
+                oldest = links.oldest_held()
+                if oldest is None:  # cleared under the lock: a push held meanwhile arms it again after this
                     self.armed.clear()
                     wait = self.seconds
                 else:  # a batch begun since: until it is due
                     wait = max(0.0, oldest + self.seconds - time.monotonic())
+            del links  # not kept while asleep

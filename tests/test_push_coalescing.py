@@ -20,6 +20,7 @@ seq order, with the very arrays that were pushed.
 from __future__ import annotations
 
 import collections
+import gc
 import threading
 import time
 
@@ -518,6 +519,20 @@ def test_a_held_push_leaves_within_linger_with_no_further_call():
             assert_every_push_once_in_order(shard, pushed)
     finally:
         links.linger.close()
+
+
+def test_the_linger_thread_ends_when_its_links_are_dropped_without_close():
+    """The thread holds its links weakly: a handle dropped without ``shutdown`` is collected, and the thread
+    ends instead of keeping it (and its sockets) alive."""
+    links, link, shard = make_links()
+    links.linger = linger = Linger(links, LINGER)
+    push_all(links, [1, 2])  # 2 is held: the thread runs
+    thread = linger.thread
+    assert thread is not None and thread.is_alive()
+    del links, link, shard
+    gc.collect()
+    thread.join(timeout=60)  # a generous bound, never asserted as a time
+    assert not thread.is_alive() and linger.closed
 
 
 # -- 9. the window, resends and replays --------------------------------------------------------------------------
