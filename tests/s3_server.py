@@ -53,7 +53,8 @@ class S3Server:
 def start_s3_server(attempts: int = 3) -> S3Server:
     """Start ``moto_server`` on a free loopback port (another port if that one was taken meanwhile), wait until
     it answers, and create the test bucket."""
-    command = shutil.which("moto_server") or os.path.join(os.path.dirname(sys.executable), "moto_server")
+    beside = os.path.join(os.path.dirname(sys.executable), "moto_server")  # the test interpreter's own moto
+    command = beside if os.path.exists(beside) else shutil.which("moto_server")  # (PATH may name another one)
     for _ in range(attempts):
         port = _free_port()
         process = subprocess.Popen([command, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,

@@ -333,24 +333,35 @@ def clean_async(ray_session):
 
 @pytest.mark.parametrize("mode", ["push_pull", "pipelined"])
 def test_async_single_writer_through_faults_matches_a_clean_run(clean_async, mode, monkeypatch):
-    """``pipelined``: pushes outrun the shards, so they travel in batches (server/shard_links.py), here of at
-    most 4 pushes, so that the 60 pushes make enough messages for the proxy's faults to meet batches."""
-    monkeypatch.setattr(shard_links, "BATCH_PUSHES", 4)
+    """``push_pull``: 60 steps, each answered before the next. ``pipelined``: 240 pushes that outrun the shards,
+    so they travel in batches (server/shard_links.py; here of at most 4 pushes, so that the run makes about as
+    many messages as the other mode for the proxy's faults to meet), against the same pushes to a server
+    without the proxy."""
     clean_steps, clean_final = clean_async
+    steps = 60
+    if mode == "pipelined":
+        monkeypatch.setattr(shard_links, "BATCH_PUSHES", 4)
+        steps = 240
+        clean = _server(PARAMS2, num_shards=2)
+        try:
+            for step in range(steps):
+                clean.push(_grads(0, step))
+            clean_final = clean.pull()
+        finally:
+            clean.shutdown()
     ps = _server(PARAMS2, num_shards=2)
     proxy = _through_proxy(ps, [ps], seed=11 if mode == "push_pull" else 12)
     try:
-        if mode == "push_pull":
-            for step in range(60):
+        for step in range(steps):
+            if mode == "push_pull":
                 _assert_same(ps.push_pull(_grads(0, step)), clean_steps[step])
-        else:
-            for step in range(60):
+            else:
                 ps.push(_grads(0, step))
-            ps.flush()
+        ps.flush()
         _assert_same(ps.pull(), clean_final)
         stats = ps.stats()
-        assert [s["updates_applied"] for s in stats["shards"]] == [60, 60]
-        assert [s["pushes"] for s in stats["shards"]] == [60, 60]  # every duplicate dropped, none applied
+        assert [s["updates_applied"] for s in stats["shards"]] == [steps, steps]
+        assert [s["pushes"] for s in stats["shards"]] == [steps, steps]  # every duplicate dropped, none applied
         assert stats["duplicates_dropped"] > 0
         assert (stats["pushes_batched"] > 0) == (mode == "pipelined")
         # every kind happened; a push_pull lane carries one message at a time, so a held message is reordered
