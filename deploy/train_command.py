@@ -101,6 +101,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--encrypt", action="store_true", help="encrypt the data plane (ZeroMQ CURVE); default: "
                         "authenticated by a per-run secret, not encrypted (README, 'Data plane and security')")
+    parser.add_argument("--keep-subnormals", action="store_true", help="keep IEEE subnormal results in the "
+                        "shards' update kernels (default: flushed to 0, ~100x faster on x86; README, 'Subnormal "
+                        "results')")
     parser.add_argument("--data-ports", default=None, help="port range of the shards' data-plane sockets, "
                         "LOW-HIGH (default: RAYPS_DATA_PORTS, else 47000-47999)")
     parser.set_defaults(run=run)
@@ -242,7 +245,8 @@ def run(args) -> int:
     per_shard, per_worker = cpus_per_process(args, ray)
     server_options = dict(num_shards=args.shards, consistency=args.consistency, staleness=args.staleness,
                           num_workers=args.workers, cpus_per_shard=per_shard, sync_timeout=args.sync_timeout,
-                          compression=args.compression, encrypt=args.encrypt, data_ports=args.data_ports)
+                          compression=args.compression, encrypt=args.encrypt, data_ports=args.data_ports,
+                          flush_denormals=not args.keep_subnormals)
     first_epoch, on_epoch_end = 0, None
     if args.checkpoint_dir:
         server_options.update(checkpoint_dir=shards_dir(args.checkpoint_dir),

@@ -154,7 +154,8 @@ class ParameterServer(HandleIdentity, RowTableCalls):
                      for name, t in self.tables.items()]
         self.config = {"num_shards": num_shards, "consistency": consistency, "staleness": staleness,
                        "num_workers": num_workers, "nan_policy": nan_policy,
-                       "compression": transport.check_mode(compression)}  # push encoding: server/transport.py
+                       "compression": transport.check_mode(compression),  # push encoding: server/transport.py
+                       "flush_denormals": flush_denormals}
         # a local path, a URI (s3://, gs://, file://) or (pyarrow.fs.FileSystem, path): checkpoints/storage.py
         self.checkpoint_dir = None if checkpoint_dir is None else storage.directory(checkpoint_dir)
         if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:

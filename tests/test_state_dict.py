@@ -117,3 +117,30 @@ def test_a_state_dict_with_a_wrong_field_is_refused_naming_it():
         server_args(bad)
     with pytest.raises(CheckpointError, match="format 'other'"):
         server_args(dict(state, format="other"))
+
+
+def test_the_subnormal_choice_survives_state_dict_and_an_older_map_keeps_the_default():
+    """``flush_denormals=False`` is recorded and restored: a restored server's kernel keeps a subnormal result
+    (reference: the float32 difference in NumPy, which keeps IEEE subnormals), while a map without the key (saved
+    before it was recorded) restores the default, flush-to-zero, which gives 0."""
+    from rayps.server import ParameterServer
+    from rayps.updaters import Sgd
+
+    start, grad = np.full(4, 2.0e-38, np.float32), np.full(4, 1.5e-38, np.float32)  # both normal, the result not
+    ieee = start - grad
+    assert 0 < ieee[0] < np.finfo(np.float32).tiny
+    kept = ParameterServer({"w": start}, updater=Sgd(learning_rate=1.0), flush_denormals=False)
+    try:
+        state = kept.state_dict()
+    finally:
+        kept.shutdown()
+    assert state["config"]["flush_denormals"] is False and server_args(state)["flush_denormals"] is False
+    older = dict(state, config={k: v for k, v in state["config"].items() if k != "flush_denormals"})
+    assert "flush_denormals" not in server_args(older)
+    for source, expected in ((state, ieee), (older, np.zeros(4, np.float32))):
+        ps = ParameterServer.from_state_dict(source)
+        try:
+            ps.push({"w": grad})
+            np.testing.assert_array_equal(ps.pull()["w"], expected)
+        finally:
+            ps.shutdown()

@@ -214,3 +214,24 @@ def test_a_default_run_prints_no_ray_internals():
     for internal in ("core_worker", "constructor arguments", "Token authentication", "Traceback", "WARNING"):
         assert internal not in console, console
     assert "test accuracy" in completed.stdout
+
+
+def test_keep_subnormals_reaches_the_server_and_flushing_is_the_default(ray_session, monkeypatch):
+    """``--keep-subnormals`` gives ``ParameterServer(flush_denormals=False)``; without it, True (the server is
+    replaced by a recorder that stops the run once it has its arguments)."""
+    from rayps.server import client
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def record(params, **options):
+        seen.append(options["flush_denormals"])
+        raise Stop
+
+    monkeypatch.setattr(client, "ParameterServer", record)
+    for argv, expected in ((["train", "--quiet"], True), (["train", "--quiet", "--keep-subnormals"], False)):
+        with pytest.raises(Stop):
+            main(argv)
+        assert seen.pop() is expected

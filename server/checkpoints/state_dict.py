@@ -3,7 +3,8 @@
 directory, server_state.py, and goes through the same call)::
 
     {"format": "rayps-server-state", "version": 1,
-     "num_shards": int, "config": {"consistency", "staleness", "num_workers", "nan_policy", "compression", ...},
+     "num_shards": int, "config": {"consistency", "staleness", "num_workers", "nan_policy", "compression",
+                                   "flush_denormals", ...},
      "groups": [ParamGroup.to_config(), ...],                  the updater and its group of every parameter
      "params": {name: array},                                  every dense parameter, its shape and dtype
      "updater_state": {name: {"iteration": int,                 updates the parameter has taken
@@ -36,7 +37,7 @@ from .format import CheckpointError, decode_array, decode_ints, encode_array, en
 
 STATE_FORMAT = "rayps-server-state"
 STATE_VERSION = 1
-RESTORED_CONFIG = ("consistency", "staleness", "num_workers", "nan_policy", "compression")
+RESTORED_CONFIG = ("consistency", "staleness", "num_workers", "nan_policy", "compression", "flush_denormals")
 MAX_STATE_BYTES = ckpt.MAX_BLOB_BYTES
 _ARRAY = "__rayps_array__"
 
