@@ -381,9 +381,9 @@ def _check_batch(message: PushMessage) -> None:
     """A batch holds plain dense pushes only, and each array divides into ``count`` equal parts."""
     if type(message.payload) is not dict or not message.payload:
         raise ProtocolError("payload", f"plain arrays for a batch of {message.count} pushes", message.payload)
-    for key, name in (("present", "present"), ("factors", "factors"), ("rows", "rows"), ("pull", "pull")):
-        if getattr(message, key):
-            raise ProtocolError(name, f"nothing in a batch of {message.count} pushes", getattr(message, key))
+    for name in ("present", "factors", "rows", "pull"):
+        if getattr(message, name):
+            raise ProtocolError(name, f"nothing in a batch of {message.count} pushes", getattr(message, name))
     if message.seq + message.count - 1 >= 1 << 62:
         raise ProtocolError("seq", "a batch whose last sequence number is below 2**62", message.seq)
     for dtype, array in message.payload.items():
