@@ -323,6 +323,15 @@ class ParameterServer(HandleIdentity, RowTableCalls):
         links.raise_errors()
         return self.layout.assemble(received, self.layout.names, copy)
 
+    def checkpoint_shards(self) -> None:
+        """With a ``checkpoint_dir``: every shard writes a checkpoint now, holding every push it has applied (this
+        handle's pushes are flushed first). ``train`` calls it at its end: the workers' handles, which keep
+        their pushes for replay until a checkpoint holds them, end with the run, so a shard that restarts
+        later must not need them. Without a ``checkpoint_dir``: nothing to do."""
+        self.flush()
+        if self.checkpoint_dir:
+            self._ask_all("checkpoint_now", self.client_id)
+
     def worker_clock(self, worker_id: int) -> int:
         """How many pushes ``worker_id`` has made (as shard 0 counts them): where a restarted worker resumes."""
         return self._links.ask(0, "worker_clock", worker_id)

@@ -274,3 +274,43 @@ def test_sixteen_writers_five_hundred_pushes_each(consistency):
         gc.collect()
         time.sleep(0.5)
     assert abs(used() - baseline) <= 1 << 20
+
+
+def test_a_shard_restarted_after_train_returned_keeps_the_trained_state(tmp_path):
+    """``train`` ends with a checkpoint of every shard (``ParameterServer.checkpoint_shards``): the workers, whose
+    handles kept their pushes for replay, are gone, so a shard that restarts after the run must find them all in
+    its checkpoint. ``checkpoint_every`` is larger than the run, so without that final checkpoint the restarted
+    shard would restore its first one (the initial parameters). Reference: the parameters pulled before the kill."""
+    import ray
+
+    from rayps.server import ParameterServer
+    from rayps.worker import build_model, load_dataset, train
+
+    data = load_dataset("digits")
+    model = build_model("mlp", data.num_features, data.num_classes, hidden=(16,))
+    ps = ParameterServer(model.init_params(0), updater=Adam(learning_rate=0.005), num_shards=2,
+                         checkpoint_dir=tmp_path, checkpoint_every=1_000_000, recovery_timeout=300)
+    try:
+        train(ps, model, data, num_workers=2, epochs=1, batch_size=32)
+        trained = ps.pull()
+        assert any(not np.array_equal(trained[n], v) for n, v in model.init_params(0).items())
+        before = [ray.get(actor.endpoint.remote(None))[1] for actor in ps.shard_actors]  # the incarnations
+        for actor in ps.shard_actors:
+            ray.kill(actor, no_restart=False)
+        deadline = time.monotonic() + 300
+        for actor, incarnation in zip(ps.shard_actors, before):  # until each runs in a new process
+            while True:
+                try:
+                    if ray.get(actor.endpoint.remote(None), timeout=10)[1] != incarnation:
+                        break
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+                        ray.exceptions.GetTimeoutError):
+                    pass  # still restarting
+                assert time.monotonic() < deadline, "a shard did not restart"
+                time.sleep(0.2)
+        restarted = ps.pull()
+        for name, value in trained.items():
+            np.testing.assert_array_equal(restarted[name], value, err_msg=name)
+        assert ps.stats()["restarts"] == 2
+    finally:
+        ps.shutdown()

@@ -37,8 +37,16 @@ class _DataWorker:
 
 
 class _Server:
+    def __init__(self, workers=()):
+        self.workers = workers
+        self.checkpoints = 0
+
     def stats(self):
         return {"bytes_pushed": 0}
+
+    def checkpoint_shards(self):
+        ray.get([w.received.remote() for w in self.workers])  # raises if the workers were killed already
+        self.checkpoints += 1
 
 
 def test_the_data_travels_as_one_reference_for_the_whole_run_and_reads_back_whole():
@@ -50,8 +58,10 @@ def test_the_data_travels_as_one_reference_for_the_whole_run_and_reads_back_whol
         return {"test_accuracy": 1.0}
 
     data = ("client", [1, 2], {"x": 3})
-    run = drive_epochs(_Server(), workers, epochs=3, evaluate=evaluate, data=data)
+    server = _Server(workers)
+    run = drive_epochs(server, workers, epochs=3, evaluate=evaluate, data=data)
     assert isinstance(run, EpochRun) and run.samples == 3 * 2 * 3
+    assert server.checkpoints == 1  # once, at the end, while the workers were still alive
     for received in seen:
         assert [epoch for epoch, *_ in received] == [0, 1, 2]
         assert all(is_ref for _, is_ref, _, _ in received)

@@ -133,7 +133,8 @@ def drive_epochs(ps, workers, *, epochs: int, evaluate: Callable[[object], dict]
                  on_epoch_end: Callable[[int, object], None] | None = None,
                  progress: Callable[[dict], None] | None = None) -> EpochRun:
     """Epochs ``first_epoch .. epochs-1`` on ``workers`` (see the module docstring); ``evaluate(ps)`` returns
-    some of ``METRIC_FIELDS`` (the others are None in the row). The workers are killed at the end.
+    some of ``METRIC_FIELDS`` (the others are None in the row). At the end every shard checkpoints (with a
+    ``checkpoint_dir``: ``ParameterServer.checkpoint_shards``) and the workers are killed.
 
     ``data`` (the server handle and the training data) is put in the object store once and each ``run_epoch``
     carries only its reference, ``[ObjectRef]``: a worker reads it when it has no loop yet (its first epoch, or
@@ -167,6 +168,7 @@ def drive_epochs(ps, workers, *, epochs: int, evaluate: Callable[[object], dict]
                 on_epoch_end(epoch, ps)
             if progress is not None:
                 progress(row)
+        ps.checkpoint_shards()  # the workers' replay buffers end with them (ParameterServer.checkpoint_shards)
     finally:
         blas.restore_original_limits()
         for worker in workers:
