@@ -293,13 +293,21 @@ def test_bad_data_plane_settings_are_errors_naming_the_field(option, value, fiel
         _server({"w": np.zeros(6, np.float32)}, **{option: value})
 
 
-def test_a_shard_restarted_on_the_same_port_rejects_the_old_incarnation_and_the_client_replays(tmp_path):
+def test_a_shard_restarted_on_the_same_port_rejects_the_old_incarnation_and_the_client_replays(tmp_path,
+                                                                                                monkeypatch):
     """One data port: the restarted process listens where the old one did, so this client's next message (for
     the old incarnation) reaches it and is rejected ``restarted``; the client recovers (new incarnation,
-    replay from its checkpoint) at once, without waiting for silence. Nothing is lost or applied twice."""
+    replay from its checkpoint) at once, without waiting for silence. Nothing is lost or applied twice. The
+    client looks at a silent shard through Ray only after 5 s here (``resend_after``; 0.5 s by default):
+    ZeroMQ's reconnection to the new process and its handshake took longer than 0.5 s in one CI run on a slow
+    machine, and the silence path (also a recovery, counted ``silence``) came first."""
     import socket
 
     import ray
+
+    from rayps.server import shard_links
+
+    monkeypatch.setattr(shard_links, "LOOK_FIRST", 10.0)
 
     probe = socket.socket()
     probe.bind(("127.0.0.1", 0))
