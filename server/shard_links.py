@@ -189,14 +189,15 @@ class ShardLinks(LinkRecovery):
             link.replay.add(message.seq, message)
         if wait_reply:
             self.pending[message.rid] = Pending(shard, message)
-        if batchable and link.unacked.size_of(message.seq) < BATCH_BYTES:
-            self._hold(shard, link, message)
+        nbytes = link.unacked.size_of(message.seq)
+        if batchable and nbytes < BATCH_BYTES:
+            self._hold(shard, link, message, nbytes)
         else:
             self._send_held(shard)
             self._send(shard, message)
         return message.rid
 
-    def _hold(self, shard: int, link: Link, message: PushMessage) -> None:
+    def _hold(self, shard: int, link: Link, message: PushMessage, nbytes: int) -> None:
         """Add ``message`` to the link's held pushes; send them unless the shard is busy (pushes sent and not
         acknowledged) and the batch is neither full nor old."""
         held = link.held
@@ -210,7 +211,7 @@ class ShardLinks(LinkRecovery):
             if busy:
                 self.linger.arm()
         held.append(message)
-        link.held_bytes += link.unacked.size_of(message.seq)
+        link.held_bytes += nbytes
         if (not busy or len(held) >= BATCH_PUSHES or link.held_bytes >= BATCH_BYTES
                 or time.monotonic() - link.held_since >= LINGER):
             self._send_held(shard)

@@ -521,6 +521,38 @@ def test_a_held_push_leaves_within_linger_with_no_further_call():
         links.linger.close()
 
 
+def test_a_send_that_fails_on_the_linger_thread_is_logged_and_the_push_stays_in_the_window(caplog):
+    """The linger thread's send raises (a socket error): it logs it, the push stays unacknowledged (the next
+    wait resends it), and the thread goes on sending later batches."""
+    links, link, shard = make_links()
+    links.linger = Linger(links, LINGER)
+    failures = []
+
+    def fail_once(shard_index, message):
+        if not failures:
+            failures.append(message.seq)
+            raise zmq.ZMQError(zmq.EAGAIN)
+        shard.send(shard_index, message)
+
+    try:
+        push_all(links, [1])  # sent: the shard is busy from now on
+        links._send = fail_once
+        push_all(links, [2])  # held; the linger thread's send fails
+        deadline = time.monotonic() + 60  # a generous bound, never asserted as a time
+        while not failures and time.monotonic() < deadline:
+            time.sleep(LINGER / 5)
+        with links.lock:
+            assert failures == [2] and link.held == [] and sorted(link.unacked) == [1, 2]
+        assert "sending held pushes failed" in caplog.text
+        push_all(links, [3])  # held again: this time the thread's send goes through
+        while len(shard.wire) < 2 and time.monotonic() < deadline:
+            time.sleep(LINGER / 5)
+        with links.lock:
+            assert [m.seq for m in shard.pushes()] == [1, 3] and link.held == []
+    finally:
+        links.linger.close()
+
+
 def test_the_linger_thread_ends_when_its_links_are_dropped_without_close():
     """The thread holds its links weakly: a handle dropped without ``shutdown`` is collected, and the thread
     ends instead of keeping it (and its sockets) alive."""
