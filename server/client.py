@@ -379,7 +379,8 @@ class ParameterServer(HandleIdentity, RowTableCalls):
         total = {key: sum(s[key] for s in shards) for key in ("bytes_pushed", "bytes_pulled", "duplicates_dropped",
                                                                "restarts", "checkpoints_written",
                                                                "late_pushes_dropped", "replays_received",
-                                                               "resume_reads_inexact", "pushes_batched")}
+                                                               "resume_reads_inexact", "pushes_batched",
+                                                               "pushes_shared", "reads_shared")}
         return {
             "shards": shards,
             "num_shards": len(shards),

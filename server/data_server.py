@@ -9,10 +9,11 @@ lock; send the replies (a batch's plain push acknowledgements once, at its end: 
 reply at once). A frame that does not decode gets a ``Rejection`` naming the field, and the connection and the
 state stay as they were.
 
-Zero copy both ways: a received gradient is a view of the received frame, read by the update kernel; a
-whole-parameter reply is sent from the live buffers. Frames below ``sockets.COPY_BELOW`` are copied at once;
-larger ones ZeroMQ reads later, from its I/O thread, so before the next change of the state the thread waits
-for those sends to finish (a ``MessageTracker`` per frame).
+Zero copy both ways: a received gradient is a view of the received frame (or, from a client on this node with
+shared memory, of its slot there: ``_region_of``), read by the update kernel; a whole-parameter reply is sent
+from the live buffers (or copied into the client's slot, server/shared_regions.py). Frames below
+``sockets.COPY_BELOW`` are copied at once; larger ones ZeroMQ reads later, from its I/O thread, so before the
+next change of the state the thread waits for those sends to finish (a ``MessageTracker`` per frame).
 
 Received buffers are reused, not mapped afresh: ZeroMQ allocates each received message with ``malloc``, and
 glibc serves an allocation above its mmap threshold (128 KiB, raised by use to at most 32 MiB) from a
@@ -158,7 +159,8 @@ class DataServer:
         self.local_endpoint = bind_local(socket, host, self.port)  # ipc://, for clients on this node
         self.monitor = socket.get_monitor_socket(MONITORED)
         self.connections = {"accepted": 0, "succeeded": 0, "failed": 0}  # for handshakes that end without an event
-        self.counters = {"handshakes_failed": 0, "malformed_rejected": 0}
+        self.counters = {"handshakes_failed": 0, "malformed_rejected": 0,
+                         "pushes_shared": 0, "reads_shared": 0}  # arrays that came or went by shared memory
         self.trackers: list = []
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="rayps-data-plane", daemon=True)
@@ -216,7 +218,7 @@ class DataServer:
         end, any other reply is sent first: a read's live buffers must leave before a push changes them)."""
         peer, frames = parts[0].bytes, parts[1:]
         try:
-            message = from_frames(frames)
+            message = from_frames(frames, self._region_of)
         except ProtocolError as error:
             self.counters["malformed_rejected"] += 1
             if self.counters["malformed_rejected"] == 1:
@@ -225,6 +227,8 @@ class DataServer:
             self._send([(peer, Rejection(peek_rid(frames), "malformed", error.field, str(error)))])
             return
         if isinstance(message, PushMessage):
+            if message.shared:
+                self.counters["pushes_shared"] += message.count
             self._settle_sends()  # the live buffers of earlier replies must be sent before they change
         with self.lock:
             replies = self.service.handle(peer, message, time.monotonic())
@@ -234,14 +238,23 @@ class DataServer:
             self._send(coalesce_acks(outbox))
             outbox.clear()
 
+    def _region_of(self, header: dict):
+        """The up region of the client a message names, if it carries that region's token (``from_frames``)."""
+        client = header.get("c")
+        regions = self.service.regions.get(client) if type(client) is str else None
+        return regions.up.array if regions is not None and header.get("rg") == regions.token else None
+
     def _changed(self) -> None:
         if self.service.changed and self.on_change is not None:
             self.on_change()
 
     def _send(self, replies) -> None:
         for peer, reply in replies:
+            if getattr(reply, "region", None) is not None:
+                self.counters["reads_shared"] += 1
             try:
-                self.trackers += send_frames(self.socket, [peer, *to_frames(reply)], track=True)
+                self.trackers += send_frames(self.socket, [peer, *to_frames(reply, getattr(reply, "region", None))],
+                                             track=True)
             except zmq.ZMQError:  # the peer is gone (its queue is full or it disconnected): it will resend
                 continue
 

@@ -2,11 +2,14 @@
 is read (no sockets, no message types: server/protocol.py builds its messages on this).
 
 * ``ArrayFrames`` collects the arrays of a message being encoded: ``ref(array)`` records ``[dtype, shape]`` for the
-  header and keeps the array itself as a frame (a view: C order, native byte order; no pack copy).
+  header and keeps the array itself as a frame (a view: C order, native byte order; no pack copy). An array
+  that lies in the link's shared region (server/shared_regions.py) is not a frame: its entry is
+  ``[dtype, shape, offset]``, and the header names the region's token (``rg``).
 * ``read_header(frames)`` decodes the header (size-capped, a msgpack map, the protocol version);
-  ``read_arrays(header, frames)`` checks the header's array list against the frames — their number, and each
-  frame's length against its declared dtype and shape — and only then reads each as a read-only
-  ``np.frombuffer`` view (no unpack copy).
+  ``read_arrays(header, frames, region_of)`` checks the header's array list against the frames — their number,
+  and each frame's length against its declared dtype and shape; an offset entry against the region that
+  ``region_of(header)`` gives (none: the entry is refused), its bounds and its alignment — and only then reads
+  each as a read-only ``np.frombuffer`` view (no unpack copy).
 * ``field``/``array_at`` and the ``is_*`` checks read one header field; anything that does not fit raises
   ``ProtocolError(field, expected)``.
 """
@@ -18,7 +21,8 @@ from typing import Any
 import msgpack
 import numpy as np
 
-VERSION = 3  # 2: a push carries the client's low water ("lw"); 3: and how many pushes it holds ("n")
+VERSION = 4  # 2: a push carries the client's low water ("lw"); 3: and how many pushes it holds ("n"); 4: arrays in
+# a shared region ([dtype, shape, offset] and "rg"), a read's slot there ("sl")
 MAX_HEADER_BYTES = 1 << 20
 MAX_ARRAYS = 4096
 ARRAY_DTYPES = frozenset({"float16", "float32", "float64", "uint16", "int8", "uint8", "int32", "int64"})
@@ -43,11 +47,15 @@ def _short(value) -> str:
 
 
 class ArrayFrames:
-    """Collects the array frames of one message; ``ref(array)`` is the index its header entry refers to."""
+    """Collects the array frames of one message; ``ref(array)`` is the index its header entry refers to.
+    ``region``: the link's shared region (``SharedRegion``), whose arrays travel as offsets; ``shared``: whether
+    any did."""
 
-    def __init__(self):
+    def __init__(self, region=None):
         self.specs: list = []
         self.frames: list = []
+        self.region = region
+        self.shared = False
 
     def ref(self, array) -> int | None:
         if array is None:
@@ -60,9 +68,14 @@ class ArrayFrames:
             name = array.dtype.name
         if not array.flags.c_contiguous:
             array = np.ascontiguousarray(array)
+        offset = None if self.region is None else self.region.offset_of(array)
+        if offset is not None:
+            self.specs.append([name, list(array.shape), offset])
+            self.shared = True
+            return len(self.specs) - 1
         self.specs.append([name, list(array.shape)])
         self.frames.append(array.reshape(-1) if array.ndim != 1 else array)
-        return len(self.frames) - 1
+        return len(self.specs) - 1
 
 
 def buffer_of(frame) -> memoryview:
@@ -88,18 +101,23 @@ def read_header(frames) -> dict:
     return header
 
 
-def read_arrays(header: dict, frames) -> list:
+def read_arrays(header: dict, frames, region_of=None) -> list:
+    """The arrays the header lists, checked (module docstring). ``region_of(header)``: the link's shared region
+    as a uint8 array, or None (asked at the first offset entry; without it such an entry is refused)."""
     specs = header.get("a")
     if not isinstance(specs, list) or len(specs) > MAX_ARRAYS:
         raise ProtocolError("a", f"a list of at most {MAX_ARRAYS} [dtype, shape] entries", type(specs).__name__)
-    if len(frames) - 1 != len(specs):
-        raise ProtocolError("frames", f"{len(specs)} array frame(s) after the header, as the header lists",
+    framed = sum(1 for spec in specs if type(spec) is not list or len(spec) != 3)
+    if len(frames) - 1 != framed:
+        raise ProtocolError("frames", f"{framed} array frame(s) after the header, as the header lists",
                             len(frames) - 1)
     checked = []
+    frame = 0
+    region = None
     for index, spec in enumerate(specs):
         dtype = shape = None
-        if type(spec) is list and len(spec) == 2:
-            name, shape = spec
+        if type(spec) is list and len(spec) in (2, 3):
+            name, shape = spec[0], spec[1]
             dtype = DTYPE_OF.get(name) if type(name) is str else None
         if dtype is None or type(shape) is not list or len(shape) > 4:
             raise ProtocolError(f"a[{index}]", f"[dtype in {sorted(ARRAY_DTYPES)}, shape of <= 4 sizes]", spec)
@@ -108,14 +126,27 @@ def read_arrays(header: dict, frames) -> list:
             if type(dimension) is not int or not 0 <= dimension < 1 << 40:
                 raise ProtocolError(f"a[{index}]", f"[dtype in {sorted(ARRAY_DTYPES)}, shape of <= 4 sizes]", spec)
             size *= dimension
-        buffer = buffer_of(frames[index + 1])
+        if len(spec) == 3:  # in the link's shared region
+            if region is None:
+                region = None if region_of is None else region_of(header)
+                if region is None:
+                    raise ProtocolError("rg", f"the token of this connection's shared region (for a[{index}])",
+                                        header.get("rg"))
+            offset, nbytes = spec[2], size * dtype.itemsize
+            if type(offset) is not int or not 0 <= offset <= region.nbytes - nbytes or offset % dtype.itemsize:
+                raise ProtocolError(f"a[{index}]", f"an aligned offset of {nbytes} bytes inside the shared region "
+                                    f"of {region.nbytes} bytes", offset)
+            checked.append((dtype, shape, region[offset:offset + nbytes]))
+            continue
+        frame += 1
+        buffer = buffer_of(frames[frame])
         if buffer.nbytes != size * dtype.itemsize:
             raise ProtocolError(f"a[{index}]", f"{size * dtype.itemsize} bytes for {spec[0]} {tuple(shape)}",
                                 f"{buffer.nbytes} bytes")
         checked.append((dtype, shape, buffer))
     out = []  # only now are buffers read
     for dtype, shape, buffer in checked:
-        array = np.frombuffer(buffer, dtype=dtype)
+        array = buffer.view(dtype) if type(buffer) is np.ndarray else np.frombuffer(buffer, dtype=dtype)
         if not array.flags.aligned:  # a kernel wants aligned elements: copy the rare odd frame
             array = array.copy()
         array.flags.writeable = False  # a received frame is read, never written

@@ -37,6 +37,8 @@ class HandleIdentity:
         # a push kept for replay must own its arrays; encoded ones (compression) always do
         own = bool(self.checkpoint_dir) and self.config["compression"] == "none"
         self._plan = PushPlan(self.layout, self.groups, self.tables, self.config["nan_policy"], own_payloads=own)
+        links = self._links.links
+        self._plan.shared_buffers = lambda shard: links[shard].regions  # packs large pushes into shared memory
         self.bytes_pushed = 0
         self.bytes_pulled = 0
         self._encoders = {}  # shard -> ThresholdEncoder (compression="threshold"): this identity's residuals

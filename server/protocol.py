@@ -6,12 +6,16 @@ Every message is one ZeroMQ multipart message::
     frame 1..n   one raw array each, in the order of the header's "a" list (C order, native byte order)
 
 The frame layer (header decoding, array frames checked against the header, the field checks) is
-server/frames.py. ``to_frames()`` returns the header bytes followed by the arrays themselves (views: no pack copy; ZeroMQ sends
-them as they are). ``from_frames(frames)`` checks the header first — version, kind, every field's type, the
-number of array frames, and each frame's length against its declared dtype and shape — and only then reads a
-buffer, as a read-only ``np.frombuffer`` view of the received frame (no unpack copy: the update kernel reads
-the gradient straight from it). Anything that does not fit raises ``ProtocolError(field, expected)``; the shard
-answers it with a ``Rejection`` that names the field, and changes nothing. Nothing here ever unpickles.
+server/frames.py. ``to_frames()`` returns the header bytes followed by the arrays themselves (views: no pack
+copy; ZeroMQ sends them as they are). On one node a link may also share memory (server/shared_regions.py):
+``to_frames(message, region)`` names an array that lies in the link's region by its offset there, and
+``from_frames(frames, region_of)`` reads such an array where it lies, in the region ``region_of(header)``
+gives for the token the header names. ``from_frames(frames)`` checks the header first — version, kind, every
+field's type, the number of array frames, and each frame's length against its declared dtype and shape — and
+only then reads a buffer, as a read-only ``np.frombuffer`` view of the received frame (no unpack copy: the
+update kernel reads the gradient straight from it). Anything that does not fit raises
+``ProtocolError(field, expected)``; the shard answers it with a ``Rejection`` that names the field, and changes
+nothing. Nothing here ever unpickles.
 
 Kinds (``Message.kind``):
 
@@ -111,6 +115,9 @@ class PushMessage:
     timeout: float | None = None  # of the fused pull
     low_water: int = 0  # the client's pushes every shard's finished checkpoint covers (``ShardState.low_water``)
     count: int = 1  # pushes this message holds (a batch: seqs ``seq .. seq + count - 1``)
+    slot: int | None = None  # the fused pull's down slot in the link's shared region (None: over the socket)
+    shared: bool = field(default=False, compare=False)  # received: its arrays lie in the link's shared region
+    token: str | None = field(default=None, compare=False)  # received: the shared region's token it names
 
     def batchable(self) -> bool:
         """Whether this push may travel in a batch: a plain dense push (arrays; no rows, pieces, factors,
@@ -140,6 +147,8 @@ class PullRequest:
     incarnation: str | None = None
     timeout: float | None = None
     at_seq: int | None = None  # sync mode: the parameters this client's push ``at_seq + 1`` is computed on
+    slot: int | None = None  # the reply's down slot in the link's shared region (None: over the socket)
+    token: str | None = field(default=None, compare=False)  # received: the shared region's token it names
 
 
 @dataclass
@@ -164,6 +173,7 @@ class Reply:
     ids: np.ndarray | None = None  # a rows read of a whole table: the ids
     rows: np.ndarray | None = None  # a rows read
     waiting: bool = False
+    region: Any = field(default=None, compare=False, repr=False)  # sent: the shared region its params lie in
 
 
 @dataclass
@@ -206,19 +216,20 @@ def _encode_rows(rows, arrays: ArrayFrames):
     return out
 
 
-def to_frames(message: Message) -> list:
-    """The frames of ``message``: the header bytes, then the arrays themselves (no copy)."""
-    arrays = ArrayFrames()
+def to_frames(message: Message, region=None) -> list:
+    """The frames of ``message``: the header bytes, then the arrays themselves (no copy); those lying in
+    ``region`` (the link's ``SharedRegion``) are named by their offset instead."""
+    arrays = ArrayFrames(region)
     kind = message.kind
     if kind == "push":
         header = {"c": message.client_id, "s": message.seq, "w": message.worker_id, "e": message.epoch,
                   "p": _encode_payload(message.payload, arrays), "pr": message.present, "f": message.factors,
                   "rw": _encode_rows(message.rows, arrays), "rp": message.replayed, "i": message.incarnation,
                   "pl": message.pull, "pw": message.pull_worker, "t": message.timeout,
-                  "lw": message.low_water, "n": message.count}
+                  "lw": message.low_water, "n": message.count, "sl": message.slot}
     elif kind == "pull":
         header = {"c": message.client_id, "s": message.after_seq, "w": message.worker_id, "pc": message.pieces,
-                  "i": message.incarnation, "t": message.timeout, "as": message.at_seq}
+                  "i": message.incarnation, "t": message.timeout, "as": message.at_seq, "sl": message.slot}
     elif kind == "rows":
         header = {"c": message.client_id, "s": message.after_seq, "tb": message.table,
                   "ids": arrays.ref(message.ids), "i": message.incarnation, "t": message.timeout}
@@ -233,6 +244,8 @@ def to_frames(message: Message) -> list:
     else:
         raise TypeError(f"not a protocol message: {type(message).__name__}")
     header.update(v=VERSION, k=kind, r=message.rid, a=arrays.specs)
+    if arrays.shared or (region is not None and getattr(message, "slot", None) is not None):
+        header["rg"] = region.token  # the regions its arrays lie in, or its reply is to be written to
     return [msgpack.packb(header, use_bin_type=True), *arrays.frames]
 
 
@@ -314,24 +327,26 @@ PUSH_FIELDS = (("c", "client_id", is_client_id, "a client id (1-256 characters)"
                ("pl", "pull", _is_bool, "true or false"),
                ("t", "timeout", is_timeout, "nil or seconds >= 0"),
                ("lw", "low_water", is_count, "a sequence number >= 0"),
-               ("n", "count", _is_push_count, f"a push count 1..{MAX_BATCH}"))
+               ("n", "count", _is_push_count, f"a push count 1..{MAX_BATCH}"),
+               ("sl", "slot", is_opt_count, "nil or a slot number"))
 
 
-def from_frames(frames) -> Message:
+def from_frames(frames, region_of=None) -> Message:
     """The message in ``frames`` (bytes, memoryviews or ``zmq.Frame``), checked whole before any array is
-    read; ``ProtocolError`` naming the field otherwise."""
+    read; ``ProtocolError`` naming the field otherwise. ``region_of(header)``: the link's shared region (a
+    uint8 array) for arrays named by offset, or None (see server/frames.py)."""
     header = read_header(frames)
     kind = header.get("k")
     rid = header_field(header, "r", "rid", is_count, "a request id (int >= 0)")
-    arrays = read_arrays(header, frames)
+    arrays = read_arrays(header, frames, region_of)
     if kind == "push":
         (client_id, seq, worker_id, epoch, present, factors, replayed, incarnation, pull_worker, pull, timeout,
-         low_water, count) = fields(header, PUSH_FIELDS)
+         low_water, count, slot) = fields(header, PUSH_FIELDS)
         message = PushMessage(
             rid, client_id, seq, worker_id, epoch, _decode_payload(header.get("p"), arrays), present,
             None if factors is None else {k: (float(v[0]), float(v[1])) for k, v in factors.items()},
             _decode_rows(header.get("rw"), arrays), replayed, incarnation, pull_worker, pull, timeout, low_water,
-            count)
+            count, slot, any(len(spec) == 3 for spec in header["a"]), _token(header))
         if count > 1:
             _check_batch(message)
         return message
@@ -344,7 +359,8 @@ def from_frames(frames) -> Message:
                    "nil or a list of piece indices"),
             header_field(header, "i", "incarnation", is_opt_str, "nil or an incarnation id"),
             header_field(header, "t", "timeout", is_timeout, "nil or seconds >= 0"),
-            header_field(header, "as", "at_seq", is_opt_count, "nil or a sequence number >= 0"))
+            header_field(header, "as", "at_seq", is_opt_count, "nil or a sequence number >= 0"),
+            header_field(header, "sl", "slot", is_opt_count, "nil or a slot number"), _token(header))
     if kind == "rows":
         return RowsRequest(
             rid, header_field(header, "c", "client_id", is_client_id, "a client id (1-256 characters)"),
@@ -375,6 +391,11 @@ def from_frames(frames) -> Message:
                          header_field(header, "fd", "field", lambda v: type(v) is str, "a field name"),
                          header_field(header, "ms", "message", lambda v: type(v) is str, "a message"))
     raise ProtocolError("kind", "one of ['push', 'pull', 'rows', 'reply', 'reject']", kind)
+
+
+def _token(header: dict) -> str | None:
+    token = header.get("rg")
+    return token if type(token) is str else None
 
 
 def _check_batch(message: PushMessage) -> None:

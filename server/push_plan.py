@@ -14,10 +14,15 @@ sends as one frame without copying it (server/protocol.py):
 A buffer (a copy or a pack) of a full push of ``POOL_FROM_BYTES`` or more is recycled, not allocated afresh (a
 fresh large allocation is a fresh mapping whose every page faults in while it is written): up to
 ``POOL_DEPTH`` buffers per (shard, dtype) are kept, and the message gets an array over one of them through a
-``_Lease``, an object that every array, view, memoryview or ZeroMQ frame made from the message's array keeps
-alive. A buffer is given to a new push only once its lease is garbage: nothing made from the earlier message
-is left (not the message in the client's unacknowledged or replay lists, not a frame ZeroMQ has yet to send).
-When all are in use a fresh buffer is allocated and not kept.
+``Lease`` (server/shared_regions.py), an object that every array, view, memoryview or ZeroMQ frame made from
+the message's array keeps alive. A buffer is given to a new push only once its lease is garbage: nothing made
+from the earlier message is left (not the message in the client's unacknowledged or replay lists, not a frame
+ZeroMQ has yet to send).
+When all are in use a fresh buffer is allocated and not kept. On a link with shared memory
+(server/shared_regions.py; ``shared_buffers``) the recycled buffers are the link's up slots, so the pack writes
+the push where the shard reads it (a piece that would go as a view of the caller's array is copied there too:
+one copy instead of the socket's two); a new region (the shard restarted) starts a new pool, and the buffers
+of the old one stay alive while their messages do.
 
 Checks run before anything is sent, over the whole push, so a bad push reaches no shard (atomic across shards):
 structure (``validation.check_gradients``) first; then finiteness: an array below ``finite_copy.SWEEP_FROM``
@@ -41,6 +46,7 @@ from ..updaters.groups import assign_groups
 from . import finite_copy
 from .layout import ParameterLayout
 from .row_tables import check_rows, route
+from .shared_regions import Lease
 from .validation import check_gradients
 
 SWEEP_THREADS = 2  # threads that copy and check one large array (finite_copy)
@@ -50,14 +56,6 @@ POOL_DEPTH = 2  # recycled buffers per (shard, dtype): a push and the one after 
 
 class _NonFinite(Exception):
     """A piece being built holds a NaN or Inf (caught in ``PushPlan.messages``)."""
-
-
-class _Lease:
-    """Holds a recycled buffer for the arrays made from it (``np.asarray(lease)``); see the module docstring."""
-
-    def __init__(self, owner: np.ndarray):
-        self.owner = owner
-        self.__array_interface__ = owner.__array_interface__
 
 
 class PushPlan:
@@ -75,7 +73,8 @@ class PushPlan:
         self.shard_names = [frozenset(p.name for p in pieces) for pieces in layout.shard_pieces]
         # per shard: ((dtype, numpy dtype, elements, ((name, flat start, flat stop, piece), ...)), ...)
         self.full_parts = [self._parts(pieces) for pieces in layout.shard_pieces]
-        self.recycled: dict[tuple[int, str], list] = {}  # (shard, dtype) -> [(buffer, weakref to its lease)]
+        self.recycled: dict[tuple[int, str], tuple] = {}  # (shard, dtype) -> (source, [(buffer, weakref to lease)])
+        self.shared_buffers = None  # shard -> its link's ``LinkRegions`` or None (set by the client)
 
     @staticmethod
     def _parts(pieces) -> tuple:
@@ -135,6 +134,8 @@ class PushPlan:
         Inf (see the module docstring)."""
         payload = {}
         small = finite_copy.SWEEP_FROM  # arrays this small were checked whole in ``messages``
+        if not own and full and self.shared_buffers is not None and self.shared_buffers(shard) is not None:
+            own = True  # copied into the link's shared memory, where the shard reads it: cheaper than the socket
         for dtype, np_dtype, size, members in parts:
             if len(members) == 1:
                 name, start, stop, _ = members[0]
@@ -180,16 +181,22 @@ class PushPlan:
         """A buffer for a message: recycled for a large full push, else fresh (module docstring)."""
         if not full or size * np_dtype.itemsize < POOL_FROM_BYTES:
             return np.empty(size, dtype=np_dtype)
-        pool = self.recycled.setdefault((shard, dtype), [])
+        regions = None if self.shared_buffers is None else self.shared_buffers(shard)
+        source, pool = self.recycled.get((shard, dtype), (None, None))
+        if pool is None or source is not regions:  # first use, or the link's shared memory changed
+            pool = []
+            self.recycled[(shard, dtype)] = (regions, pool)
         for slot, (buffer, lease) in enumerate(pool):
             if lease() is None:
                 break
         else:
             if len(pool) >= POOL_DEPTH:
                 return np.empty(size, dtype=np_dtype)
-            slot, buffer = len(pool), np.empty(size, dtype=np_dtype)
+            slot = len(pool)
+            shared = regions is not None and slot < regions.up_slots and regions.layout.sizes.get(dtype) == size
+            buffer = regions.up_buffers(slot)[dtype] if shared else np.empty(size, dtype=np_dtype)
             pool.append(None)
-        lease = _Lease(buffer)
+        lease = Lease(buffer)
         pool[slot] = (buffer, weakref.ref(lease))
         return np.asarray(lease)
 

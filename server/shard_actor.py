@@ -50,6 +50,7 @@ from .checkpoints import table_chains
 from .data_server import DataServer
 from .faults import NO_FAULTS
 from .shard_service import ShardService
+from .shared_regions import MAX_REGION_CLIENTS, SHARED_FROM_BYTES, ShardRegions, region_dir, sweep_orphans
 from .shard_spec import ShardOptions, ShardSpec, build_state
 from .shard_state import ShardState
 
@@ -306,6 +307,30 @@ class ShardActor:
         with self.lock:
             return [self.data.local_endpoint if local else self.data.endpoint, self.incarnation,
                     self.state.applied_seq.get(client_id, 0)]
+
+    def shared_regions(self, client_id=None):
+        """Shared memory for a client on this node (server/shared_regions.py): the regions' paths, token and
+        layout, which the client maps and then unlinks; None where this shard's parameters are small (the
+        socket is as fast), or shared memory is off (``RAYPS_DATA_SHM=0``) or unavailable. A client's earlier
+        regions are dropped; beyond ``MAX_REGION_CLIENTS`` clients the oldest's are (it then uses its socket)."""
+        directory = region_dir()
+        if (directory is None or type(client_id) is not str
+                or sum(buffer.nbytes for buffer in self.state.params.values()) < SHARED_FROM_BYTES):
+            return None
+        sweep_orphans(directory)
+        try:
+            regions = ShardRegions.create(directory, {dtype: buf.size for dtype, buf in self.state.params.items()})
+        except OSError as error:
+            log.warning("rayps shard %d: no shared memory for a client on this node (%s); it uses its socket",
+                        self.state.shard_index, error)
+            return None
+        with self.lock:
+            known = self.service.regions
+            known.pop(client_id, None)
+            known[client_id] = regions
+            while len(known) > MAX_REGION_CLIENTS:
+                del known[next(iter(known))]
+        return regions.to_wire()
 
     def inject_faults(self, plan) -> None:
         """Tests: where this shard's process dies (server/faults.py); a restarted process starts without."""

@@ -23,12 +23,18 @@ shard incarnation this client knows.
   (``ReplayBuffer``).
 * Reads (pull, rows, the pull of a fused push) wait here for their reply; a push's rejected parts (a NaN
   gradient, a bad row) come back in its acknowledgement and are raised by the next ``flush``/read.
+* Shared memory on the shard's node (server/shared_regions.py): a link connected over ``ipc://`` to a shard
+  whose parameters are large asks it (through Ray) for two shared regions. A push whose payload ``PushPlan``
+  packed into an up slot names the slot instead of carrying the bytes; a whole-parameter read names a free
+  down slot, and its reply's arrays are views of that slot, kept in use while they live. A shard that no
+  longer knows the regions rejects the message (field ``rg``): the link drops them and resends over the socket.
 * Silence, restarts and control calls: ``LinkRecovery`` (server/link_recovery.py).
 """
 
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -40,8 +46,9 @@ from .credentials import RunCredentials
 from .faults import NO_FAULTS
 from .link_recovery import LinkRecovery
 from .push_linger import Linger
-from .protocol import Ack, PushMessage, Rejection, Reply, from_frames, to_frames
+from .protocol import Ack, PullRequest, PushMessage, Rejection, Reply, from_frames, to_frames
 from .replay import InFlight, ReplayBuffer
+from .shared_regions import LinkRegions
 from .sockets import has_message, send_frames
 
 BATCH_PUSHES = 32  # held pushes that go out as one message at once
@@ -51,6 +58,7 @@ WINDOW_BYTES = 64 << 20  # the unacknowledged pushes' array bytes per shard befo
 LOOK_FIRST = 0.5  # seconds of silence before the first look at the shards (through Ray), then doubling ...
 LOOK_MAX = 4.0  # ... up to this
 RESEND_AFTER = 5.0  # seconds of silence before an alive shard is sent again what it has not answered
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,6 +70,7 @@ class Pending:
     reply: Reply | None = None
     error: BaseException | None = None
     acked: bool = False  # a fused push's push part was acknowledged: resend only its pull
+    slot: int | None = None  # the down slot its reply is written to (shared memory), if any
 
     @property
     def done(self) -> bool:
@@ -80,6 +89,7 @@ class Link:
     held: list = field(default_factory=list)  # pushes waiting to go out in one batch (in ``unacked`` too)
     held_bytes: int = 0
     held_since: float = 0.0
+    regions: LinkRegions | None = None  # shared memory with the shard (same node, large parameters)
 
 
 class ShardLinks(LinkRecovery):
@@ -129,6 +139,26 @@ class ShardLinks(LinkRecovery):
         link.socket, link.endpoint = socket, endpoint
         self.poller.register(socket, zmq.POLLIN)
         self.sockets[socket] = shard
+        link.regions = self._map_regions(shard) if endpoint.startswith("ipc://") else None
+
+    def _map_regions(self, shard: int) -> LinkRegions | None:
+        """The shared regions with ``shard`` (on this node), or None where it offers none or they do not map."""
+        wire = self._ask_actor(shard, lambda: ray.get(self.actors[shard].shared_regions.remote(self.client_id),
+                                                      timeout=30))
+        if wire is None:
+            return None
+        try:
+            return LinkRegions(wire)
+        except (OSError, ValueError, KeyError) as error:
+            log.warning("rayps data plane: shard %d's shared memory did not map (%s); this link uses its socket",
+                        shard, error)
+            return None
+
+    def drop_regions(self, shard: int) -> None:
+        """Stop using shared memory with ``shard`` and resend what is outstanding over the socket (the shard
+        no longer knows the regions)."""
+        self.links[shard].regions = None
+        self._resend(shard)
 
     def connect(self, shard: int) -> None:
         """First contact with ``shard``: learn its endpoint and incarnation."""
@@ -162,7 +192,8 @@ class ShardLinks(LinkRecovery):
             self.connect(shard)
         message.incarnation = link.incarnation
         try:
-            send_frames(link.socket, to_frames(message), zmq.NOBLOCK)
+            send_frames(link.socket, to_frames(message, None if link.regions is None else link.regions.up),
+                        zmq.NOBLOCK)
         except zmq.Again:  # the queue to this shard is full: the silence handling resends it
             pass
 
@@ -188,7 +219,7 @@ class ShardLinks(LinkRecovery):
         if link.replay is not None:
             link.replay.add(message.seq, message)
         if wait_reply:
-            self.pending[message.rid] = Pending(shard, message)
+            self.pending[message.rid] = Pending(shard, message, slot=self._down_slot(shard, message))
         nbytes = link.unacked.size_of(message.seq)
         if batchable and nbytes < BATCH_BYTES:
             self._hold(shard, link, message, nbytes)
@@ -241,10 +272,21 @@ class ShardLinks(LinkRecovery):
         """Send a read (after the pushes held for this shard); its rid, for ``wait``."""
         with self.lock:
             message.rid = self._next_rid()
-            self.pending[message.rid] = Pending(shard, message)
+            self.pending[message.rid] = Pending(shard, message, slot=self._down_slot(shard, message))
             self._send_held(shard)
             self._send(shard, message)
             return message.rid
+
+    def _down_slot(self, shard: int, message) -> int | None:
+        """A free down slot for the reply to ``message`` (a whole-parameter read on a link with shared memory),
+        also set on the message; else None."""
+        regions = self.links[shard].regions
+        if regions is None or (isinstance(message, PullRequest) and message.pieces is not None) or not isinstance(
+                message, (PullRequest, PushMessage)):
+            return None
+        waiting = {entry.slot for entry in self.pending.values() if entry.shard == shard and entry.slot is not None}
+        message.slot = regions.free_down_slot(waiting)
+        return message.slot
 
     def wait(self, rids) -> dict[int, Reply]:
         """rid -> reply for ``rids``; raises the first error among them (TimeoutError, ValueError, ShardLost)."""
@@ -301,9 +343,21 @@ class ShardLinks(LinkRecovery):
     def _drain(self, socket) -> None:
         shard = self.sockets.get(socket)
         while shard is not None and has_message(socket):
-            self._dispatch(shard, from_frames(socket.recv_multipart(copy=False)))
+            self._dispatch(shard, from_frames(socket.recv_multipart(copy=False),
+                                              lambda header: self._reply_region(shard, header)))
             if self.sockets.get(socket) is None:  # the link was reopened while dispatching (a recovery)
                 return
+
+    def _reply_region(self, shard: int, header: dict):
+        """The down region a reply's arrays lie in (``from_frames``' ``region_of``), leased for the slot of the
+        request it answers; None when its token is not this link's."""
+        regions = self.links[shard].regions
+        if regions is None or header.get("rg") != regions.token:
+            return None
+        entry = self.pending.get(header.get("r"))
+        if entry is None or entry.shard != shard or entry.slot is None:
+            return regions.down.array  # an answer nobody waits for any more: dropped unread
+        return regions.lease_down(entry.slot)
 
     def _dispatch(self, shard: int, message) -> None:
         link = self.links[shard]
@@ -347,6 +401,9 @@ class ShardLinks(LinkRecovery):
             self._recover(shard, self._ask_actor(shard, lambda: self._discover(shard, 10)), "rejected")
         elif rejection.code == "overloaded":
             return  # the push is resent when the silence handling runs
+        elif rejection.code == "malformed" and rejection.field == "rg":  # the shard no longer knows this link's
+            if self.links[shard].regions is not None:  # shared memory: everything outstanding goes again, over
+                self.drop_regions(shard)  # the socket (the rejections of the rest are then answered already)
         elif entry is not None:
             entry.error = TimeoutError(rejection.message) if rejection.code == "timeout" else \
                 ValueError(f"shard {shard} rejected the request: {rejection.message}")

@@ -25,12 +25,17 @@ and sends the replies it returns; ``expire(now)`` runs when the socket has been 
   waiting step is applied with the workers that pushed (``ShardState.force_sync_step``).
 
 A whole-parameter read returns the LIVE buffers (no copy): the data-plane thread sends them without copying
-and waits until ZeroMQ has handed them to the kernel before it applies the next push.
+and waits until ZeroMQ has handed them to the kernel before it applies the next push. A client on this node
+with shared memory (``regions``, server/shared_regions.py) names a down slot instead: the parameters are copied
+there and the reply names them (``Reply.region``). A push read from the client's up slot that must wait for an
+earlier one is copied out of the slot first (the client reuses a slot once the push is acknowledged).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import numpy as np
 
 from .protocol import Ack, PullRequest, PushMessage, Rejection, Reply, RowsRequest
 from .shard_state import ShardState
@@ -83,6 +88,7 @@ class ShardService:
         self.sync_timeout = sync_timeout
         self.covered: dict[str, int] = {}  # client -> last seq a finished checkpoint holds (set by the actor)
         self.waiting: dict[tuple, WaitingRead] = {}
+        self.regions: dict = {}  # client -> ShardRegions: shared memory with a client on this node (the actor's)
         self.last_change = 0.0
         self.changed = False  # set by a call that changed the state (the actor then checkpoints, reports)
 
@@ -117,6 +123,9 @@ class ShardService:
                                                                     f"wait for an earlier one")
         if rejected is not None:
             return [(peer, rejected)]
+        if message.shared and type(message.payload) is dict and message.seq > state.applied_seq.get(
+                message.client_id, 0) + 1:  # it waits for an earlier push: out of the client's slot first
+            message.payload = {dtype: np.array(array) for dtype, array in message.payload.items()}
         if message.replayed:
             state.counters["replays_received"] += 1
         state.report_low_water(message.client_id, message.worker_id, message.low_water)
@@ -131,7 +140,7 @@ class ShardService:
         if not message.pull:
             return [(peer, Reply(message.rid, ack, outcome.errors))]
         read = PullRequest(message.rid, message.client_id, message.seq, message.pull_worker, None,
-                           message.incarnation, message.timeout)
+                           message.incarnation, message.timeout, slot=message.slot, token=message.token)
         return self._read(peer, read, now, ack, outcome.errors)
 
     def ack(self, client_id: str, seq: int) -> Ack:
@@ -176,6 +185,11 @@ class ShardService:
             return None
         if isinstance(request, PullRequest):
             params = state.read(request.pieces, worker, copy=False)  # whole: the live buffers; pieces: packed
+            regions = self.regions.get(request.client_id) if request.slot is not None else None
+            if regions is not None and request.pieces is None and request.token == regions.token:
+                shared = regions.write_params(request.slot, request.rid, params)
+                if shared is not None:
+                    return Reply(request.rid, ack, errors or [], params=shared, region=regions.down)
             return Reply(request.rid, ack, errors or [], params=params)
         try:
             if request.ids is None:
