@@ -138,11 +138,15 @@ class SharedRegion:
 
     @classmethod
     def create(cls, directory: str, nbytes: int, token: str) -> "SharedRegion":
-        """A new file of ``nbytes`` in ``directory`` (mode 0600, a name nobody else has), mapped."""
+        """A new file of ``nbytes`` in ``directory`` (mode 0600, a name nobody else has), mapped. Its memory is
+        reserved now (``posix_fallocate``): a full ``/dev/shm`` fails here, with ``OSError``, and not later with a
+        SIGBUS when a page is first written."""
         path = os.path.join(directory, f"region-{secrets.token_hex(12)}")
         descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
             os.ftruncate(descriptor, nbytes)
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(descriptor, 0, nbytes)
             mapping = mmap.mmap(descriptor, nbytes)
         except OSError:
             os.unlink(path)

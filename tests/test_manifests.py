@@ -125,6 +125,19 @@ def test_every_container_states_requests_and_limits(path):
 
 
 @pytest.mark.parametrize("path", KUBERAY, ids=lambda p: p.name)
+def test_every_pod_mounts_a_memory_volume_at_dev_shm(path):
+    """Ray's object store and rayps' same-node shared memory live in /dev/shm, which a container gets at 64 MB
+    unless the pod mounts memory there."""
+    doc = load_manifest(path)
+    for group in [_cluster_spec(doc)["headGroupSpec"], *_cluster_spec(doc)["workerGroupSpecs"]]:
+        spec = group["template"]["spec"]
+        mounts = {m["mountPath"]: m["name"] for m in spec["containers"][0].get("volumeMounts", [])}
+        assert "/dev/shm" in mounts, f"{path.name}: {group.get('groupName', 'head')} mounts nothing at /dev/shm"
+        volume = next(v for v in spec["volumes"] if v["name"] == mounts["/dev/shm"])
+        assert volume["emptyDir"]["medium"] == "Memory"
+
+
+@pytest.mark.parametrize("path", KUBERAY, ids=lambda p: p.name)
 def test_kuberay_manifests_keep_token_authentication_on(path):
     assert _cluster_spec(load_manifest(path))["authOptions"] == {"mode": "token"}
 

@@ -96,6 +96,20 @@ def test_a_region_file_of_another_size_is_refused(tmp_path):
         LinkRegions({**wire, "up_slots": wire["up_slots"] + 1})
 
 
+def test_a_full_dev_shm_fails_at_creation_and_leaves_no_file(tmp_path, monkeypatch):
+    """The memory is reserved when the file is made: no space is an OSError then (the shard falls back to the
+    socket), never a SIGBUS at a first write later."""
+    import errno
+
+    def no_space(descriptor, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_space)
+    with pytest.raises(OSError):
+        ShardRegions.create(str(tmp_path), {"float32": 1000})
+    assert os.listdir(tmp_path) == []
+
+
 def test_region_dir_is_a_private_directory_or_none(tmp_path, monkeypatch):
     monkeypatch.setattr(shared_regions, "REGION_ROOT", str(tmp_path))
     monkeypatch.setenv("RAYPS_DATA_SHM", "0")
