@@ -26,6 +26,9 @@ Systems (each run ``--repeats`` times, interleaved; medians reported):
   data plane outside Ray's task path could give;
 * ``zmq PS``: the socket PS over pyzmq instead (a ROUTER on a Unix socket served by one thread, DEALER
   workers, one raw frame each way): the floor of a ZeroMQ data plane, which is what rayps' is;
+* ``shm PS``: the zmq PS with the arrays in shared memory (one file in ``/dev/shm`` per worker: the gradient
+  is written there, the parameters copied there, empty ZeroMQ messages say when): the floor of a same-node
+  data plane that moves no array through a socket;
 * rayps at the textbook's semantics — pull and push every step (``n_fetch = n_push = 1``: one fused
   ``push_pull`` per shard per step), float32, no prefetch: async and sync (BSP), and async with 2 shards;
 * rayps with its knobs: ``prefetch`` (the next gradient computed while the step's call is in flight: one step
@@ -86,7 +89,8 @@ TEXTBOOK = [("textbook sync", "textbook", {"mode": "sync"}),
 RAY_FLOOR = [("ray floor (1 bare call/step, no update)", "floor", {})]
 # a data plane outside Ray's task path (benchmarks/socket_ps.py): TCP frames, rayps' kernel, no recovery
 SOCKET_PS = [("socket PS (async, TCP, no recovery)", "socket", {}),
-             ("zmq PS (async, ipc, no recovery)", "socket", {"transport": "zmq"})]
+             ("zmq PS (async, ipc, no recovery)", "socket", {"transport": "zmq"}),
+             ("shm PS (async, shared memory, no recovery)", "socket", {"transport": "shm"})]
 RAYPS_TEXTBOOK_SEMANTICS = [
     ("rayps async", "rayps", {"consistency": "async"}),
     ("rayps sync", "rayps", {"consistency": "sync"}),

@@ -16,11 +16,21 @@ rayps' clients use on the shard's node; in Linux's abstract namespace, so a kill
 served by ONE thread as rayps' shard is, each worker a DEALER; one frame of raw float32 each way, nothing else.
 That is the floor of a ZeroMQ data plane, where every message also passes ZeroMQ's I/O thread in each process.
 
+``transport="shm"``: the ZeroMQ server with the arrays in shared memory, as BytePS moves them within a node
+(the way around copies the issue names for large same-node arrays). Each worker maps one file in ``/dev/shm``
+(mode 0600) that the server maps too: the worker writes its gradient there (the flatten every path does) and
+sends an empty ZeroMQ message; the server applies the kernel reading the gradient where it lies, copies the
+parameters into the worker's half of the file and answers with an empty message; the worker computes its next
+gradient on those parameters where they lie. No array crosses a socket: per step one copy of the parameters
+and the kernel, the least any parameter server that keeps one consistent copy of the parameters can do.
+
     python benchmarks/end_to_end.py --model small --only "textbook async,rayps async,socket PS"
 """
 
 from __future__ import annotations
 
+import mmap
+import os
 import socket
 import struct
 import threading
@@ -73,11 +83,13 @@ class SocketServer:
         self.state = updater.init(self.params)
         self.iteration = 0
         self.lock = threading.Lock()
-        if transport == "zmq":
+        self.regions: dict = {}  # shm: peer -> (mapping, gradient view, parameter view)
+        if transport in ("zmq", "shm"):
             self.router = zmq.Context.instance().socket(zmq.ROUTER)
             self.endpoint = f"ipc://@rayps-zmq-ps-{uuid.uuid4().hex}"
             self.router.bind(self.endpoint)
-            threading.Thread(target=self._serve_zmq, daemon=True).start()
+            serve = self._serve_zmq if transport == "zmq" else self._serve_shm
+            threading.Thread(target=serve, daemon=True).start()
             return
         self.endpoint = None
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -127,10 +139,38 @@ class SocketServer:
                 self.router.send_multipart([peer, self.params])  # copied at once: the next apply may follow
 
 
+    def _serve_shm(self) -> None:
+        import numba  # noqa: PLC0415
+
+        numba.set_num_threads(1)
+        flush_denormals(True)
+        size = self.params.size
+        while True:
+            peer, frame = self.router.recv_multipart()
+            if frame:  # a worker's first message: the path of its shared file
+                mapping = _map(frame.decode(), 2 * self.params.nbytes)
+                both = np.frombuffer(mapping, dtype=np.float32)
+                self.regions[peer] = (mapping, both[:size], both[size:])
+            _, grads, reply = self.regions[peer]
+            with self.lock:
+                self.updater.apply(self.params, grads, self.state, self.iteration)
+                self.iteration += 1
+                reply[...] = self.params
+            self.router.send_multipart([peer, b""])
+
+
+def _map(path: str, nbytes: int) -> mmap.mmap:
+    descriptor = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+    try:
+        return mmap.mmap(descriptor, nbytes)
+    finally:
+        os.close(descriptor)
+
+
 @ray.remote
 class SocketWorker:
     def __init__(self, model, address, shapes: dict, x, y, worker_id: int, num_workers: int, batch_size: int,
-                 seed: int):
+                 seed: int, shared_memory: bool = False):
         self.model, self.shapes = model, shapes
         self.x, self.y = x, y
         self.worker_id, self.num_workers, self.batch_size, self.seed = worker_id, num_workers, batch_size, seed
@@ -138,9 +178,19 @@ class SocketWorker:
         self.bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
         self.flat = np.empty(int(self.bounds[-1]), dtype=np.float32)
         self.grads = np.empty_like(self.flat)
+        self.iteration = 0
+        self.shared = None  # shm: the file's path, sent with the first step
         if isinstance(address, str):  # a ZeroMQ endpoint
             self.dealer = zmq.Context.instance().socket(zmq.DEALER)
             self.dealer.connect(address)
+            if shared_memory:
+                self.shared = f"/dev/shm/rayps-shm-ps-{uuid.uuid4().hex}"
+                descriptor = os.open(self.shared, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                os.ftruncate(descriptor, 2 * self.flat.nbytes)
+                self.mapping = mmap.mmap(descriptor, 2 * self.flat.nbytes)
+                os.close(descriptor)
+                both = np.frombuffer(self.mapping, dtype=np.float32)
+                self.grads, self.flat = both[:self.flat.size], both[self.flat.size:]
             return
         self.dealer = None
         self.connection = socket.create_connection(tuple(address))
@@ -148,6 +198,13 @@ class SocketWorker:
 
     def _step(self) -> None:
         """Send the gradient, receive the parameters."""
+        if self.shared is not None:
+            self.dealer.send(self.shared.encode() if self.iteration == 0 else b"")
+            self.iteration += 1
+            self.dealer.recv()  # the parameters are in self.flat, the file's second half
+            if self.iteration == 1:
+                os.unlink(self.shared)  # both processes hold the mapping: the file needs no name any more
+            return
         if self.dealer is not None:
             self.dealer.send(self.grads)
             self.flat[...] = np.frombuffer(self.dealer.recv(copy=False).buffer, dtype=np.float32)
@@ -176,15 +233,16 @@ class SocketWorker:
 
 def train_socket_ps(model, data, updater, params: dict, num_workers: int = 4, epochs: int = 20,
                     batch_size: int = 32, seed: int = 0, cpus_per_actor: float = 0.0, transport: str = "tcp") -> dict:
-    """``rayps.worker.train``'s epochs over the socket PS (``transport``: "tcp" sockets or "zmq"); the keys of
+    """``rayps.worker.train``'s epochs over the socket PS (``transport``: "tcp" sockets, "zmq" or "shm"); the keys of
     its result the comparison reads."""
     shapes = {name: value.shape for name, value in params.items()}
     flat = np.concatenate([np.asarray(value, dtype=np.float32).reshape(-1) for value in params.values()])
     x_ref, y_ref = ray.put(data.x_train), ray.put(data.y_train)
     server = SocketServer.options(num_cpus=cpus_per_actor).remote(flat, updater, transport)
+    shared_memory = transport == "shm"
     address = ray.get(server.address.remote())
     workers = [SocketWorker.options(num_cpus=cpus_per_actor).remote(model, address, shapes, x_ref, y_ref, w,
-                                                                    num_workers, batch_size, seed)
+                                                                    num_workers, batch_size, seed, shared_memory)
                for w in range(num_workers)]
     bounds = np.concatenate([[0], np.cumsum([int(np.prod(s)) for s in shapes.values()])]).astype(int)
     started = time.perf_counter()
