@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import uuid
 
+import numpy as np
 import ray
 
 from .faults import FaultPlan
 from .push_plan import PushPlan
 from .shard_links import ShardLinks
+from .shared_regions import SHARED_FROM_BYTES
 
 
 class HandleIdentity:
@@ -30,6 +32,8 @@ class HandleIdentity:
                                  window=self.max_in_flight, recovery_timeout=self.recovery_timeout,
                                  replay=bool(self.checkpoint_dir))
         self._links.faults, self._links.worker = self.faults, self.worker
+        self._links.large = [sum(n * np.dtype(d).itemsize for d, n in sizes.items()) >= SHARED_FROM_BYTES
+                             for sizes in self.layout.buffer_sizes]  # the shards that offer shared memory
         route, resend_after = self.data_route or (None, None)
         self._links.route = route
         if resend_after is not None:

@@ -108,6 +108,7 @@ class ShardLinks(LinkRecovery):
         self.recoveries = 0
         self.recovery_causes = collections.Counter()
         self.route = None  # tests: route(shard, endpoint) -> the endpoint to connect to (e.g. a fault proxy)
+        self.large = [True] * len(actors)  # per shard: large enough to ask for shared memory (set by the handle)
         self.faults = NO_FAULTS  # tests: where this process dies (server/faults.py)
         self.worker = None  # the worker identity of the handle (for the fault points)
         self.resend_after = RESEND_AFTER
@@ -139,7 +140,7 @@ class ShardLinks(LinkRecovery):
         link.socket, link.endpoint = socket, endpoint
         self.poller.register(socket, zmq.POLLIN)
         self.sockets[socket] = shard
-        link.regions = self._map_regions(shard) if endpoint.startswith("ipc://") else None
+        link.regions = self._map_regions(shard) if endpoint.startswith("ipc://") and self.large[shard] else None
 
     def _map_regions(self, shard: int) -> LinkRegions | None:
         """The shared regions with ``shard`` (on this node), or None where it offers none or they do not map."""

@@ -157,3 +157,19 @@ def test_a_killed_shard_replays_pushes_that_were_in_shared_memory_exactly_once(t
         assert stats["updates_applied"] == 18
     finally:
         ps.shutdown()
+
+
+def test_a_small_server_stays_on_the_socket():
+    """Below SHARED_FROM_BYTES a shard offers no shared memory (the socket is as fast): nothing is mapped."""
+    from rayps.server import ParameterServer
+
+    params = {"w": np.ones(256, np.float32)}
+    ps = ParameterServer(params, updater=Sgd(learning_rate=0.5), num_shards=1)
+    try:
+        got = ps.push_pull({"w": np.ones(256, np.float32)})
+        np.testing.assert_array_equal(got["w"], np.full(256, 0.5, np.float32))
+        assert ps._links.links[0].regions is None
+        stats = ps.stats()
+        assert stats["pushes_shared"] == stats["reads_shared"] == 0
+    finally:
+        ps.shutdown()
