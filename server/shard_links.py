@@ -34,7 +34,6 @@ shard incarnation this client knows.
 from __future__ import annotations
 
 import collections
-import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -46,8 +45,9 @@ from .credentials import RunCredentials
 from .faults import NO_FAULTS
 from .link_recovery import LinkRecovery
 from .push_linger import Linger
-from .protocol import Ack, PullRequest, PushMessage, Rejection, Reply, from_frames, to_frames
+from .protocol import Ack, PushMessage, Rejection, Reply, from_frames, to_frames
 from .replay import InFlight, ReplayBuffer
+from .shared_memory_links import SharedMemoryLinks
 from .shared_regions import LinkRegions
 from .sockets import has_message, send_frames
 
@@ -58,7 +58,6 @@ WINDOW_BYTES = 64 << 20  # the unacknowledged pushes' array bytes per shard befo
 LOOK_FIRST = 0.5  # seconds of silence before the first look at the shards (through Ray), then doubling ...
 LOOK_MAX = 4.0  # ... up to this
 RESEND_AFTER = 5.0  # seconds of silence before an alive shard is sent again what it has not answered
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -92,7 +91,7 @@ class Link:
     regions: LinkRegions | None = None  # shared memory with the shard (same node, large parameters)
 
 
-class ShardLinks(LinkRecovery):
+class ShardLinks(LinkRecovery, SharedMemoryLinks):
     def __init__(self, actors, client_id: str, credentials: RunCredentials, window: int, recovery_timeout: float,
                  replay: bool):
         self.actors = actors
@@ -141,25 +140,6 @@ class ShardLinks(LinkRecovery):
         self.poller.register(socket, zmq.POLLIN)
         self.sockets[socket] = shard
         link.regions = self._map_regions(shard) if endpoint.startswith("ipc://") and self.large[shard] else None
-
-    def _map_regions(self, shard: int) -> LinkRegions | None:
-        """The shared regions with ``shard`` (on this node), or None where it offers none or they do not map."""
-        wire = self._ask_actor(shard, lambda: ray.get(self.actors[shard].shared_regions.remote(self.client_id),
-                                                      timeout=30))
-        if wire is None:
-            return None
-        try:
-            return LinkRegions(wire)
-        except (OSError, ValueError, KeyError) as error:
-            log.warning("rayps data plane: shard %d's shared memory did not map (%s); this link uses its socket",
-                        shard, error)
-            return None
-
-    def drop_regions(self, shard: int) -> None:
-        """Stop using shared memory with ``shard`` and resend what is outstanding over the socket (the shard
-        no longer knows the regions)."""
-        self.links[shard].regions = None
-        self._resend(shard)
 
     def connect(self, shard: int) -> None:
         """First contact with ``shard``: learn its endpoint and incarnation."""
@@ -278,17 +258,6 @@ class ShardLinks(LinkRecovery):
             self._send(shard, message)
             return message.rid
 
-    def _down_slot(self, shard: int, message) -> int | None:
-        """A free down slot for the reply to ``message`` (a whole-parameter read on a link with shared memory),
-        also set on the message; else None."""
-        regions = self.links[shard].regions
-        if regions is None or (isinstance(message, PullRequest) and message.pieces is not None) or not isinstance(
-                message, (PullRequest, PushMessage)):
-            return None
-        waiting = {entry.slot for entry in self.pending.values() if entry.shard == shard and entry.slot is not None}
-        message.slot = regions.free_down_slot(waiting)
-        return message.slot
-
     def wait(self, rids) -> dict[int, Reply]:
         """rid -> reply for ``rids``; raises the first error among them (TimeoutError, ValueError, ShardLost)."""
         entries = [self.pending[rid] for rid in rids]
@@ -348,17 +317,6 @@ class ShardLinks(LinkRecovery):
                                               lambda header: self._reply_region(shard, header)))
             if self.sockets.get(socket) is None:  # the link was reopened while dispatching (a recovery)
                 return
-
-    def _reply_region(self, shard: int, header: dict):
-        """The down region a reply's arrays lie in (``from_frames``' ``region_of``), leased for the slot of the
-        request it answers; None when its token is not this link's."""
-        regions = self.links[shard].regions
-        if regions is None or header.get("rg") != regions.token:
-            return None
-        entry = self.pending.get(header.get("r"))
-        if entry is None or entry.shard != shard or entry.slot is None:
-            return regions.down.array  # an answer nobody waits for any more: dropped unread
-        return regions.lease_down(entry.slot)
 
     def _dispatch(self, shard: int, message) -> None:
         link = self.links[shard]
