@@ -213,6 +213,11 @@ class ParameterServer(HandleIdentity, RowTableCalls):
         return self.layout.names
 
     @property
+    def bytes_pushed(self) -> int:
+        """Bytes this handle pushed, all shards, as sent (encoded: after ``compression``); resends not counted."""
+        return self._links.bytes_pushed
+
+    @property
     def recoveries(self) -> int:
         """Times this handle recovered a restarted shard (replayed to it)."""
         return self._links.recoveries
@@ -241,7 +246,6 @@ class ParameterServer(HandleIdentity, RowTableCalls):
         for sent, (shard, payload, present, factors, shard_rows) in enumerate(messages, 1):
             self._links.push(shard, PushMessage(0, self.client_id, seq, worker_id, epoch, payload, present, factors,
                                                 shard_rows))
-            self.bytes_pushed += transport.message_nbytes(payload, shard_rows)
             self._fault_point("client.sent", seq, sent=sent)
         self._fault_point("client.before_ack", seq)
 
@@ -314,7 +318,6 @@ class ParameterServer(HandleIdentity, RowTableCalls):
             rids[shard] = links.push(shard, PushMessage(0, self.client_id, seq, worker_id, epoch, payload, present,
                                                         factors, shard_rows, pull_worker=worker_id, pull=True,
                                                         timeout=self.pull_timeout), wait_reply=True)
-            self.bytes_pushed += transport.message_nbytes(payload, shard_rows)
             self._fault_point("client.sent", seq, sent=sent)
         self._fault_point("client.before_ack", seq)
         replies = links.wait(list(rids.values()))

@@ -43,7 +43,6 @@ class HandleIdentity:
         self._plan = PushPlan(self.layout, self.groups, self.tables, self.config["nan_policy"], own_payloads=own)
         links = self._links.links
         self._plan.shared_buffers = lambda shard: links[shard].regions  # packs large pushes into shared memory
-        self.bytes_pushed = 0
         self.bytes_pulled = 0
         self._encoders = {}  # shard -> ThresholdEncoder (compression="threshold"): this identity's residuals
 

@@ -105,6 +105,7 @@ class ShardLinks(LinkRecovery, SharedMemoryLinks):
         self.errors: list[str] = []
         self.rid = 0
         self.recoveries = 0
+        self.bytes_pushed = 0  # the pushes' bytes as sent (encoded), each push once
         self.recovery_causes = collections.Counter()
         self.route = None  # tests: route(shard, endpoint) -> the endpoint to connect to (e.g. a fault proxy)
         self.large = [True] * len(actors)  # per shard: large enough to ask for shared memory (set by the handle)
@@ -202,6 +203,7 @@ class ShardLinks(LinkRecovery, SharedMemoryLinks):
         if wait_reply:
             self.pending[message.rid] = Pending(shard, message, slot=self._down_slot(shard, message))
         nbytes = link.unacked.size_of(message.seq)
+        self.bytes_pushed += nbytes
         if batchable and nbytes < BATCH_BYTES:
             self._hold(shard, link, message, nbytes)
         else:
