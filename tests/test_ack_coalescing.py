@@ -80,6 +80,7 @@ def _links_without_ray(link: Link) -> ShardLinks:
     links.links = [link]
     links.lock = threading.RLock()
     links.linger = Linger(links, shard_links.LINGER)
+    links.bytes_pushed = 0
     return links
 
 

@@ -142,7 +142,7 @@ def make_links(window: int = 1000, replay: bool = False):
     links.links = [link]
     links.window, links.rid, links.pending, links.errors = window, 0, {}, []
     links.faults, links.worker = NO_FAULTS, None
-    links.recoveries, links.recovery_causes = 0, collections.Counter()
+    links.recoveries, links.recovery_causes, links.bytes_pushed = 0, collections.Counter(), 0
     links.keeps_replay = replay
     links.sockets = {}
     links.resend_after = shard_links.RESEND_AFTER
@@ -592,6 +592,8 @@ def test_a_resend_clears_the_held_pushes_and_sends_every_push_one_by_one(clock):
     assert len(shard.wire) == before + 10  # nothing left held: nothing sent twice
     pushed.update(push_all(links, [11]))  # the shard is busy: held again
     assert [m.seq for m in link.held] == [11]
+    # the handle's bytes_pushed: each push's arrays once, however often it went on the wire
+    assert links.bytes_pushed == sum(a.nbytes for m in pushed.values() for a in m.payload.values())
 
 
 def test_a_replay_after_a_restart_clears_the_held_pushes_and_sends_them_one_by_one(clock):
