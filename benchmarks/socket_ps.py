@@ -138,7 +138,6 @@ class SocketServer:
                 self.iteration += 1
                 self.router.send_multipart([peer, self.params])  # copied at once: the next apply may follow
 
-
     def _serve_shm(self) -> None:
         import numba  # noqa: PLC0415
 
@@ -233,8 +232,8 @@ class SocketWorker:
 
 def train_socket_ps(model, data, updater, params: dict, num_workers: int = 4, epochs: int = 20,
                     batch_size: int = 32, seed: int = 0, cpus_per_actor: float = 0.0, transport: str = "tcp") -> dict:
-    """``rayps.worker.train``'s epochs over the socket PS (``transport``: "tcp" sockets, "zmq" or "shm"); the keys of
-    its result the comparison reads."""
+    """``rayps.worker.train``'s epochs over the socket PS (``transport``: "tcp" sockets, "zmq" or "shm"); the
+    keys of its result the comparison reads."""
     shapes = {name: value.shape for name, value in params.items()}
     flat = np.concatenate([np.asarray(value, dtype=np.float32).reshape(-1) for value in params.values()])
     x_ref, y_ref = ray.put(data.x_train), ray.put(data.y_train)
