@@ -37,14 +37,14 @@ def digits():
     return data, model, steps * EPOCHS
 
 
-def _run(digits, consistency, num_shards, faults=(), checkpoint_dir=None):
+def _run(digits, consistency, num_shards, faults=(), checkpoint_dir=None, checkpoint_every=10):
     from rayps.server import ParameterServer
     from rayps.worker import train
 
     data, model, _ = digits
     ps = ParameterServer(model.init_params(0), updater=Adam(learning_rate=0.01), num_shards=num_shards,
                          num_workers=WORKERS, consistency=consistency, checkpoint_dir=checkpoint_dir,
-                         checkpoint_every=10, recovery_timeout=300, cpus_per_shard=0)
+                         checkpoint_every=checkpoint_every, recovery_timeout=300, cpus_per_shard=0)
     try:
         if faults:
             ps.inject_faults(FaultPlan(faults))
@@ -119,6 +119,20 @@ def test_a_shard_dies_between_a_checkpoints_blob_and_its_pointer(digits, tmp_pat
                               [Fault("shard.checkpoint_blob", str(marker), shard=1)], checkpoint_dir=tmp_path / "c")
     assert marker.exists() and stats["restarts"] >= 1 and stats["replayed"] >= 1
     _assert_outcome(digits, consistency, num_shards, got, stats, result)
+
+
+@pytest.mark.parametrize("consistency", ["sync", "async"])
+def test_a_shard_that_dies_in_the_final_checkpoint_gets_the_runs_last_pushes_from_the_workers(digits, tmp_path,
+                                                                                               consistency):
+    """No periodic checkpoint in this run (checkpoint_every is larger than it), so the first one shard 1 writes
+    is train()'s last, taken while the workers (whose replay buffers end with them) are idle: it dies there and
+    restores its initial checkpoint. The workers replay everything to it and the checkpoint is taken again
+    (``checkpoint_at_end``); without that the run's pushes to shard 1 were lost (its clocks empty)."""
+    marker = tmp_path / "fired"
+    got, stats, result = _run(digits, consistency, 2, [Fault("shard.checkpoint_blob", str(marker), shard=1)],
+                              checkpoint_dir=tmp_path / "c", checkpoint_every=100_000)
+    assert marker.exists() and stats["restarts"] >= 1 and stats["replayed"] >= 1
+    _assert_outcome(digits, consistency, 2, got, stats, result)
 
 
 @pytest.mark.parametrize("consistency,num_shards", [("sync", 2), ("sync", 3), ("async", 2), ("async", 3)])

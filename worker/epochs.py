@@ -35,6 +35,7 @@ from threadpoolctl import threadpool_limits
 
 from ..server.remote_errors import unwrap
 
+FINAL_CHECKPOINT_ROUNDS = 8  # final checkpoints in a row a shard may die in (``checkpoint_at_end``)
 IDLE_CHECK_SECONDS = 2.0  # while an epoch runs: how often the workers that finished it catch up (``catch_up``)
 METRIC_FIELDS = ("test_accuracy", "test_loss", "test_auc", "test_logloss")
 TABLE_FIELDS = ("table_rows", "embedding_dim", "sparse_table", "rows_touched", "table_admitted", "table_evicted",
@@ -134,7 +135,7 @@ def drive_epochs(ps, workers, *, epochs: int, evaluate: Callable[[object], dict]
                  progress: Callable[[dict], None] | None = None) -> EpochRun:
     """Epochs ``first_epoch .. epochs-1`` on ``workers`` (see the module docstring); ``evaluate(ps)`` returns
     some of ``METRIC_FIELDS`` (the others are None in the row). At the end every shard checkpoints (with a
-    ``checkpoint_dir``: ``ParameterServer.checkpoint_shards``) and the workers are killed.
+    ``checkpoint_dir``: ``checkpoint_at_end``, which survives a shard dying meanwhile) and the workers are killed.
 
     ``data`` (the server handle and the training data) is put in the object store once and each ``run_epoch``
     carries only its reference, ``[ObjectRef]``: a worker reads it when it has no loop yet (its first epoch, or
@@ -168,12 +169,33 @@ def drive_epochs(ps, workers, *, epochs: int, evaluate: Callable[[object], dict]
                 on_epoch_end(epoch, ps)
             if progress is not None:
                 progress(row)
-        ps.checkpoint_shards()  # the workers' replay buffers end with them (ParameterServer.checkpoint_shards)
+        checkpoint_at_end(ps, workers)  # the workers' replay buffers end with them
     finally:
         blas.restore_original_limits()
         for worker in workers:
             ray.kill(worker)
     return run
+
+
+def checkpoint_at_end(ps, workers) -> None:
+    """Every shard writes a checkpoint that holds every push of the run (with a ``checkpoint_dir``;
+    ``ParameterServer.checkpoint_shards``), while the workers, whose replay buffers end with them, still live. A
+    shard that dies during it restores its last finished checkpoint and lacks the pushes since, so the workers
+    then replay to the shards that restarted (``catch_up``) and the round repeats, until one in which no worker
+    had anything to replay (at most ``FINAL_CHECKPOINT_ROUNDS``)."""
+    for _ in range(FINAL_CHECKPOINT_ROUNDS):
+        ps.checkpoint_shards()
+        if not getattr(ps, "checkpoint_dir", None):
+            return
+        recovered = 0
+        for worker in workers:
+            try:
+                recovered += int(ray.get(worker.catch_up.remote()))
+            except ray.exceptions.RayActorError:  # a worker gone after its last epoch has nothing left to give
+                continue
+        if not recovered:
+            return
+    raise RuntimeError(f"the final checkpoint: shards kept restarting ({FINAL_CHECKPOINT_ROUNDS} rounds)")
 
 
 def _number(value):
