@@ -31,7 +31,6 @@ import ctypes
 import logging
 import os
 import random
-import stat
 import tempfile
 import threading
 import time
@@ -42,6 +41,7 @@ from zmq.utils.monitor import parse_monitor_message
 from .credentials import RunCredentials, ZapHandler
 from .protocol import ProtocolError, PushMessage, Rejection, from_frames, peek_rid, to_frames
 from .shard_service import ShardService, coalesce_acks, is_plain_ack
+from .shared_regions import private_directory
 from .sockets import has_message, send_frames
 
 HWM = 1000  # messages queued per peer, each way, before ZeroMQ drops (clients resend) or blocks
@@ -109,14 +109,9 @@ def local_socket_dir() -> str | None:
     if os.environ.get("RAYPS_DATA_IPC", "1") == "0":
         return None
     directory = os.path.join(tempfile.gettempdir(), f"rayps-{os.getuid()}")
-    try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        info = os.lstat(directory)
-    except OSError:
-        return None
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) != 0o700:
-        log.warning("rayps data plane: %s is not a private directory of this user; same-node clients use TCP",
-                    directory)
+    if private_directory(directory) is None:
+        log.warning("rayps data plane: %s is not a private directory of this user (mode 0700); same-node "
+                    "clients use TCP", directory)
         return None
     return directory
 
@@ -250,11 +245,11 @@ class DataServer:
 
     def _send(self, replies) -> None:
         for peer, reply in replies:
-            if getattr(reply, "region", None) is not None:
+            region = getattr(reply, "region", None)  # a Reply whose params lie in the client's shared memory
+            if region is not None:
                 self.counters["reads_shared"] += 1
             try:
-                self.trackers += send_frames(self.socket, [peer, *to_frames(reply, getattr(reply, "region", None))],
-                                             track=True)
+                self.trackers += send_frames(self.socket, [peer, *to_frames(reply, region)], track=True)
             except zmq.ZMQError:  # the peer is gone (its queue is full or it disconnected): it will resend
                 continue
 

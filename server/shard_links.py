@@ -314,9 +314,9 @@ class ShardLinks(LinkRecovery, SharedMemoryLinks):
 
     def _drain(self, socket) -> None:
         shard = self.sockets.get(socket)
+        region_of = lambda header: self._reply_region(shard, header)  # noqa: E731 - for from_frames
         while shard is not None and has_message(socket):
-            self._dispatch(shard, from_frames(socket.recv_multipart(copy=False),
-                                              lambda header: self._reply_region(shard, header)))
+            self._dispatch(shard, from_frames(socket.recv_multipart(copy=False), region_of))
             if self.sockets.get(socket) is None:  # the link was reopened while dispatching (a recovery)
                 return
 

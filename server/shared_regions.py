@@ -65,7 +65,13 @@ def region_dir() -> str | None:
     not a private one of this user, or when ``RAYPS_DATA_SHM=0``."""
     if os.environ.get("RAYPS_DATA_SHM", "1") == "0" or not os.path.isdir(REGION_ROOT):
         return None
-    directory = os.path.join(REGION_ROOT, f"rayps-{os.getuid()}")
+    return private_directory(os.path.join(REGION_ROOT, f"rayps-{os.getuid()}"))
+
+
+def private_directory(directory: str) -> str | None:
+    """``directory``, created with mode 0700 if missing, when it is a directory of this user with that mode
+    (only this user may open what is in it); else None. The same-node socket (server/data_server.py) and the
+    regions both live in one."""
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
         info = os.lstat(directory)

@@ -83,3 +83,31 @@ def test_the_drivers_blas_runs_on_one_thread_during_the_epochs_and_is_restored_a
     drive_epochs(_Server(), [_DataWorker.remote()], epochs=2, evaluate=evaluate, data=("c", None, None))
     assert during == [[1] * len(before)] * 2
     assert _blas_threads() == before
+
+
+@ray.remote(num_cpus=0)
+class _AlwaysReplays:
+    """A worker whose every catch_up replays to a restarted shard (a shard that dies in every final checkpoint)."""
+
+    def catch_up(self) -> int:
+        return 1
+
+
+def test_the_final_checkpoint_gives_up_after_its_rounds_when_shards_keep_restarting():
+    from rayps.worker.epochs import FINAL_CHECKPOINT_ROUNDS, checkpoint_at_end
+
+    class Server:
+        checkpoint_dir = "somewhere"
+        checkpoints = 0
+
+        def checkpoint_shards(self):
+            self.checkpoints += 1
+
+    server, gone = Server(), _AlwaysReplays.remote()
+    ray.kill(gone)  # a worker that died after its last epoch counts as nothing to replay
+    with pytest.raises(RuntimeError, match="shards kept restarting"):
+        checkpoint_at_end(server, [_AlwaysReplays.remote(), gone])
+    assert server.checkpoints == FINAL_CHECKPOINT_ROUNDS
+    quiet = Server()
+    checkpoint_at_end(quiet, [gone])  # nobody replayed: one round
+    assert quiet.checkpoints == 1

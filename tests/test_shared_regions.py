@@ -354,3 +354,16 @@ def test_large_full_pushes_are_packed_into_the_links_up_slots(tmp_path):
     plan.shared_buffers = lambda index: restarted
     fresh = push()
     assert restarted.up.offset_of(fresh) == offset and link.up.offset_of(fresh) is None
+
+
+def test_regions_that_do_not_map_leave_the_link_on_its_socket(tmp_path, caplog):
+    """``SharedMemoryLinks._map_regions``: a wire whose file is gone (or of another size) maps nothing; the
+    link gets None (its socket) and a warning naming the shard."""
+    from rayps.server.shared_memory_links import SharedMemoryLinks
+
+    shard, _ = _pair(tmp_path)  # the client side unlinked both files already
+    links = SharedMemoryLinks()
+    links._ask_actor = lambda index, call: shard.to_wire()  # what the shard answered through Ray
+    with caplog.at_level("WARNING"):
+        assert links._map_regions(3) is None
+    assert "shard 3's shared memory did not map" in caplog.text

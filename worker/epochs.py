@@ -188,9 +188,9 @@ def checkpoint_at_end(ps, workers) -> None:
         if not getattr(ps, "checkpoint_dir", None):
             return
         recovered = 0
-        for worker in workers:
+        for call in [worker.catch_up.remote() for worker in workers]:  # all at once: each replays by itself
             try:
-                recovered += int(ray.get(worker.catch_up.remote()))
+                recovered += int(ray.get(call))
             except ray.exceptions.RayActorError:  # a worker gone after its last epoch has nothing left to give
                 continue
         if not recovered:
