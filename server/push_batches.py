@@ -49,14 +49,28 @@ class BatchedPushes:
         stacked = {dtype: size * count for dtype, size in self.full_sizes.items()}
         return check_payload(self.shard_index, self.pieces, stacked, payload, self.every_piece) is None
 
+    def _count_batch(self, worker_id: int, count: int, each: int) -> None:
+        """What ``count`` pushes of ``each`` bytes from ``worker_id`` count one after the other (``_count_push``
+        each, the version growing by one per push), without a pass over the clocks per push: the staleness
+        grows with the version, so the last push's is the largest; the clock gap after a push,
+        ``max(top, c) - min(low, c)`` for the worker's clock ``c`` (``top``, ``low``: the other workers'), is
+        convex in ``c``, so its largest value is after the first push or after the last."""
+        counters = self.counters
+        counters["bytes_pushed"] += each * count
+        clock = self.clocks.get(worker_id, 0)
+        counters["max_staleness"] = max(counters["max_staleness"],
+                                        self.version + count - 1 - self.pulled_version.get(worker_id, 0))
+        self.version += count
+        self.clocks[worker_id] = clock + 1
+        first = self.clock_gap()
+        self.clocks[worker_id] = clock + count
+        counters["max_clock_gap"] = max(counters["max_clock_gap"], first, self.clock_gap())
+
     def _take_batch(self, worker_id: int, payload: dict, count: int, epoch: int) -> None:
         started = time.perf_counter()
         counters = self.counters
         counters["pushes"] += count
-        each = transport.message_nbytes(payload) // count
-        for _ in range(count):  # what each push counts, as the version grows by one per push
-            self._count_push(worker_id, each)
-            self.version += 1
+        self._count_batch(worker_id, count, transport.message_nbytes(payload) // count)
         counters["updates_applied"] += count
         steps = {dtype: array.reshape(count, -1) for dtype, array in payload.items()}
         for r in self.ranges.values():

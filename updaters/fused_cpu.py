@@ -328,5 +328,24 @@ def _fused_step(rule_class, kernels: FusedKernels, dtype: np.dtype):
             args = (p, g, *slots, rule) + adjust
         loop(p.size >= SERIAL_BELOW)(*args)
 
+    def fused_steps(params, steps, state, settings):
+        """``fused_step(params, grads, state, scalars, adjustments)`` for each gradient of ``steps`` with its
+        ``(scalars, adjustments)`` of ``settings``, in order: the same loop calls on the same views, built once
+        (a batch of small pushes, where building them costs as much as the loop)."""
+        p = params.reshape(-1)
+        if bits is not None:
+            p = p.view(bits)
+        slots = () if zero_update else tuple(_slot_view(state, k) for k in range(state.shape[0]))
+        run = loop(p.size >= SERIAL_BELOW)
+        for grads, (scalars, adjustments) in zip(steps, settings):
+            if zero_update:
+                if adjustments.weight_decay:
+                    run(p, compute(0.0), compute(adjustments.weight_decay))
+                continue
+            g = grads.reshape(-1)
+            run(p, g if bits is None else g.view(bits), *slots, tuple(map(compute, kernels.kernel_scalars(scalars))),
+                *map(compute, adjustments))
+
     fused_step.__name__ = f"fused_cpu_{rule_class.__name__}_{dtype.name}"
+    fused_step.steps = fused_steps
     return fused_step
