@@ -156,6 +156,31 @@ def test_fused_cpu_multithreaded_path_matches_reference(name, dtype, monkeypatch
 
 
 @needs_numba
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("name,lr", CASES)
+def test_fused_cpu_steps_of_a_batch_equal_the_kernel_called_once_per_step_bit_for_bit(name, lr, dtype):
+    """``kernel.steps`` (a batch of pushes, server/push_batches.py) against the same kernel called once per step
+    with each step's scalars (the schedule's learning rate, Adam's bias correction) and adjustments (weight decay
+    every other step: NoOp's pass runs only then): params and state bit for bit, grads untouched."""
+    updater = UPDATERS[name](lr)
+    kernel = fused_cpu.kernel_for(updater, dtype)
+    params, grads = _problem(dtype)
+    stacked = np.stack(grads)
+    settings = [(updater.rule_scalars(i, i // 10),
+                 ADJUSTMENTS["all"] if i % 2 else ADJUSTMENTS["none"]) for i in range(STEPS)]
+    one, batch = params.copy(), params.copy()
+    one_state, batch_state = updater.init(params), updater.init(params)
+    for grad, (scalars, adjustments) in zip(grads, settings):
+        kernel(one, grad, one_state, scalars, adjustments)
+    before = stacked.copy()
+    kernel.steps(batch, stacked, batch_state, settings)
+    assert np.array_equal(stacked, before), "the kernel wrote into grads"
+    assert np.array_equal(batch.view(np.uint8), one.view(np.uint8))
+    assert np.array_equal(batch_state.view(np.uint8), one_state.view(np.uint8))
+    assert not np.array_equal(batch, params)  # the steps moved the params (NoOp: by its weight decay)
+
+
+@needs_numba
 def test_fused_cpu_kernel_takes_state_slots_that_are_contiguous_only_one_by_one():
     """The kernel itself needs each slot contiguous, not the whole state (slots padded apart stream faster)."""
     updater = Adam(learning_rate=0.01)
