@@ -135,6 +135,7 @@ class WorkerLoop:
         self.steps_done = 0  # steps over all epochs (for the fetch/push intervals)
         self.params: dict | None = None
         self.resume_at: int | None = None  # a restarted worker's first read: ``pull(at_seq=...)``
+        self._planned: tuple | None = None  # (epoch, its batches): ``epoch_plan``'s last
         self._pull_options = {"copy": False} if client is not None and accepts_copy(client.pull) else {}
         self._push_pull_options = {"copy": False} if client is not None and accepts_copy(client.push_pull) else {}
 
@@ -194,7 +195,10 @@ class WorkerLoop:
         ``(step, (x, y) or None)`` for the steps from ``skip`` on (None: an empty step, which only ticks the
         clock). In memory the batches are this worker's partition (``epoch_batches``), so a restarted worker
         (``resumed``) recomputes them and skips the ``skip`` steps it already pushed."""
-        batches = epoch_batches(len(self.x), self.num_workers, self.worker_id, epoch, self.seed, self.batch_size)
+        if self._planned is None or self._planned[0] != epoch:  # asked twice an epoch: the shuffle drawn once
+            self._planned = (epoch, epoch_batches(len(self.x), self.num_workers, self.worker_id, epoch, self.seed,
+                                                  self.batch_size))
+        batches = self._planned[1]
 
         def steps_from(skip: int) -> Iterator:
             for i in range(skip, len(batches)):
