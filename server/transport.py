@@ -93,12 +93,15 @@ def encode_messages(messages: list, mode: str, encoders: dict) -> list:
 
 def message_nbytes(payload, rows=None) -> int:
     """Bytes of one shard's push as sent: payload arrays (encoded) plus the rows' ids and grads."""
-    if isinstance(payload, EncodedPayload):
+    total = 0
+    if type(payload) is dict:  # plain arrays (the common case first)
+        for array in payload.values():
+            total += array.nbytes
+    elif isinstance(payload, EncodedPayload):
         total = payload.nbytes
-    else:
-        total = int(sum(a.nbytes for a in payload.values())) if payload else 0
-    for ids, grads in (rows or {}).values():
-        total += int(ids.nbytes) + int(grads.nbytes)
+    if rows:
+        for ids, grads in rows.values():
+            total += int(ids.nbytes) + int(grads.nbytes)
     return total
 
 
