@@ -9,7 +9,10 @@ actor (``num_cpus=0``) on this machine:
 * ``zmq tcp curve``: the same with CURVE encryption;
 * ``raw tcp``: a length-prefixed echo over one TCP socket (the floor of any TCP protocol);
 * ``rayps push_pull``: ``ParameterServer.push_pull`` on one shard (Sgd: the update is applied) — protocol
-  header, checks, the kernel, the reply — authenticated (PLAIN, the default) and with ``encrypt=True``.
+  header, checks, the kernel, the reply — authenticated (PLAIN, the default) and with ``encrypt=True``;
+* ``rayps logic alone``: the same round trip's client and shard logic run in this process, no socket
+  (``shard_logic.push_pull_logic``), and ``bound: zmq ipc + logic``: that added to the bare pyzmq round trip,
+  the least a ``push_pull`` with this logic can take over ZeroMQ on this machine in this run.
 
 And pipelined 1 KB pushes: ``rayps push()`` x N then ``flush()`` against N bare Ray calls submitted together
 (``[actor.sink.remote(a) for ...]`` then one ``ray.get``), the issue's small-push target, and the pyzmq floor
@@ -35,6 +38,7 @@ import zmq
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine, median, start_ray, table, write_json  # noqa: E402
+from shard_logic import push_pull_logic  # noqa: E402
 
 from rayps.server.client import DEFAULT_MAX_IN_FLIGHT, ParameterServer  # noqa: E402
 from rayps.updaters import Sgd  # noqa: E402
@@ -187,6 +191,9 @@ def measure(repeats: int) -> dict:
             grads = {"w": array}
             row[path] = timed(lambda: ps.push_pull(grads, copy=False), count, repeats)
             ps.shutdown()
+        row["rayps logic alone"] = median([push_pull_logic({"w": np.zeros(size, np.float32)}, Sgd(1e-6), count)
+                                           for _ in range(repeats)])
+        row["bound: zmq ipc + logic"] = row["zmq ipc"] + row["rayps logic alone"]
         rows.append(row)
     return {"round_trips": rows, "pipelined_1kb": pipelined(server, repeats)}
 

@@ -30,6 +30,7 @@ from common import machine, median, table, write_json  # noqa: E402
 
 from rayps.server.layout import ParameterLayout  # noqa: E402
 from rayps.server.protocol import PushMessage, from_frames, to_frames  # noqa: E402
+from rayps.server.push_plan import PushPlan  # noqa: E402
 from rayps.server.shard_service import ShardService  # noqa: E402
 from rayps.server.shard_state import ShardState  # noqa: E402
 from rayps.updaters import Adam, Sgd  # noqa: E402
@@ -40,10 +41,14 @@ UPDATERS = {"sgd": lambda: Sgd(1e-6), "adam": lambda: Adam(1e-6)}
 INCARNATION = "bench"
 
 
+def layout_of(params: dict, groups) -> ParameterLayout:
+    return ParameterLayout.build({n: a.shape for n, a in params.items()}, {n: str(a.dtype) for n, a in params.items()},
+                                 1, assign_groups(groups, list(params)))
+
+
 def shard_of(params: dict, updater) -> tuple[ShardService, ShardState]:
     groups = as_groups(updater)
-    layout = ParameterLayout.build({n: a.shape for n, a in params.items()}, {n: str(a.dtype) for n, a in params.items()},
-                                   1, assign_groups(groups, list(params)))
+    layout = layout_of(params, groups)
     state = ShardState(0, layout.shard_pieces[0], groups, layout.pack(0, params)[0])
     return ShardService(state, INCARNATION), state
 
@@ -87,6 +92,28 @@ def rayps_per_push(case: str, params: dict, updater, rounds: int, per_round: int
                     to_frames(reply)
         times.append((time.perf_counter() - started) / per_round * 1e6)
     return times[1:]  # the first round compiles and warms
+
+
+def push_pull_logic(params: dict, updater, count: int) -> float:
+    """Seconds of rayps' own logic in one ``push_pull`` round trip on one shard, in this process (mean of
+    ``count``): the client's (``PushPlan.messages``, the push's frames, the reply decoded and assembled) and the
+    shard's (``from_frames``, ``ShardService.handle``, the reply's frames); no socket, no window bookkeeping, so
+    less than the real thing. Added to a bare ZeroMQ round trip it bounds what a ``push_pull`` can take."""
+    service, _ = shard_of(params, updater)
+    layout = layout_of(params, as_groups(updater))
+    plan = PushPlan(layout, as_groups(updater), {}, "reject", own_payloads=False)
+    grads = {n: np.full(a.shape, 1e-3, a.dtype) for n, a in params.items()}
+    started = None
+    for seq in range(1, 2 * count + 1):
+        if seq == count + 1:  # the first half warms
+            started = time.perf_counter()
+        _, payload, present, factors, rows = plan.messages(grads)[0]
+        push = PushMessage(seq, "c", seq, 0, 0, payload, present, factors, rows, pull_worker=0, pull=True,
+                           timeout=30.0)
+        push.incarnation = INCARNATION
+        (_, reply), = service.handle(b"peer", from_frames(to_frames(push)), 0.0)
+        layout.assemble({0: from_frames(to_frames(reply)).params}, layout.names, False)
+    return (time.perf_counter() - started) / count
 
 
 def kernel_per_push(params: dict, updater, rounds: int, per_round: int) -> list[float]:

@@ -3,9 +3,13 @@
 ``ShardLinks`` (server/shard_links.py) holds small pushes for a busy shard and sends them together. The handle
 has no thread of its own, so a push held when its caller stops calling (the last push of an actor method, a
 driver that goes on to other work, a BSP worker whose step the others wait for) would stay held. This thread
-bounds the wait: armed when a link holds its first push, it sleeps ``LINGER`` seconds and then, holding the
-links' lock (ZeroMQ sockets are used by one thread at a time), sends every batch that has waited that long.
-It sleeps on an event while nothing is held, so an idle handle costs no wake-ups.
+bounds the wait: armed when a link holds its first push, it sleeps ``LINGER`` seconds, looks at the held
+batches and, only when one has waited that long, takes the links' lock (ZeroMQ sockets are used by one thread
+at a time) and sends every such batch. A busy caller mostly sends its batches itself before they are due, so
+the thread seldom takes the lock the caller's pushes hold (a lock taken from under a pushing thread hands the
+CPU back and forth between them). It goes on waking every ``LINGER`` while pushes keep being held, and sleeps
+on an event once ``IDLE_ROUNDS`` such wake-ups in a row found nothing held (cleared under the lock): an idle
+handle costs no wake-ups, and arming an armed thread only reads a flag.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import time
 import weakref
 
 log = logging.getLogger(__name__)
+IDLE_ROUNDS = 8  # wake-ups in a row with nothing held before the thread sleeps on its event
 
 
 class Linger:
@@ -34,7 +39,8 @@ class Linger:
         if self.thread is None:
             self.thread = threading.Thread(target=self._run, name="rayps-push-linger", daemon=True)
             self.thread.start()
-        self.armed.set()
+        if not self.armed.is_set():
+            self.armed.set()
 
     def close(self) -> None:
         self.closed = True
@@ -42,6 +48,7 @@ class Linger:
 
     def _run(self) -> None:
         wait = self.seconds
+        idle = 0  # wake-ups in a row that found nothing held
         while True:
             self.armed.wait()
             if self.closed:
@@ -50,17 +57,29 @@ class Linger:
             links = self.links()
             if links is None:
                 return
-            with links.lock:
-                if self.closed:
-                    return
-                try:
-                    links.send_held(older_than=self.seconds)
-                except Exception:  # noqa: BLE001 - the pushes stay in the window: the next call resends them
-                    log.exception("rayps: sending held pushes failed; they are resent by the handle's next call")
-                oldest = links.oldest_held()
-                if oldest is None:  # cleared under the lock: a push held meanwhile arms it again after this
-                    self.armed.clear()
-                    wait = self.seconds
-                else:  # a batch begun since: until it is due
-                    wait = max(0.0, oldest + self.seconds - time.monotonic())
+            oldest = links.oldest_held()  # looked at without the lock, which the caller's pushes hold
+            now = time.monotonic()
+            if oldest is not None and now - oldest < self.seconds:  # not due yet (the caller's next push to
+                wait, idle = oldest + self.seconds - now, 0  # that shard mostly sends it first): until it is
+            elif oldest is None and idle + 1 < IDLE_ROUNDS:
+                wait, idle = self.seconds, idle + 1
+            else:  # a batch is due, or the event is to be cleared: both under the lock
+                wait, idle = self._locked_round(links, idle)
             del links  # not kept while asleep
+
+    def _locked_round(self, links, idle: int) -> tuple[float, int]:
+        """Send what is due, under the links' lock; the next wait and idle count."""
+        with links.lock:
+            if self.closed:
+                return self.seconds, 0
+            try:
+                links.send_held(older_than=self.seconds)
+            except Exception:  # noqa: BLE001 - the pushes stay in the window: the next call resends them
+                log.exception("rayps: sending held pushes failed; they are resent by the handle's next call")
+            oldest = links.oldest_held()
+            if oldest is not None:  # a batch begun since: until it is due
+                return max(0.0, oldest + self.seconds - time.monotonic()), 0
+            if idle + 1 >= IDLE_ROUNDS:  # cleared under the lock: a push held after this arms it again
+                self.armed.clear()
+                return self.seconds, 0
+            return self.seconds, idle + 1

@@ -521,6 +521,46 @@ def test_a_held_push_leaves_within_linger_with_no_further_call():
         links.linger.close()
 
 
+class CountingLock:
+    """The links' lock, counting the times each thread took it."""
+
+    def __init__(self):
+        self.lock = threading.RLock()
+        self.taken = collections.Counter()
+
+    def __enter__(self):
+        self.lock.acquire()
+        self.taken[threading.current_thread().name] += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.lock.release()
+
+    def _is_owned(self) -> bool:
+        return self.lock._is_owned()
+
+
+def test_the_linger_thread_takes_the_lock_only_to_send_a_due_batch_and_to_go_to_sleep():
+    """The real thread and clock: push 2 is held (push 1 unacknowledged) and the caller stops. The thread takes
+    the links' lock once to send it, once it is due; then it wakes ``IDLE_ROUNDS`` times finding nothing held
+    and takes the lock only the last time, to clear its event and sleep (an idle handle costs no wake-ups)."""
+    links, link, shard = make_links()
+    links.lock = lock = CountingLock()
+    links.linger = Linger(links, LINGER)
+    try:
+        pushed = push_all(links, [1, 2])
+        deadline = time.monotonic() + 5.0
+        while (links.linger.armed.is_set() or lock.taken["rayps-push-linger"] < 2) and time.monotonic() < deadline:
+            time.sleep(LINGER / 5)
+        assert not links.linger.armed.is_set()
+        with lock:
+            assert shard.counts() == [1, 1] and link.held == []
+            assert_every_push_once_in_order(shard, pushed)
+        assert lock.taken["rayps-push-linger"] == 2
+    finally:
+        links.linger.close()
+
+
 def test_a_send_that_fails_on_the_linger_thread_is_logged_and_the_push_stays_in_the_window(caplog):
     """The linger thread's send raises (a socket error): it logs it, the push stays unacknowledged (the next
     wait resends it), and the thread goes on sending later batches."""
