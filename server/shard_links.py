@@ -192,9 +192,11 @@ class ShardLinks(LinkRecovery, SharedMemoryLinks):
             self.pump(lambda: len(link.unacked) <= self.window // 2 and link.unacked.nbytes <= WINDOW_BYTES // 2)
         batchable = not wait_reply and message.batchable()
         held = len(link.held)
-        if batchable and held & (held - 1) == 0 and link.socket is not None and has_message(link.socket):
-            self._drain(link.socket)  # acknowledgements that arrived (asked at 0, 1, 2, 4, ... held): is the
-            # shard still busy? (asking costs a system call, as much as the rest of a small push)
+        if (batchable and held & (held - 1) == 0 and len(link.unacked) > held and link.socket is not None
+                and has_message(link.socket)):
+            self._drain(link.socket)  # acknowledgements that arrived (asked at 0, 1, 2, 4, ... held, while a
+            # sent push is unacknowledged): is the shard still busy? (asking costs two system calls, as much as
+            # the rest of a small push; with nothing sent unacknowledged it cannot be)
         message.rid = self._next_rid()
         message.low_water = self.low_water()
         link.unacked[message.seq] = message

@@ -6,6 +6,8 @@ Every error names the key or field and what was expected; nothing is sent or cha
 from __future__ import annotations
 
 import math
+import re
+import warnings
 from collections.abc import Mapping
 
 import numpy as np
@@ -78,14 +80,30 @@ def check_gradients(grads, shapes: Mapping[str, tuple], dtypes: Mapping[str, str
 
 
 SUM_FROM = 1 << 14  # elements from which all_finite sums instead of testing each element
+DOT_UP_TO = 1 << 13  # elements up to which a float32/float64 array is first tested by its dot product with itself
+# x . x overflows only for a finite array whose answer is True anyway (then the elementwise test gives it): the
+# warning of that overflow, raised in this module, says nothing to a user
+warnings.filterwarnings("ignore", message="overflow encountered in dot", category=RuntimeWarning,
+                        module=re.escape(__name__))
 
 
 def all_finite(array: np.ndarray) -> bool:
-    """True when no element is NaN or +-Inf. A small array is tested element by element (cheapest at that
-    size, and it sets no floating-point flag); a large one in one summing pass without a temporary (a NaN or Inf
-    makes the sum non-finite), and only when the sum is not finite, the exact elementwise check (an overflowing
-    sum of finite values). The sum's overflow/invalid flags are silenced here: a non-finite gradient is an
-    answer, not a warning."""
+    """True when no element is NaN or +-Inf. A small float32/float64 array is first tested by ``x . x``, one BLAS
+    call (on one thread at this size, a third of the elementwise test's time): each square is >= 0, so the sum is
+    NaN or +Inf when an element is, and finite elements make it +Inf only by overflowing (|x| above ~1e19 in
+    float32); a finite dot product answers True, anything else goes to the elementwise test. Other small arrays
+    are tested element by element (cheapest at that size, and it sets no floating-point flag); a large one in
+    one summing pass without a temporary (a NaN or Inf makes the sum non-finite), and only when the sum is not
+    finite, the exact elementwise check (an overflowing sum of finite values). The sum's overflow/invalid flags
+    are silenced here: a non-finite gradient is an answer, not a warning."""
+    if array.size <= DOT_UP_TO and array.dtype.char in "fd":
+        flat = array.reshape(-1)
+        try:
+            if math.isfinite(flat.dot(flat)):
+                return True
+        except (RuntimeWarning, FloatingPointError):  # the overflow made an error (``-W error``, ``np.seterr``)
+            pass
+        return bool(np.isfinite(array).all())
     if array.size < SUM_FROM:
         return bool(np.isfinite(array).all())
     with np.errstate(over="ignore", invalid="ignore"):

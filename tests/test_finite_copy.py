@@ -11,10 +11,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import warnings
+
 import numpy as np
 import pytest
 
-from rayps.server import ParameterLayout, finite_copy
+from rayps.server import ParameterLayout, finite_copy, validation
 from rayps.server.finite_copy import all_finite, copy_all_finite
 from rayps.server.push_plan import PushPlan
 from rayps.updaters import Sgd
@@ -94,6 +98,46 @@ def test_arrays_the_kernels_do_not_take_give_numpy_answers():
     assert all_finite(np.arange(100)) and all_finite(np.array(2.5)) and not all_finite(np.array(np.nan))
     with pytest.raises(ValueError, match="shape"):
         copy_all_finite(np.ones(10), np.ones(11))
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("size", [1, 7, 256, validation.DOT_UP_TO, validation.DOT_UP_TO + 1])
+def test_the_numpy_path_equals_the_elementwise_test_at_and_around_the_dot_product_threshold(dtype, size):
+    """``validation.all_finite`` (arrays below the sweep; float32/float64 up to ``DOT_UP_TO`` through x . x
+    first), 1-D and 2-D, NaN/+Inf/-Inf at the first, a middle and the last element, against
+    ``np.isfinite(a).all()``."""
+    base = np.linspace(-3.0, 3.0, size).astype(dtype)
+    for array in (base, base.reshape(1, size)):
+        assert validation.all_finite(array) is True
+        for bad in (np.nan, np.inf, -np.inf):
+            for position in {0, size // 2, size - 1}:
+                broken = array.copy()
+                broken.reshape(-1)[position] = bad
+                assert validation.all_finite(broken) is bool(np.isfinite(broken).all()) is False
+
+
+@pytest.mark.parametrize("dtype,huge", [(np.float32, 1e30), (np.float64, 1e200)])
+def test_finite_values_whose_dot_product_overflows_are_finite_and_raise_no_warning_made_an_error(dtype, huge):
+    """x . x overflows to +Inf for these finite values: the elementwise test answers, also when warnings are
+    errors or NumPy raises on overflow."""
+    array = np.array([huge, -huge, 1.0], dtype)
+    assert validation.all_finite(array) is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert validation.all_finite(array) is True
+    with np.errstate(over="raise"):
+        assert validation.all_finite(array) is True
+    assert validation.all_finite(np.array([huge, np.nan], dtype)) is False
+
+
+def test_the_overflow_of_the_dot_product_shows_no_warning_in_a_process_with_default_filters():
+    """pytest sets its own warning filters around each test, so the module's filter is checked in a fresh
+    interpreter: huge finite gradients print nothing."""
+    code = ("import numpy as np; from rayps.server.validation import all_finite; "
+            "print(all_finite(np.array([1e30, 1.0], np.float32)), all_finite(np.array([1e200, 1.0])))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "True"] and done.stderr == ""
 
 
 SHAPES = {"W": (600, 40), "b": (40,), "h": (9, 30)}

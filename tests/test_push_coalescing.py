@@ -236,11 +236,16 @@ def test_a_hundred_pushes_to_a_shard_that_acknowledges_nothing_go_out_in_batches
     assert len(shard.wire) == 5
 
 
-def test_the_link_asks_its_socket_only_at_0_1_2_4_8_16_held_pushes(clock):
+def test_the_link_asks_its_socket_only_at_0_1_2_4_8_16_held_pushes_and_only_while_a_sent_push_is_unacknowledged(
+        clock):
     links, link, shard = make_links()
-    push_all(links, range(1, 34))  # 1 alone, then 2 .. 33 held and sent at 32
-    assert shard.socket.asked_at_held == [0, 0, 1, 2, 4, 8, 16]
+    push_all(links, range(1, 34))  # 1 alone (nothing was in flight: not asked), then 2 .. 33 held, sent at 32
+    assert shard.socket.asked_at_held == [0, 1, 2, 4, 8, 16]
     assert shard.counts() == [1, 32]
+    shard.acknowledge_all()
+    links.flush()
+    push_all(links, [34])  # every push acknowledged (the link knows): sent alone, the socket not asked
+    assert shard.socket.asked_at_held == [0, 1, 2, 4, 8, 16] and shard.counts() == [1, 32, 1]
 
 
 def test_a_batch_keeps_the_last_pushs_rid_and_low_water(clock):
