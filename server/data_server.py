@@ -189,13 +189,13 @@ class DataServer:
                     self.zap.handle()
                 if self.monitor in ready:
                     self._connection_event()
-                if self.socket in ready:
+                if self.socket in ready:  # the first message is there (not asked again: two system calls)
                     outbox: list = []  # this batch's replies: acknowledgements coalesced, sent at its end
                     try:
                         for _ in range(BATCH):
+                            self._message(self.socket.recv_multipart(copy=False), outbox)
                             if not has_message(self.socket):
                                 break
-                            self._message(self.socket.recv_multipart(copy=False), outbox)
                     finally:
                         self._send(coalesce_acks(outbox))
             except Exception:  # noqa: BLE001 - one bad event must not stop the shard's data plane

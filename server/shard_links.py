@@ -315,12 +315,16 @@ class ShardLinks(LinkRecovery, SharedMemoryLinks):
             quiet = min(quiet * 2, LOOK_MAX, self.resend_after)
 
     def _drain(self, socket) -> None:
+        """Handle every message ``socket`` holds; called when it holds one (the poller or ``has_message`` said so,
+        so the first is received without asking again: asking costs two system calls)."""
         shard = self.sockets.get(socket)
+        if shard is None:
+            return
         region_of = lambda header: self._reply_region(shard, header)  # noqa: E731 - for from_frames
-        while shard is not None and has_message(socket):
+        while True:
             self._dispatch(shard, from_frames(socket.recv_multipart(copy=False), region_of))
-            if self.sockets.get(socket) is None:  # the link was reopened while dispatching (a recovery)
-                return
+            if self.sockets.get(socket) is None or not has_message(socket):  # reopened while dispatching (a
+                return  # recovery), or nothing more
 
     def _dispatch(self, shard: int, message) -> None:
         link = self.links[shard]
