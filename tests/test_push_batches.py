@@ -20,6 +20,7 @@ import pytest
 from rayps.server import ParameterLayout, ShardState
 from rayps.server.protocol import PushMessage, Reply, from_frames, to_frames
 from rayps.server.push_batches import split_payload
+from rayps.server.shard_state import TICK
 from rayps.server.shard_service import ShardService
 from rayps.updaters import L2, Adam, Nesterovs, ParamGroup, WeightDecay, schedules
 from rayps.updaters.groups import assign_groups
@@ -187,6 +188,20 @@ def test_in_order_batches_take_the_fast_path_and_match_one_by_one(monkeypatch, k
     # the spies count: a batch that is not next in line goes push by push
     got, _ = pair.batch("a", 13, 0, [pair.payload(rng)[0] for _ in range(2)])  # 11 and 12 not sent: held
     assert got.held and [call[1] for call in pushes] == [13, 14] and len(fast) == len(plan)
+    pair.assert_same()
+
+
+def test_a_batch_counts_the_clock_gap_after_its_first_push_when_that_is_the_largest():
+    """Worker 1's clock ticks ahead (a tick moves a clock without counting the gap); worker 0, far behind, then
+    pushes a batch: the gap is largest after its FIRST push and shrinks with each one after, as one by one
+    (``_count_batch`` takes the larger of the gaps after the first and the last push)."""
+    pair = Pair(num_workers=2)
+    rng = np.random.default_rng(7)
+    for seq in range(1, 11):
+        pair.push("ticker", seq, 1, {}, TICK)
+    assert pair.single.counters["max_clock_gap"] == 0
+    pair.batch("behind", 1, 0, [pair.payload(rng)[0] for _ in range(5)])
+    assert pair.single.counters["max_clock_gap"] == 9  # 10 - 1 after the first push; 10 - 5 after the last
     pair.assert_same()
 
 
