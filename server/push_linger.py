@@ -59,8 +59,8 @@ class Linger:
                 return
             oldest = links.oldest_held()  # looked at without the lock, which the caller's pushes hold
             now = time.monotonic()
-            if oldest is not None and now - oldest < self.seconds:  # not due yet (the caller's next push to
-                wait, idle = oldest + self.seconds - now, 0  # that shard mostly sends it first): until it is
+            if oldest is not None and now - oldest < self.seconds:  # not due yet: asleep until it is (a busy
+                wait, idle = oldest + self.seconds - now, 0  # caller mostly sends it before)
             elif oldest is None and idle + 1 < IDLE_ROUNDS:
                 wait, idle = self.seconds, idle + 1
             else:  # a batch is due, or the event is to be cleared: both under the lock

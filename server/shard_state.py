@@ -285,9 +285,9 @@ class ShardState(SyncSteps, BatchedPushes):
         kernel = self.kernels[key]
         in_turn = getattr(kernel, "steps", None)  # the CPU kernels' several steps in one call
         if in_turn is not None and len(steps) > 1:  # a batch: the kernel's views built once for all its steps
-            in_turn(params, steps, state, [(group.updater.rule_scalars(i, epoch),
-                                                 group.adjustments(i, epoch, *key_factors))
-                                                for i in range(iteration, iteration + len(steps))])
+            settings = [(group.updater.rule_scalars(i, epoch), group.adjustments(i, epoch, *key_factors))
+                        for i in range(iteration, iteration + len(steps))]
+            in_turn(params, steps, state, settings)
             return
         for grads in steps:
             adjustments = group.adjustments(iteration, epoch, *key_factors)

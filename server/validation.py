@@ -89,7 +89,7 @@ warnings.filterwarnings("ignore", message="overflow encountered in dot", categor
 
 def all_finite(array: np.ndarray) -> bool:
     """True when no element is NaN or +-Inf. A small float32/float64 array is first tested by ``x . x``, one BLAS
-    call (on one thread at this size, a third of the elementwise test's time): each square is >= 0, so the sum is
+    call (on one thread at this size, and cheaper than the elementwise test): each square is >= 0, so the sum is
     NaN or +Inf when an element is, and finite elements make it +Inf only by overflowing (|x| above ~1e19 in
     float32); a finite dot product answers True, anything else goes to the elementwise test. Other small arrays
     are tested element by element (cheapest at that size, and it sets no floating-point flag); a large one in
