@@ -18,8 +18,9 @@ import time
 import numpy as np
 import pytest
 
-COMMAND = ["train", "--consistency", "sync", "--workers", "2", "--shards", "2", "--epochs", "6", "--seed", "3",
-           "--quiet"]
+EPOCHS = 12  # the kill lands after a random one of the first half, so at least six epochs are left to kill in
+COMMAND = ["train", "--consistency", "sync", "--workers", "2", "--shards", "2", "--epochs", str(EPOCHS), "--seed",
+           "3", "--quiet"]
 WAIT = 300  # seconds: a deadline, never an expectation of speed
 
 
@@ -33,7 +34,7 @@ def _final_params(checkpoint_dir) -> dict:
     from rayps.server.checkpoints import server_state
 
     epoch, run_dir = load_progress(checkpoint_dir)
-    assert epoch == 5  # the last of 6 epochs
+    assert epoch == EPOCHS - 1  # the last epoch
     return server_state.load(run_dir)["params"]
 
 
@@ -66,6 +67,27 @@ def _descendants(pid: int) -> dict[int, str]:
     return out
 
 
+def _kill_in_the_run(driver, directory, rng: random.Random) -> dict[int, str]:
+    """SIGKILL ``driver`` at a seeded random moment of its run: once the progress record says epoch ``k``
+    finished (``k`` drawn from the first half of the run) and up to 20 ms more (in the next epoch, or still in
+    epoch k's save), so that half the run is left whatever the machine's speed. The driver's processes just
+    before the kill."""
+    from rayps.server.checkpoints.training_run import load_progress
+
+    after = rng.randint(0, EPOCHS // 2 - 1)
+    deadline = time.monotonic() + WAIT
+    while (load_progress(directory) or (-1,))[0] < after:
+        assert driver.poll() is None, driver.stderr.read()[-3000:] if driver.stderr else "the run ended"
+        assert time.monotonic() < deadline, f"epoch {after} did not finish"
+        time.sleep(0.01)
+    time.sleep(rng.uniform(0.0, 0.02))
+    children = _descendants(driver.pid)
+    assert driver.poll() is None, "the run ended before the kill"
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(timeout=WAIT)
+    return children
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as handle:
@@ -94,23 +116,12 @@ def _assert_same(got: dict, expected: dict) -> None:
 
 
 def test_a_killed_bsp_driver_resumes_bit_identical_and_leaves_no_processes(uninterrupted, tmp_path):
-    from rayps.server.checkpoints.training_run import load_progress
-
-    rng = random.Random(20261207)
     directory = tmp_path / "run"
     driver = subprocess.Popen(_cli(directory), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               start_new_session=True)
     deadline = time.monotonic() + WAIT
-    while load_progress(directory) is None:  # the first epoch finished: there is something to resume from
-        assert driver.poll() is None, driver.stderr.read()[-3000:]
-        assert time.monotonic() < deadline, "no epoch finished"
-        time.sleep(0.05)
-    time.sleep(rng.uniform(0.0, 0.3))  # somewhere in the second epoch, or in the first one's save
-    children = _descendants(driver.pid)
-    assert driver.poll() is None, "the run ended before the kill; kill earlier"
+    children = _kill_in_the_run(driver, directory, random.Random(20261207))
     assert any(name.startswith("ray::ShardActor") for name in children.values()), children
-    driver.send_signal(signal.SIGKILL)
-    driver.wait(timeout=WAIT)
     held = {pid: name for pid, name in children.items()
             if name.startswith(("ray::ShardActor", "ray::WorkerActor")) or "raylet" in name.split(" ")[0]
             or "gcs_server" in name.split(" ")[0]}
@@ -137,23 +148,15 @@ def test_resume_before_the_first_finished_epoch_starts_the_run_afresh(uninterrup
 
 def test_a_killed_async_driver_resumes_within_the_accuracy_noise(tmp_path):
     """Async: the interleaving differs from run to run, so the reference is the accuracy of an uninterrupted run
-    (digits, 6 epochs: two uninterrupted runs land within a couple of points of each other)."""
+    (digits, 12 epochs: two uninterrupted runs land within a couple of points of each other)."""
     import json
-
-    from rayps.server.checkpoints.training_run import load_progress
 
     clean_json, resumed_json = tmp_path / "clean.json", tmp_path / "resumed.json"
     _run(_cli(tmp_path / "clean", "--json-out", str(clean_json), consistency="async"))
     directory = tmp_path / "run"
     driver = subprocess.Popen(_cli(directory, consistency="async"), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + WAIT
-    while load_progress(directory) is None:
-        assert driver.poll() is None and time.monotonic() < deadline, "no epoch finished"
-        time.sleep(0.05)
-    time.sleep(random.Random(7).uniform(0.0, 0.3))
-    driver.send_signal(signal.SIGKILL)
-    driver.wait(timeout=WAIT)
+    _kill_in_the_run(driver, directory, random.Random(7))
     resumed = _run(_cli(directory, "--resume", "--json-out", str(resumed_json), consistency="async"))
     assert "resuming from" in resumed.stderr
     clean, after = json.loads(clean_json.read_text()), json.loads(resumed_json.read_text())
