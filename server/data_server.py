@@ -42,7 +42,7 @@ from .credentials import RunCredentials, ZapHandler
 from .protocol import ProtocolError, PushMessage, Rejection, from_frames, peek_rid, to_frames
 from .shard_service import ShardService, coalesce_acks, is_plain_ack
 from .shared_regions import private_directory
-from .sockets import has_message, send_frames
+from .sockets import has_message, recv_frames, send_frames
 
 HWM = 1000  # messages queued per peer, each way, before ZeroMQ drops (clients resend) or blocks
 BATCH = 64  # messages handled per poll
@@ -193,7 +193,7 @@ class DataServer:
                     outbox: list = []  # this batch's replies: acknowledgements coalesced, sent at its end
                     try:
                         for _ in range(BATCH):
-                            self._message(self.socket.recv_multipart(copy=False), outbox)
+                            self._message(recv_frames(self.socket), outbox)
                             if not has_message(self.socket):
                                 break
                     finally:

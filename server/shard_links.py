@@ -49,7 +49,7 @@ from .protocol import Ack, PushMessage, Rejection, Reply, from_frames, to_frames
 from .replay import InFlight, ReplayBuffer
 from .shared_memory_links import SharedMemoryLinks
 from .shared_regions import LinkRegions
-from .sockets import has_message, send_frames
+from .sockets import has_message, recv_frames, send_frames
 
 BATCH_PUSHES = 32  # held pushes that go out as one message at once
 BATCH_BYTES = 256 << 10  # ... or held array bytes; a push this large never waits
@@ -322,7 +322,7 @@ class ShardLinks(LinkRecovery, SharedMemoryLinks):
             return
         region_of = lambda header: self._reply_region(shard, header)  # noqa: E731 - for from_frames
         while True:
-            self._dispatch(shard, from_frames(socket.recv_multipart(copy=False), region_of))
+            self._dispatch(shard, from_frames(recv_frames(socket), region_of))
             if self.sockets.get(socket) is None or not has_message(socket):  # reopened while dispatching (a
                 return  # recovery), or nothing more
 

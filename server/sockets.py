@@ -5,17 +5,21 @@
   with a release callback); a larger one is sent without a copy, from the array itself, and optionally
   tracked: the ``MessageTracker`` of EACH such frame is returned (``socket.send_multipart`` returns only the
   last part's), so a caller that must not change a sent buffer waits for all of them.
-* ``has_message(socket)``: whether a message can be received now, asked of the socket (``ZMQ_EVENTS``)
-  instead of a non-blocking receive that raises ``zmq.Again`` when there is none.
+* ``has_message(socket)``: whether a message can be received now, asked of libzmq by a ``zmq_poll`` with no
+  timeout instead of a non-blocking receive that raises ``zmq.Again`` when there is none (pyzmq's
+  ``socket.get(zmq.EVENTS)`` asks the same but builds a Python enum per call to look the option up);
+* ``recv_frames(socket)``: one multipart message as ``zmq.Frame``s (no copy), each frame saying whether another
+  follows (``Frame.more``), where ``recv_multipart`` asks the socket (``RCVMORE``, that enum again) per frame.
 """
 
 from __future__ import annotations
 
 import zmq
+from zmq.backend import zmq_poll
 
 COPY_BELOW = 65536  # bytes: smaller frames are copied on send (pyzmq's own zero-copy threshold)
 # plain ints: pyzmq's constants are enums, and every operation on one builds a new enum object
-SNDMORE, EVENTS, POLLIN = int(zmq.SNDMORE), int(zmq.EVENTS), int(zmq.POLLIN)
+SNDMORE, POLLIN = int(zmq.SNDMORE), int(zmq.POLLIN)
 
 
 def send_frames(socket: zmq.Socket, frames, flags: int = 0, track: bool = False) -> list:
@@ -36,4 +40,13 @@ def send_frames(socket: zmq.Socket, frames, flags: int = 0, track: bool = False)
 
 
 def has_message(socket: zmq.Socket) -> bool:
-    return bool(socket.get(EVENTS) & POLLIN)
+    return bool(zmq_poll(((socket, POLLIN),), 0))
+
+
+def recv_frames(socket: zmq.Socket) -> list:
+    frame = socket.recv(copy=False)
+    frames = [frame]
+    while frame.more:
+        frame = socket.recv(copy=False)
+        frames.append(frame)
+    return frames

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 
 import msgpack
 import numpy as np
@@ -518,3 +519,34 @@ def test_the_data_server_serves_a_member_on_its_thread_and_closes():
         again.bind(server.endpoint)  # the port is free again
     finally:
         again.close(linger=0)
+
+
+def test_has_message_and_recv_frames_on_real_sockets_take_whole_messages_in_order():
+    """``sockets.has_message`` (``zmq_poll``, no timeout) and ``sockets.recv_frames`` (``Frame.more``) against a
+    DEALER/ROUTER pair: nothing to receive, then messages of 1 to 4 frames come back whole, in order, frame for
+    frame as sent (after the ROUTER's peer identity), and nothing is left."""
+    import zmq
+
+    from rayps.server.sockets import has_message, recv_frames
+
+    context = zmq.Context()
+    router, dealer = context.socket(zmq.ROUTER), context.socket(zmq.DEALER)
+    try:
+        router.bind("inproc://rayps-test-recv-frames")
+        dealer.connect("inproc://rayps-test-recv-frames")
+        assert has_message(router) is False
+        sent = [[b"h%d" % n] + [bytes([n, k]) * (k + 1) for k in range(n)] for n in range(4)]
+        for message in sent:
+            dealer.send_multipart(message)
+        received = []
+        for _ in sent:
+            deadline = time.monotonic() + 10
+            while not has_message(router):
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+            received.append([frame.bytes for frame in recv_frames(router)[1:]])
+        assert received == sent and has_message(router) is False
+    finally:
+        router.close(linger=0)
+        dealer.close(linger=0)
+        context.term()

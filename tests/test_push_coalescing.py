@@ -8,7 +8,8 @@ waits. A push to an idle link goes at once, alone.
 
 Each test builds ``ShardLinks.__new__(ShardLinks)`` with one link and a ``FakeShard``: the wire (``_send``
 replaced by a recorder that puts every message through ``to_frames`` -> bytes -> ``from_frames``, as a shard
-would receive it), a fake socket whose ``get(EVENTS)`` says POLLIN while acknowledgements are queued, a
+would receive it), a fake socket that holds a message while acknowledgements are queued (``has_message`` asks
+it: an autouse fixture), a
 ``_drain`` that delivers them through ``_acknowledged``, and a ``pump`` that never blocks (it sends what is held
 through the real ``send_held``, then acknowledges everything). The clock is fake (``time.monotonic``).
 
@@ -64,18 +65,17 @@ class FakeLinger:
 
 
 class FakeSocket:
-    """What ``has_message`` asks: ``get(zmq.EVENTS)`` is POLLIN while the shard has acknowledgements queued.
-    Records how many pushes were held each time it was asked."""
+    """What ``has_message`` asks (``holds_message``): whether the shard has acknowledgements queued. Records how
+    many pushes were held each time it was asked."""
 
     def __init__(self, shard: "FakeShard"):
         self.shard = shard
         self.asked_at_held: list[int] = []
         self.closed = False
 
-    def get(self, option):
-        assert option == int(zmq.EVENTS)
+    def holds_message(self) -> bool:
         self.asked_at_held.append(len(self.shard.link.held))
-        return int(zmq.POLLIN) if self.shard.queued else 0
+        return bool(self.shard.queued)
 
     def close(self, linger=None):
         self.closed = True
@@ -127,6 +127,14 @@ class FakeShard:
 
     def counts(self) -> list:
         return [m.count for m in self.pushes()]
+
+
+@pytest.fixture(autouse=True)
+def _fake_sockets_are_asked_themselves(monkeypatch):
+    """``has_message`` asks libzmq (``zmq_poll``), which takes real sockets only: a ``FakeSocket`` answers."""
+    real = shard_links.has_message
+    monkeypatch.setattr(shard_links, "has_message",
+                        lambda socket: socket.holds_message() if isinstance(socket, FakeSocket) else real(socket))
 
 
 @pytest.fixture
