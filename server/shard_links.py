@@ -57,6 +57,7 @@ LINGER = 0.005  # seconds a held push may wait for more (then the next push, or 
 WINDOW_BYTES = 64 << 20  # the unacknowledged pushes' array bytes per shard before a push waits (one always goes)
 LOOK_FIRST = 0.5  # seconds of silence before the first look at the shards (through Ray), then doubling ...
 LOOK_MAX = 4.0  # ... up to this
+NOBLOCK = int(zmq.NOBLOCK)  # a plain int: pyzmq's flags are enums, rebuilt on every use
 RESEND_AFTER = 5.0  # seconds of silence before an alive shard is sent again what it has not answered
 
 
@@ -316,13 +317,18 @@ class ShardLinks(LinkRecovery, SharedMemoryLinks):
 
     def _drain(self, socket) -> None:
         """Handle every message ``socket`` holds; called when it holds one (the poller or ``has_message`` said so,
-        so the first is received without asking again: asking costs two system calls)."""
+        so the first is received without asking again: asking costs two system calls). Not blocking even so: a
+        recovery while dispatching another socket's message may have drained this one since the poller said so."""
         shard = self.sockets.get(socket)
         if shard is None:
             return
         region_of = lambda header: self._reply_region(shard, header)  # noqa: E731 - for from_frames
         while True:
-            self._dispatch(shard, from_frames(recv_frames(socket), region_of))
+            try:
+                frames = recv_frames(socket, NOBLOCK)
+            except zmq.Again:
+                return
+            self._dispatch(shard, from_frames(frames, region_of))
             if self.sockets.get(socket) is None or not has_message(socket):  # reopened while dispatching (a
                 return  # recovery), or nothing more
 

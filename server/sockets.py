@@ -43,8 +43,9 @@ def has_message(socket: zmq.Socket) -> bool:
     return bool(zmq_poll(((socket, POLLIN),), 0))
 
 
-def recv_frames(socket: zmq.Socket) -> list:
-    frame = socket.recv(copy=False)
+def recv_frames(socket: zmq.Socket, flags: int = 0) -> list:
+    """``flags`` (``zmq.NOBLOCK``) apply to the first frame: the rest of a message arrive with it."""
+    frame = socket.recv(flags, copy=False)
     frames = [frame]
     while frame.more:
         frame = socket.recv(copy=False)

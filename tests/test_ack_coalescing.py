@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 
 import numpy as np
 import pytest
 
-from rayps.server.protocol import Ack, PushMessage, Reply
+from rayps.server.protocol import Ack, PushMessage, Reply, to_frames
 from rayps.server.push_linger import Linger
 from rayps.server.replay import InFlight
 from rayps.server import shard_links
@@ -143,3 +144,39 @@ def test_a_window_full_of_bytes_blocks_the_next_push_until_half_of_them_are_ackn
         links.push(0, PushMessage(0, "c", seq, 0, payload={"float32": np.zeros(100, np.float32)}))
     assert waits == [(2, 400)]
     assert sorted(link.unacked) == [3, 4, 5] and link.unacked.nbytes == 1200
+
+
+def test_draining_a_socket_that_a_recovery_emptied_since_the_poller_saw_it_does_not_block():
+    """``_drain`` is called for each socket the poller found readable; dispatching one socket's message may run a
+    recovery that pumps, and so drains, another of them first. Its turn then finds nothing: it must return, not
+    wait for a message (a deadline of 10 s, against the socket's 60 s receive timeout that keeps a blocked
+    receive from hanging the suite), and a message that does arrive is taken."""
+    import zmq
+
+    context = zmq.Context()
+    router, dealer = context.socket(zmq.ROUTER), context.socket(zmq.DEALER)
+    try:
+        router.bind("inproc://rayps-test-drain")
+        dealer.connect("inproc://rayps-test-drain")
+        dealer.rcvtimeo = 60_000
+        link = Link(incarnation="i", socket=dealer)
+        links = _links_without_ray(link)
+        links.sockets, links.pending, links.errors = {dealer: 0}, {}, []
+        link.unacked[1] = PushMessage(0, "c", 1, 0, payload={"float32": np.zeros(4, np.float32)})
+        empty = threading.Thread(target=links._drain, args=(dealer,), daemon=True)  # nothing there
+        empty.start()
+        empty.join(timeout=10)
+        assert not empty.is_alive(), "_drain waited for a message"
+        assert list(link.unacked) == [1]
+        dealer.send(b"hello")
+        peer = router.recv_multipart()[0]
+        router.send_multipart([peer, *to_frames(Reply(0, Ack(1, 1, 0, "i")))])
+        deadline = time.monotonic() + 10
+        while not link.unacked.nbytes == 0 and time.monotonic() < deadline:
+            links._drain(dealer)
+            time.sleep(0.001)
+        assert list(link.unacked) == []
+    finally:
+        router.close(linger=0)
+        dealer.close(linger=0)
+        context.term()
